@@ -28,6 +28,7 @@ class Platform:
     has_streams: bool  # whether side streams exist for overlap
     async_scheduling: bool  # whether vLLM's async scheduler is used by default
     vllm_env: dict[str, str] = field(default_factory=dict)  # defaults for vLLM processes
+    engine_defaults: dict[str, object] = field(default_factory=dict)  # vLLM engine-arg defaults
 
     def rank_env(self, rank: int, device_ids: list[int] | None = None, cpu_cores: list[int] | None = None) -> dict[str, str]:
         """Environment for one DP rank: vLLM defaults plus the rank's devices (or CPU cores)."""
@@ -99,6 +100,8 @@ CPU = Platform(
         # Keep all traffic on loopback on a one-machine setup.
         "VLLM_HOST_IP": "127.0.0.1",
     },
+    # Eager mode starts in ~6 s instead of ~50 s (no torch.compile warm-up) with identical outputs.
+    engine_defaults={"enforce_eager": True, "dtype": "float32"},
 )
 
 _BY_NAME = {p.name: p for p in (NPU, CUDA, CPU)}

@@ -1,0 +1,55 @@
+"""Where DP ranks go: placement-group bundles per rank and the CPU cores or devices each rank gets."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from npu_runtime.platform import Platform, detect
+
+# On CPU a rank's engine runs in its own processes pinned to its own cores; the Ray actor itself
+# mostly waits on I/O. A fractional logical CPU keeps a 2-core machine from starving Serve's
+# proxy and ingress (DESIGN.md: the logical-CPU trap).
+CPU_RANK_LOGICAL_CPUS = 0.25
+
+
+def rank_bundle(platform: Platform, devices_per_rank: int = 1, extra: dict[str, float] | None = None) -> dict[str, float]:
+    """Resources one DP rank asks for: its accelerators (NPU/GPU) or a share of a CPU."""
+    if platform.ray_resource == "CPU":
+        bundle = {"CPU": CPU_RANK_LOGICAL_CPUS}
+    else:
+        bundle = {"CPU": 1.0, platform.ray_resource: float(devices_per_rank)}
+    bundle.update(extra or {})
+    return bundle
+
+
+def rank_bundles(dp_size: int, platform: Platform | None = None, devices_per_rank: int = 1,
+                 extra: dict[str, float] | None = None) -> list[dict[str, float]]:  # fmt: skip
+    platform = platform or detect()
+    return [rank_bundle(platform, devices_per_rank, extra) for _ in range(dp_size)]
+
+
+def cpu_cores_for_rank(rank: int, dp_size: int, num_cores: int | None = None) -> list[int]:
+    """Split this machine's cores evenly over the ranks on it (each rank gets at least one)."""
+    num_cores = num_cores or os.cpu_count() or 1
+    per_rank = max(1, num_cores // dp_size)
+    start = (rank * per_rank) % num_cores
+    return [(start + i) % num_cores for i in range(per_rank)]
+
+
+def create_rank_placement_group(dp_size: int, strategy: str = "PACK", platform: Platform | None = None,
+                                devices_per_rank: int = 1, extra: dict[str, float] | None = None,
+                                name: str = "", timeout_s: float = 120.0) -> Any:  # fmt: skip
+    """Reserve one bundle per DP rank. `STRICT_SPREAD` puts each rank on its own node."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    pg = placement_group(rank_bundles(dp_size, platform, devices_per_rank, extra), strategy=strategy, name=name)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        ray.util.remove_placement_group(pg)
+        raise TimeoutError(
+            f"could not reserve {dp_size} DP-rank bundles {rank_bundles(dp_size, platform, devices_per_rank, extra)} "
+            f"with strategy {strategy} within {timeout_s:.0f} s: check `ray status` for free resources"
+        )
+    return pg

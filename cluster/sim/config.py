@@ -1,0 +1,230 @@
+"""The simulator's configuration: one dataclass per concern, loaded from YAML.
+
+Unknown keys are errors (a misspelt cost parameter silently falling back to a default would make a
+calibration meaningless). Every field is documented where it is declared; `ray_configs/
+sim-deepseek-v3.yaml` is the calibrated instance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """The MoE model's shape (DeepSeek-V3 defaults)."""
+
+    name: str = "DeepSeek-V3.1"
+    num_moe_layers: int = 58  # DeepSeek-V3: 61 layers, the first 3 dense (folded into per-token cost)
+    num_experts: int = 256  # routed experts per MoE layer
+    top_k: int = 8  # experts per token
+
+
+@dataclass
+class ClusterConfig:
+    """DP ranks and each rank's vLLM scheduler limits.
+
+    One simulated rank is one DP rank (an engine with its TP group); expert parallelism spans all
+    ranks (EP group = DP group), so each rank hosts (num_experts + num_redundant) / num_ranks slots.
+    """
+
+    num_ranks: int = 4
+    max_num_seqs: int = 32  # vLLM --max-num-seqs, per rank
+    max_num_batched_tokens: int = 8192  # vLLM token budget per step, per rank
+    long_prefill_token_threshold: int = 0  # vLLM: cap on a prefill chunk; 0 = no cap (chunk at budget)
+
+
+@dataclass
+class WorkloadConfig:
+    """Requests and the benchmark client (vLLM's `bench serve` semantics)."""
+
+    num_requests: int = 512
+    input_len: int = 3500
+    output_len: int = 1500
+    # 0 = fixed lengths (the seed's random dataset with range ratio 0); r > 0 draws uniformly from
+    # [len * (1 - r), len * (1 + r)].
+    len_range_ratio: float = 0.0
+    request_rate: float = math.inf  # requests/s (Poisson); inf = all ready at t = 0
+    max_concurrency: int | None = 128  # client-side cap on requests in flight; None = unlimited
+    # Time from the client sending a request to the engine holding it (HTTP, tokenizing 3.5K tokens,
+    # queues in the API server). TTFT is measured from the send, as vLLM's benchmark does.
+    client_delay_s: float = 0.02
+
+
+@dataclass
+class RouterConfig:
+    """How the API server picks a DP rank for a new request.
+
+    ``least_loaded_stale`` is vLLM's DP load balancer: score = 4 * waiting + running on counts the
+    coordinator publishes every ``stats_interval_s`` (100 ms in vLLM), plus the router's own local
+    increments between publishes; ties go to the lowest rank. ``least_loaded`` uses exact counts;
+    ``round_robin`` ignores load.
+    """
+
+    kind: str = "least_loaded_stale"
+    stats_interval_s: float = 0.1
+
+
+@dataclass
+class ExpertConfig:
+    """Expert routing skew and drift, and the layer aggregation used for speed.
+
+    Each simulated layer has per-expert log-popularities following an Ornstein-Uhlenbeck process with
+    stationary standard deviation ``skew_sigma`` and correlation time ``drift_timescale_s``; routed
+    token counts per step are Poisson around tokens * top_k * softmax(log-popularity). Only
+    ``sim_layers`` representative layers are simulated; their MoE and all-to-all times are scaled by
+    num_moe_layers / sim_layers.
+    """
+
+    sim_layers: int = 4
+    skew_sigma: float = 0.6
+    drift_timescale_s: float = 120.0
+    num_redundant: int = 0  # redundant physical slots in total (needs an EPLB policy to place them)
+
+
+@dataclass
+class EplbConfig:
+    """Expert re-placement with the real `eplb.policies` on a cadence; ``policy: none`` disables it."""
+
+    policy: str = "none"
+    interval_steps: int = 1000  # re-plan every this many steps on the load seen since the last plan
+    # async: layers are moved one per step after the plan, each adding its transfer time to that step
+    # (vllm-ascend/dpserve style); sync: all layers move in one stop-the-world stall.
+    mode: str = "async"
+    params: dict[str, Any] = field(default_factory=dict)  # passed to eplb.policies.rebalance
+
+
+@dataclass
+class CostConfig:
+    """Named step-time parameters (seconds). See `cluster.sim.costs` for the formula.
+
+    A rank's time in a step = step_overhead_s + rank_fixed_s + dense_per_token_s * tokens
+    + attn_decode_per_ctx_token_s * sum(decode context) + attn_prefill_per_token_pair_s * sum(prefill
+    token pairs) + MoE + all-to-all, where MoE and all-to-all are per-layer terms paid by every rank and
+    set by the most loaded EP rank. The step takes the slowest rank's time (lockstep).
+    """
+
+    step_overhead_s: float = 0.015  # host: scheduling, sampling, launch, output processing
+    rank_fixed_s: float = 0.012  # reading attention/dense weights once per step (memory bound)
+    dense_per_token_s: float = 55e-6  # non-expert compute per scheduled token (attention proj., shared expert)
+    attn_decode_per_ctx_token_s: float = 2e-9  # KV-cache reads per token of decode context
+    attn_prefill_per_token_pair_s: float = 8e-9  # causal attention per (query, key) pair in prefill
+    moe_layer_fixed_s: float = 0.00045  # reading one layer's local expert weights
+    moe_per_expert_token_s: float = 0.15e-6  # grouped GEMM per routed (token, expert) on the busiest rank
+    a2a_layer_fixed_s: float = 0.0002  # dispatch + combine latency per layer
+    a2a_per_expert_token_s: float = 0.08e-6  # dispatch + combine bytes per routed (token, expert)
+    eplb_transfer_per_expert_s: float = 0.002  # moving one expert's weights into a slot, per layer
+
+
+@dataclass
+class GateConfig:
+    """Which gate policies a run compares, and their parameters."""
+
+    policies: list[str] = field(default_factory=lambda: ["off", "any_at_cap"])
+    params: dict[str, dict[str, Any]] = field(default_factory=lambda: {"cadence": {"interval": 4}})
+
+
+@dataclass
+class SimConfig:
+    """Everything one simulation needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
+    eplb: EplbConfig = field(default_factory=EplbConfig)
+    costs: CostConfig = field(default_factory=CostConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    seed: int = 0
+    # The measured figures this config is calibrated against, carried into reports unchanged.
+    reference: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ValueError for settings the simulator cannot honour."""
+        c, m, e = self.cluster, self.model, self.experts
+        if c.num_ranks < 1 or c.max_num_seqs < 1:
+            raise ValueError("cluster.num_ranks and cluster.max_num_seqs must be >= 1")
+        if c.max_num_batched_tokens < c.max_num_seqs:
+            raise ValueError("cluster.max_num_batched_tokens must be >= max_num_seqs (vLLM requires it)")
+        if (m.num_experts + e.num_redundant) % c.num_ranks:
+            raise ValueError(
+                f"num_experts + num_redundant ({m.num_experts} + {e.num_redundant}) must divide evenly "
+                f"over {c.num_ranks} ranks"
+            )
+        if e.num_redundant and self.eplb.policy == "none":
+            raise ValueError("experts.num_redundant > 0 needs an eplb.policy to place the replicas")
+        if not 1 <= e.sim_layers <= m.num_moe_layers:
+            raise ValueError("experts.sim_layers must be between 1 and model.num_moe_layers")
+        if self.router.kind not in ("least_loaded_stale", "least_loaded", "round_robin"):
+            raise ValueError(f"router.kind {self.router.kind!r} unknown")
+        if self.eplb.mode not in ("async", "sync"):
+            raise ValueError("eplb.mode must be 'async' or 'sync'")
+        w = self.workload
+        if w.num_requests < 1 or w.input_len < 1 or w.output_len < 1:
+            raise ValueError("workload: num_requests, input_len and output_len must be >= 1")
+        if w.max_concurrency is not None and w.max_concurrency < 1:
+            raise ValueError("workload.max_concurrency must be >= 1 or null")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses; unknown keys fail."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"{where or 'config'}: unknown key(s) {sorted(unknown)}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value or {}, f"{where}.{name}".lstrip("."))
+        elif isinstance(default, float) and isinstance(value, (int, str)):
+            kwargs[name] = float(value)  # YAML writes `inf` as a string and 1 as an int
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> SimConfig:
+    """Build and validate a SimConfig from a nested dict (the YAML's structure)."""
+    cfg = _build(SimConfig, data, "")
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None) -> SimConfig:
+    """Load a YAML config file; ``None`` gives the built-in defaults."""
+    if path is None:
+        cfg = SimConfig()
+        cfg.validate()
+        return cfg
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    return config_from_dict(data)
+
+
+def apply_overrides(cfg: SimConfig, overrides: list[str]) -> SimConfig:
+    """Apply ``section.key=value`` overrides (value parsed as YAML) and re-validate."""
+    data = dataclasses.asdict(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if part not in node or not isinstance(node[part], dict):
+                raise ValueError(f"override {item!r}: no section {part!r}")
+            node = node[part]
+        if parts[-1] not in node and not (len(parts) > 1 and parts[-2] in ("params",)):
+            raise ValueError(f"override {item!r}: unknown key {parts[-1]!r}")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return config_from_dict(data)

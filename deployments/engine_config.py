@@ -1,0 +1,99 @@
+"""Engine settings shared by every DP rank, and their translation into vLLM engine arguments."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from npu_runtime.platform import Platform, detect
+
+DEFAULT_SERVED_NAME = "dpserve-tiny-moe"
+
+
+@dataclass
+class EngineSettings:
+    """What a user sets for the model; the platform fills what they leave out.
+
+    `model=None` means the tiny MoE model dpserve builds locally (reused when present).
+    """
+
+    model: str | None = None
+    served_model_name: str = DEFAULT_SERVED_NAME
+    data_parallel_size: int = 2
+    enable_expert_parallel: bool = False
+    tensor_parallel_size: int = 1
+    max_model_len: int = 1024
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int | None = None
+    dtype: str | None = None  # None: the platform default (float32 on CPU)
+    enforce_eager: bool | None = None  # None: the platform default (eager on CPU)
+    seed: int = 0
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # any other vLLM engine argument
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> EngineSettings:
+        data = dict(data or {})
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown engine setting(s) {unknown}; put raw vLLM arguments under engine_kwargs")
+        settings = cls(**data)
+        settings.validate()
+        return settings
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        if self.data_parallel_size < 1:
+            raise ValueError("data_parallel_size must be >= 1")
+        if self.max_num_seqs < 1 or self.max_model_len < 16:
+            raise ValueError("max_num_seqs must be >= 1 and max_model_len >= 16")
+
+    def resolve_model(self) -> str:
+        if self.model:
+            return self.model
+        from npu_runtime.tiny_model import build_tiny_moe
+
+        return str(build_tiny_moe())
+
+    def engine_args(
+        self,
+        rank: int,
+        dp_address: str,
+        dp_rpc_port: int,
+        platform: Platform | None = None,
+    ) -> dict[str, Any]:
+        """Keyword arguments for `AsyncEngineArgs` of DP rank `rank` (external load balancing: one
+        engine per rank, ranks joined through `dp_address:dp_rpc_port`)."""
+        platform = platform or detect()
+        args: dict[str, Any] = dict(platform.engine_defaults)
+        args.update(
+            model=self.resolve_model(),
+            served_model_name=self.served_model_name,
+            tensor_parallel_size=self.tensor_parallel_size,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            seed=self.seed,
+            enable_expert_parallel=self.enable_expert_parallel,
+        )
+        # Inside a Ray actor vLLM would pick its Ray executor (unsupported on CPU, and a second
+        # layer of actors elsewhere); a one-device rank runs its worker in the engine-core process.
+        if self.tensor_parallel_size == 1:
+            args["distributed_executor_backend"] = "uni"
+        if self.dtype is not None:
+            args["dtype"] = self.dtype
+        if self.enforce_eager is not None:
+            args["enforce_eager"] = self.enforce_eager
+        if self.max_num_batched_tokens is not None:
+            args["max_num_batched_tokens"] = self.max_num_batched_tokens
+        if self.data_parallel_size > 1:
+            args.update(
+                data_parallel_size=self.data_parallel_size,
+                data_parallel_rank=rank,
+                data_parallel_size_local=1,
+                data_parallel_address=dp_address,
+                data_parallel_rpc_port=dp_rpc_port,
+            )
+        args.update(self.engine_kwargs)
+        return args

@@ -1,0 +1,257 @@
+"""One data-parallel rank: a vLLM engine configured as rank r of N, hosted by a Ray actor.
+
+`DPRank` is a plain class (the tests and the CLI can use it in-process); `DPRankActor` is the same
+class as a Ray actor. All N ranks must be started together: vLLM's DP handshake makes rank 0's
+engine wait for every other rank's engine, and all ranks then step in lockstep through vLLM's DP
+machinery (an idle rank runs dummy batches while another rank has work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from deployments.engine_config import EngineSettings
+from npu_runtime.platform import Platform, detect
+
+logger = logging.getLogger("dpserve.rank")
+
+
+class RequestRejected(ValueError):
+    """The request is invalid for this model (maps to an HTTP 4xx)."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+
+@dataclass
+class RankStats:
+    rank: int
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    step: int = 0
+    updated: float = 0.0  # time.monotonic() of the last engine stats update
+    in_flight: int = 0  # requests this rank's frontend holds (admitted, not yet finished)
+    ready: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _make_stats_logger_factory(stats: RankStats):
+    """A vLLM stat-logger factory that mirrors the engine's scheduler stats into `stats`."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _RankStatsLogger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if scheduler_stats is None:
+                return
+            stats.running = scheduler_stats.num_running_reqs
+            stats.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+            stats.kv_cache_usage = scheduler_stats.kv_cache_usage
+            stats.step += 1  # one record() per engine step that produced outputs
+            stats.updated = time.monotonic()
+
+        def log_engine_initialized(self):
+            pass
+
+    return _RankStatsLogger
+
+
+class DPRank:
+    """A vLLM `AsyncLLM` engine acting as data-parallel rank `rank` of `settings.data_parallel_size`."""
+
+    def __init__(
+        self,
+        settings: dict[str, Any] | EngineSettings,
+        rank: int,
+        cpu_cores: list[int] | None = None,
+        platform_name: str | None = None,
+    ):
+        from npu_runtime.platform import by_name
+
+        self.settings = settings if isinstance(settings, EngineSettings) else EngineSettings.from_dict(settings)
+        self.rank = rank
+        self.platform: Platform = by_name(platform_name) if platform_name else detect()
+        self.cpu_cores = cpu_cores
+        self.stats = RankStats(rank=rank)
+        self.engine = None
+        self.tokenizer = None
+        self._vllm_config = None
+        # The rank's environment must be in place before vLLM is imported in this process.
+        # The rank's own placement (cores, devices) always wins; user-set defaults are kept.
+        placement_keys = {"VLLM_CPU_OMP_THREADS_BIND", self.platform.visible_devices_env}
+        for key, value in self.platform.rank_env(rank, self._device_ids(), cpu_cores).items():
+            if key in placement_keys:
+                os.environ[key] = value
+            else:
+                os.environ.setdefault(key, value)
+
+    def _device_ids(self) -> list[int] | None:
+        if not self.platform.visible_devices_env:
+            return None
+        try:
+            import ray
+
+            ids = ray.get_runtime_context().get_accelerator_ids().get(self.platform.ray_resource, [])
+            return [int(i) for i in ids] or None
+        except Exception:
+            return None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def node_ip(self) -> str:
+        """Address other ranks use to reach this rank (rank 0 hosts the DP handshake)."""
+        ip = os.environ.get("VLLM_HOST_IP")
+        if ip:
+            return ip
+        try:
+            import ray
+
+            return ray.util.get_node_ip_address()
+        except Exception:
+            return "127.0.0.1"
+
+    def reserve_dp_endpoint(self) -> tuple[str, int]:
+        ip = self.node_ip()
+        return ip, free_port(ip)
+
+    async def start(self, dp_address: str, dp_rpc_port: int) -> dict[str, Any]:
+        """Build the engine; returns when every DP rank has joined (vLLM's DP handshake)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        t0 = time.perf_counter()
+        kwargs = self.settings.engine_args(self.rank, dp_address, dp_rpc_port, self.platform)
+        engine_args = AsyncEngineArgs(**kwargs)
+        self.engine = AsyncLLM.from_engine_args(
+            engine_args, stat_loggers=[_make_stats_logger_factory(self.stats)]
+        )
+        self.tokenizer = self.engine.get_tokenizer()
+        self._vllm_config = self.engine.vllm_config
+        self.stats.ready = True
+        startup = time.perf_counter() - t0
+        logger.info("DP rank %d ready in %.1f s", self.rank, startup)
+        return {"rank": self.rank, "startup_s": startup, "max_model_len": self.max_model_len()}
+
+    def max_model_len(self) -> int:
+        return int(self._vllm_config.model_config.max_model_len) if self._vllm_config else 0
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+            self.stats.ready = False
+
+    # ---- requests --------------------------------------------------------------------------------
+    def _prompt_token_ids(self, prompt: str | list[int] | None, messages: list[dict] | None) -> list[int]:
+        if messages is not None:
+            try:
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            except Exception as exc:  # malformed roles/contents the template cannot render
+                raise RequestRejected(f"cannot apply the chat template: {exc}", param="messages") from None
+            if isinstance(ids, dict):  # transformers >= 5 returns a BatchEncoding
+                ids = ids["input_ids"]
+            return list(ids)
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            vocab = len(self.tokenizer)
+            if any(t < 0 or t >= vocab for t in prompt):
+                raise RequestRejected(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            return list(prompt)
+        raise RequestRejected("prompt must be a string or a list of token ids", param="prompt")
+
+    def _sampling_params(self, params: dict[str, Any], prompt_len: int):
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        limit = self.max_model_len()
+        if prompt_len == 0:
+            raise RequestRejected("the prompt is empty", param="prompt")
+        if prompt_len >= limit:
+            raise RequestRejected(
+                f"this model's maximum context length is {limit} tokens; the prompt has {prompt_len}",
+                param="prompt",
+            )
+        params = dict(params)
+        max_tokens = params.pop("max_tokens", None)
+        room = limit - prompt_len
+        if max_tokens is None:
+            max_tokens = room
+        elif max_tokens > room:
+            raise RequestRejected(
+                f"max_tokens={max_tokens} plus the prompt's {prompt_len} tokens exceeds the maximum "
+                f"context length {limit}",
+                param="max_tokens",
+            )
+        try:
+            return SamplingParams(max_tokens=max_tokens, output_kind=RequestOutputKind.DELTA, **params)
+        except (TypeError, ValueError) as exc:
+            raise RequestRejected(str(exc)) from None
+
+    async def generate(
+        self,
+        request_id: str | None,
+        prompt: str | list[int] | None = None,
+        sampling: dict[str, Any] | None = None,
+        messages: list[dict] | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream one request's output as plain dicts: the first carries `prompt_tokens`, each later
+        one the new text and token ids; the last has `finish_reason` set."""
+        if self.engine is None:
+            raise RuntimeError(f"DP rank {self.rank} is not started")
+        request_id = request_id or uuid.uuid4().hex
+        ids = self._prompt_token_ids(prompt, messages)
+        params = self._sampling_params(sampling or {}, len(ids))
+        self.stats.in_flight += 1
+        finished = False
+        try:
+            yield {"prompt_tokens": len(ids), "rank": self.rank}
+            async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id):
+                comp = out.outputs[0]
+                finished = out.finished
+                yield {
+                    "text": comp.text,
+                    "token_ids": list(comp.token_ids),
+                    "finish_reason": comp.finish_reason if out.finished else None,
+                }
+        finally:
+            self.stats.in_flight -= 1
+            if not finished and self.engine is not None:
+                # The consumer went away (client disconnect) or failed: free the engine's slot.
+                await self.engine.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self.engine is not None:
+            await self.engine.abort(request_id)
+
+    def get_stats(self) -> dict[str, Any]:
+        return self.stats.as_dict()
+
+    async def check_health(self) -> bool:
+        if self.engine is None or self.engine.errored:
+            return False
+        await self.engine.check_health()
+        return True
+
+    async def ping(self) -> int:
+        await asyncio.sleep(0)
+        return self.rank

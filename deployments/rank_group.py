@@ -1,0 +1,93 @@
+"""Start and hold the N DP-rank actors of one model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from cluster.placement import cpu_cores_for_rank, create_rank_placement_group, rank_bundle
+from deployments.engine_config import EngineSettings
+from deployments.rank import DPRank
+from npu_runtime.platform import detect
+
+logger = logging.getLogger("dpserve.rank_group")
+
+
+def rank_actor_class():
+    import ray
+
+    return ray.remote(DPRank)
+
+
+async def start_rank_group(
+    settings: EngineSettings,
+    placement_strategy: str = "PACK",
+    name_prefix: str = "",
+    start_timeout_s: float = 600.0,
+) -> tuple[list[Any], Any, list[dict[str, Any]]]:
+    """Create one actor per DP rank in a placement group and start their engines together.
+
+    Returns (actors, placement group, per-rank start info). Rank 0 hosts vLLM's DP handshake: its
+    address and a free port are asked from rank 0's actor, so this works across nodes.
+    """
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    platform = detect()
+    n = settings.data_parallel_size
+    pg = create_rank_placement_group(n, strategy=placement_strategy, platform=platform)
+    actor_cls = rank_actor_class()
+    actors = []
+    for r in range(n):
+        bundle = rank_bundle(platform)
+        opts: dict[str, Any] = {
+            "num_cpus": bundle.get("CPU", 0),
+            "resources": {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+            "max_concurrency": 1000,
+        }
+        if "GPU" in bundle:
+            opts["num_gpus"] = bundle["GPU"]
+        if name_prefix:
+            opts["name"] = f"{name_prefix}rank{r}"
+        cores = cpu_cores_for_rank(r, n) if platform.name == "cpu" else None
+        actors.append(actor_cls.options(**opts).remote(settings.to_dict(), r, cores, platform.name))
+    dp_address, dp_port = await actors[0].reserve_dp_endpoint.remote()
+    starts = [a.start.remote(dp_address, dp_port) for a in actors]
+    try:
+        infos = await asyncio.wait_for(asyncio.gather(*starts), timeout=start_timeout_s)
+    except BaseException:
+        for a in actors:
+            ray.kill(a)
+        ray.util.remove_placement_group(pg)
+        raise
+    logger.info("started %d DP ranks: %s", n, infos)
+    return actors, pg, list(infos)
+
+
+async def stop_rank_group(actors: list[Any], pg: Any | None = None, timeout_s: float = 30.0) -> None:
+    """Shut the engines down (their subprocesses exit with them), then free the actors and bundles."""
+    import ray
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*[a.shutdown.remote() for a in actors], return_exceptions=True), timeout_s)
+    except TimeoutError:
+        logger.warning("DP ranks did not shut down within %.0f s; killing them", timeout_s)
+    for a in actors:
+        ray.kill(a)
+    if pg is not None:
+        ray.util.remove_placement_group(pg)
+
+
+async def collect_stream(actor: Any, prompt: Any, sampling: dict[str, Any], request_id: str | None = None,
+                         messages: list[dict] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run one request on a rank actor to completion; returns text, token ids and finish reason."""
+    text, token_ids, finish, prompt_tokens = [], [], None, 0
+    async for ref in actor.generate.options(num_returns="streaming").remote(request_id, prompt, sampling, messages):
+        chunk = await ref
+        prompt_tokens = chunk.get("prompt_tokens", prompt_tokens)
+        text.append(chunk.get("text", ""))
+        token_ids.extend(chunk.get("token_ids", []))
+        finish = chunk.get("finish_reason") or finish
+    return {"text": "".join(text), "token_ids": token_ids, "finish_reason": finish, "prompt_tokens": prompt_tokens}
