@@ -39,7 +39,9 @@ class LoadWindow:
         """Record one step: step_counts int or float [num_layers, num_logical], finite and >= 0."""
         arr = np.asarray(step_counts)
         if arr.shape != (self.num_layers, self.num_logical):
-            raise ValueError(f"step counts have shape {arr.shape}, expected {(self.num_layers, self.num_logical)}")
+            raise ValueError(
+                f"step counts have shape {arr.shape}, expected {(self.num_layers, self.num_logical)}"
+            )
         if arr.dtype.kind not in "iuf":
             raise ValueError(f"step counts must be numeric, got dtype {arr.dtype}")
         arr = arr.astype(np.float64)

@@ -117,7 +117,9 @@ def validate_placement(phy2log: np.ndarray, num_logical: int, num_ranks: int) ->
     missing = replica_counts(phy2log, num_logical) == 0
     if missing.any():
         layer, expert = (int(x) for x in np.argwhere(missing)[0])
-        raise PlanError(f"layer {layer}: logical expert {expert} has no replica ({int(missing.sum())} missing in all)")
+        raise PlanError(
+            f"layer {layer}: logical expert {expert} has no replica ({int(missing.sum())} missing in all)"
+        )
 
 
 def _check_pair(old: np.ndarray, new: np.ndarray, num_ranks: int, num_logical: int) -> None:
