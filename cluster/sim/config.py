@@ -55,6 +55,9 @@ class WorkloadConfig:
     # Time from the client sending a request to the engine holding it (HTTP, tokenizing 3.5K tokens,
     # queues in the API server). TTFT is measured from the send, as vLLM's benchmark does.
     client_delay_s: float = 0.02
+    # Mean of an exponential extra delay per request (API-server queueing behind output processing);
+    # it decides in which engine step a request lands, so it desynchronises the ranks.
+    client_delay_jitter_s: float = 0.0
 
 
 @dataclass
@@ -85,7 +88,8 @@ class ExpertConfig:
     sim_layers: int = 4
     skew_sigma: float = 0.6
     drift_timescale_s: float = 120.0
-    num_redundant: int = 0  # redundant physical slots in total (needs an EPLB policy to place them)
+    # Redundant physical slots in total; at start-up slot E + j holds expert j % E (EPLB's default).
+    num_redundant: int = 0
 
 
 @dataclass
@@ -112,7 +116,9 @@ class CostConfig:
 
     step_overhead_s: float = 0.015  # host: scheduling, sampling, launch, output processing
     rank_fixed_s: float = 0.012  # reading attention/dense weights once per step (memory bound)
-    dense_per_token_s: float = 55e-6  # non-expert compute per scheduled token (attention proj., shared expert)
+    dense_per_token_s: float = (
+        55e-6  # non-expert compute per scheduled token (attention proj., shared expert)
+    )
     attn_decode_per_ctx_token_s: float = 2e-9  # KV-cache reads per token of decode context
     attn_prefill_per_token_pair_s: float = 8e-9  # causal attention per (query, key) pair in prefill
     moe_layer_fixed_s: float = 0.00045  # reading one layer's local expert weights
@@ -158,14 +164,17 @@ class SimConfig:
                 f"num_experts + num_redundant ({m.num_experts} + {e.num_redundant}) must divide evenly "
                 f"over {c.num_ranks} ranks"
             )
-        if e.num_redundant and self.eplb.policy == "none":
-            raise ValueError("experts.num_redundant > 0 needs an eplb.policy to place the replicas")
         if not 1 <= e.sim_layers <= m.num_moe_layers:
             raise ValueError("experts.sim_layers must be between 1 and model.num_moe_layers")
-        if self.router.kind not in ("least_loaded_stale", "least_loaded", "round_robin"):
+        if self.router.kind not in ("least_loaded_stale", "least_loaded", "round_robin", "random"):
             raise ValueError(f"router.kind {self.router.kind!r} unknown")
         if self.eplb.mode not in ("async", "sync"):
             raise ValueError("eplb.mode must be 'async' or 'sync'")
+        bad = [p for p in self.gate.policies if not isinstance(p, str)]
+        if bad:
+            raise ValueError(
+                f"gate.policies must be names; got {bad!r} (quote 'off' in YAML: unquoted it is false)"
+            )
         w = self.workload
         if w.num_requests < 1 or w.input_len < 1 or w.output_len < 1:
             raise ValueError("workload: num_requests, input_len and output_len must be >= 1")

@@ -77,7 +77,9 @@ class ExpertModel:
         if eplb.policy != "none":
             policies, self._rebalance = _load_eplb()
             if eplb.policy not in policies:
-                raise ValueError(f"eplb.policy {eplb.policy!r} unknown; choose from {sorted(policies)} or none")
+                raise ValueError(
+                    f"eplb.policy {eplb.policy!r} unknown; choose from {sorted(policies)} or none"
+                )
         self.phy2log = default_phy2log(self.L, self.E, self.num_redundant)
         self._refresh_split()
         self.window = np.zeros((self.L, self.E))
@@ -104,7 +106,9 @@ class ExpertModel:
             return
         a = math.exp(-dt / self.tau)
         # Exact OU update: stationary std stays skew_sigma whatever the step length.
-        self.logits = a * self.logits + self.sigma * math.sqrt(1 - a * a) * self.rng.normal(size=self.logits.shape)
+        self.logits = a * self.logits + self.sigma * math.sqrt(1 - a * a) * self.rng.normal(
+            size=self.logits.shape
+        )
         self._probs = self._softmax(self.logits)
 
     def route(self, total_tokens: int) -> np.ndarray:
@@ -133,7 +137,12 @@ class ExpertModel:
 
     def maybe_rebalance(self, step: int) -> None:
         """On the EPLB cadence, plan with the real policy on the window's load and start a transfer."""
-        if self._rebalance is None or step == 0 or step % self.eplb.interval_steps or self.transfer is not None:
+        if (
+            self._rebalance is None
+            or step == 0
+            or step % self.eplb.interval_steps
+            or self.transfer is not None
+        ):
             return
         load, self.window = self.window, np.zeros((self.L, self.E))
         if load.sum() == 0:

@@ -57,9 +57,11 @@ class Client:
     time order.
     """
 
-    def __init__(self, reqs: Requests, w: WorkloadConfig) -> None:
+    def __init__(self, reqs: Requests, w: WorkloadConfig, rng: np.random.Generator) -> None:
         self.reqs = reqs
         self.delay = w.client_delay_s
+        self.jitter = w.client_delay_jitter_s
+        self.rng = rng
         self.send_t = np.full(reqs.n, np.nan)
         self._next = 0
         self._heap: list[tuple[float, int]] = []  # (arrival at engine, request id)
@@ -72,7 +74,8 @@ class Client:
         self._next += 1
         t = max(not_before, float(self.reqs.ready_t[rid]))
         self.send_t[rid] = t
-        heapq.heappush(self._heap, (t + self.delay, rid))
+        delay = self.delay + (self.rng.exponential(self.jitter) if self.jitter > 0 else 0.0)
+        heapq.heappush(self._heap, (t + delay, rid))
 
     def on_finish(self, t: float) -> None:
         """A request finished at ``t``: its semaphore slot sends the next request, if any."""
@@ -100,8 +103,9 @@ class Router:
     rank. A published snapshot shows the engines' state at the last step boundary before it.
     """
 
-    def __init__(self, cfg: RouterConfig, num_ranks: int) -> None:
+    def __init__(self, cfg: RouterConfig, num_ranks: int, rng: np.random.Generator) -> None:
         self.kind = cfg.kind
+        self.rng = rng
         self.interval = cfg.stats_interval_s
         self.num_ranks = num_ranks
         self._view = np.zeros((num_ranks, 2), dtype=np.int64)  # (waiting, running) as the router sees it
@@ -114,6 +118,8 @@ class Router:
             r = self._rr
             self._rr = (self._rr + 1) % self.num_ranks
             return r
+        if self.kind == "random":
+            return int(self.rng.integers(self.num_ranks))
         if self.kind == "least_loaded" or t >= self._next_publish:
             self._view[:, 0] = waiting
             self._view[:, 1] = running
