@@ -81,7 +81,7 @@ def _reassign_redundant(
     cap: int,
     log: list[Move],
 ) -> None:
-    """Step 2 on one layer, in place.
+    """Step 2 on one layer, in place; runs before any swap, so `used` is still all zero on entry.
 
     load float [E], p2l int64 [P], need int64 [E] (see `min_replicas`), used int64 [R, R] moves per
     ordered rank pair. Surplus replicas on the most loaded ranks are released; the missing replicas,
@@ -103,15 +103,13 @@ def _reassign_redundant(
     # Release surplus replicas, most loaded ranks first (ties: lower slot).
     cand = np.flatnonzero(surplus[p2l] > 0)
     cand = cand[np.lexsort((cand, -rank_load[slot_rank[cand]]))]
-    quota = surplus.copy()
-    freed: list[int] = []
-    for j in cand.tolist():
-        s = p2l[j]
-        if quota[s] > 0:
-            quota[s] -= 1
-            freed.append(j)
-            if len(freed) == total:
-                break
+    # Keep each expert's first `surplus` candidates (in that order), then the first `total` overall.
+    by_expert = np.argsort(p2l[cand], kind="stable")
+    exp_sorted = p2l[cand][by_expert]
+    first = np.searchsorted(exp_sorted, exp_sorted, side="left")
+    occurrence = np.empty_like(by_expert)
+    occurrence[by_expert] = np.arange(cand.size) - first
+    freed = cand[occurrence < surplus[p2l[cand]]][:total].tolist()
     is_freed = np.zeros(num_phys, dtype=bool)
     is_freed[freed] = True
     final = counts - np.bincount(p2l[freed], minlength=num_logical) + deficit
@@ -123,16 +121,21 @@ def _reassign_redundant(
         free_by_rank.setdefault(int(slot_rank[j]), []).append(j)
     heap = [(float(base[r]), r) for r in free_by_rank]
     heapq.heapify(heap)
-    kept = ~is_freed
     items = np.repeat(np.arange(num_logical), deficit)
     items = items[np.argsort(-per_rep[items], kind="stable")]
-    holders = {int(e): set(slot_rank[(p2l == e) & kept].tolist()) for e in np.flatnonzero(deficit)}
+    # Plain Python containers: this loop runs once per new replica and numpy scalar access is slow.
+    holders: dict[int, set[int]] = {int(e): set() for e in np.flatnonzero(deficit)}
+    mine = np.flatnonzero(np.isin(p2l, list(holders)) & ~is_freed)
+    for e, r in zip(p2l[mine].tolist(), slot_rank[mine].tolist(), strict=True):
+        holders[e].add(r)
+    pair_used: dict[tuple[int, int], int] = {}
     for e in items.tolist():
+        hold = holders[e]
         skipped = []
         chosen = None
         while heap:
             rl, r = heapq.heappop(heap)
-            if r in holders[e] or min(used[h, r] for h in holders[e]) < cap:
+            if r in hold or any(pair_used.get((h, r), 0) < cap for h in hold):
                 chosen = (rl, r)
                 break
             skipped.append((rl, r))
@@ -142,16 +145,18 @@ def _reassign_redundant(
             continue  # no rank may receive it under the pair cap; its freed slot keeps the old expert
         rl, r = chosen
         j = free_by_rank[r].pop()
-        if r in holders[e]:
+        if r in hold:
             log.append(("reassign", r, r))
         else:
-            src = min(sorted(holders[e]), key=lambda h: used[h, r])
-            used[src, r] += 1
+            src = min(sorted(hold), key=lambda h: pair_used.get((h, r), 0))
+            pair_used[(src, r)] = pair_used.get((src, r), 0) + 1
             log.append(("reassign", src, r))
         p2l[j] = e
-        holders[e].add(r)
+        hold.add(r)
         if free_by_rank[r]:
             heapq.heappush(heap, (rl + float(per_rep[e]), r))
+    for (src, dst), n in pair_used.items():
+        used[src, dst] += n
 
 
 def _greedy_swaps(
