@@ -8,15 +8,17 @@ model with DP>1 dies on its first request. These functions fill the gap.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
 
 def _as_byte_rows(t: torch.Tensor) -> torch.Tensor:
     """View a tensor as `[rows, row_bytes]` uint8 (rows = first dimension)."""
-    t = t.contiguous()
-    rows = t.shape[0]
-    return t.reshape(rows, -1).view(torch.uint8) if t.numel() else torch.empty(rows, 0, dtype=torch.uint8)
+    # The row width comes from the shape, not the data: a rank with zero rows must still agree on it.
+    cols = math.prod(t.shape[1:])
+    return t.contiguous().reshape(t.shape[0], cols).view(torch.uint8)
 
 
 def all_gatherv(

@@ -1,0 +1,31 @@
+"""Shared fixtures: the tiny model (built once per machine) and a local Ray instance on loopback."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# vLLM's CPU defaults must be in the environment before any engine process starts.
+from npu_runtime.platform import apply_vllm_env
+
+apply_vllm_env()
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    from npu_runtime.tiny_model import build_tiny_moe
+
+    return str(build_tiny_moe())
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A Ray instance for the test session (more logical CPUs than cores: actors mostly wait)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield ray
+    ray.shutdown()
