@@ -8,6 +8,9 @@ from typing import Any
 from npu_runtime.platform import Platform, detect
 
 DEFAULT_SERVED_NAME = "dpserve-tiny-moe"
+# Balance settings the engine-side scheduler reads (scheduler.balance_scheduler.BalanceConfig);
+# the rest (policy, params, timeout_s) configures the coordinator actor.
+BALANCE_CLIENT_KEYS = ("transport", "coordinator_name", "namespace", "ray_address", "lead", "wait_ms")
 
 
 @dataclass
@@ -29,6 +32,9 @@ class EngineSettings:
     enforce_eager: bool | None = None  # None: the platform default (eager on CPU)
     seed: int = 0
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # any other vLLM engine argument
+    # Balance scheduling (DP prefill gate), e.g. {"policy": "any_at_cap"}; None: off (plain vLLM).
+    # Keys: policy, params, timeout_s (coordinator) and the scheduler's BALANCE_CLIENT_KEYS.
+    balance: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> EngineSettings:
@@ -96,4 +102,17 @@ class EngineSettings:
                 data_parallel_rpc_port=dp_rpc_port,
             )
         args.update(self.engine_kwargs)
+        if self.balance is not None:
+            # After engine_kwargs: it merges (not replaces) a user's own additional_config.
+            args.update(self.balance_engine_args(args))
         return args
+
+    def balance_engine_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        """`scheduler_cls` + `additional_config` that turn on dpserve's balance scheduler."""
+        # Strings, not imports: the scheduler module imports vLLM, which only the engine needs.
+        use_async = bool(self.engine_kwargs.get("async_scheduling", args.get("async_scheduling", False)))
+        scheduler_cls = "scheduler.balance_scheduler." + ("BalanceAsyncScheduler" if use_async else "BalanceScheduler")
+        client = {k: v for k, v in (self.balance or {}).items() if k in BALANCE_CLIENT_KEYS}
+        additional = dict(self.engine_kwargs.get("additional_config") or {})
+        additional["dpserve_balance"] = client
+        return {"scheduler_cls": scheduler_cls, "additional_config": additional}

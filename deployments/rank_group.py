@@ -36,6 +36,8 @@ async def start_rank_group(
 
     platform = detect()
     n = settings.data_parallel_size
+    if settings.balance is not None:
+        settings = start_balance_coordinator(settings)
     pg = create_rank_placement_group(n, strategy=placement_strategy, platform=platform)
     actor_cls = rank_actor_class()
     actors = []
@@ -64,6 +66,31 @@ async def start_rank_group(
         raise
     logger.info("started %d DP ranks: %s", n, infos)
     return actors, pg, list(infos)
+
+
+def start_balance_coordinator(settings: EngineSettings) -> EngineSettings:
+    """Start (or reuse, by name) the BalanceCoordinator actor for `settings.balance`, reset it for a
+    new group, and return settings whose balance block tells the engines how to reach it."""
+    import dataclasses
+
+    import ray
+
+    from scheduler.coordinator import DEFAULT_NAME, DEFAULT_NAMESPACE, get_or_create_coordinator
+
+    balance = dict(settings.balance or {})
+    balance.setdefault("coordinator_name", DEFAULT_NAME)
+    balance.setdefault("namespace", DEFAULT_NAMESPACE)
+    # The engine core is a subprocess of the rank actor, not a Ray worker: it joins by GCS address.
+    balance.setdefault("ray_address", ray.get_runtime_context().gcs_address)
+    coordinator = get_or_create_coordinator(
+        balance["coordinator_name"],
+        balance["namespace"],
+        balance.get("policy", "any_at_cap"),
+        balance.get("params"),
+        float(balance.get("timeout_s", 5.0)),
+    )
+    ray.get(coordinator.reset.remote())  # a new group starts its waves at 0 again
+    return dataclasses.replace(settings, balance=balance)
 
 
 async def stop_rank_group(actors: list[Any], pg: Any | None = None, timeout_s: float = 30.0) -> None:

@@ -1,0 +1,348 @@
+"""vLLM scheduler subclasses that apply the DP prefill gate (balance scheduling).
+
+Select with the engine argument ``scheduler_cls="scheduler.balance_scheduler.BalanceScheduler"``
+(or ``BalanceAsyncScheduler`` with async scheduling) and configure with
+``additional_config={"dpserve_balance": {...}}`` (see :class:`BalanceConfig`).
+
+How the gate is applied
+-----------------------
+The gate only ever touches *admission from the waiting queue*. We never copy vLLM's ``schedule()``:
+on a step whose gate is closed we hide ``self.waiting`` from ``super().schedule()`` behind an empty
+queue of the same type, and put everything back in a ``finally``. Running requests are scheduled as
+usual. Requests that ``schedule()`` itself pushes to the waiting queue while it is hidden (preempted
+requests, skipped requests) land in the stand-in queue and are merged back *in front of* the original
+waiting requests in their order, which is where vLLM would have put them (``prepend_request``).
+``kv_holding_waiting`` (waiting requests that already hold KV blocks, e.g. async KV loads) is left
+visible on purpose: holding them back would pin KV memory without balancing anything.
+
+Step counting (why the hook below exists)
+-----------------------------------------
+The decision for step s must be the same on every rank. vLLM's ``DPEngineCoreProc`` keeps
+``step_counter`` (incremented in ``_has_global_unfinished_reqs`` once per busy-loop iteration, reset
+to 0 with ``current_wave += 1`` at the end of a wave), which vLLM itself relies on being identical
+across DP ranks (``_should_throttle_prefills``). Every rank reaches that point every step, including
+idle ranks that only run dummy batches and never call ``schedule()``. So we wrap that method (one
+small class patch, installed when a balance scheduler is built) to report counts at the lockstep point
+and key every decision by ``(current_wave, step_counter)``.
+
+Pipelining (no round trip on the critical path)
+-----------------------------------------------
+At the lockstep point after step n-1 (counter now n) a rank sends its counts for n and receives, as a
+future, the decision for step ``n + lead``; the coordinator freezes that decision the first time any
+rank asks for it, from one snapshot, so every rank gets the same answer. ``schedule()`` for step m
+uses the future obtained at step ``m - lead``, which has had ``lead`` whole steps to arrive.
+Documented fallbacks (identical on every rank by construction unless noted):
+* steps ``0..lead`` of a wave have no decision yet: admit (as vLLM does after idle);
+* the future is not ready within ``wait_ms``: admit, and count it (``fallback_steps``). Only this case
+  can make ranks differ for one step; it costs balance, never correctness (the gate guards no
+  collective, so it cannot deadlock);
+* the coordinator cannot be reached: admit on every step (plain vLLM), logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Protocol
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.request_queue import RequestQueue, create_request_queue
+from vllm.v1.core.sched.scheduler import Scheduler
+
+logger = logging.getLogger("dpserve.balance")
+
+ADDITIONAL_CONFIG_KEY = "dpserve_balance"
+StepKey = tuple[int, int]  # (wave, step) — identical across DP ranks at the same lockstep step
+
+
+@dataclass
+class BalanceConfig:
+    """What the scheduler reads from ``additional_config["dpserve_balance"]``.
+
+    ``transport``: ``"ray"`` (talk to the named BalanceCoordinator actor) or ``"none"`` (no
+    coordinator; the gate stays open unless a gate client is installed, e.g. by tests).
+    ``lead``: how many steps ahead of use a decision is requested (>= 1).
+    ``wait_ms``: how long ``schedule()`` may wait for a late decision before the fallback.
+    """
+
+    transport: str = "ray"
+    coordinator_name: str = "dpserve_balance_coordinator"
+    namespace: str = "dpserve"
+    ray_address: str | None = None
+    lead: int = 1
+    wait_ms: float = 5.0
+
+    @classmethod
+    def from_additional_config(cls, additional: Any) -> BalanceConfig:
+        raw = dict(additional.get(ADDITIONAL_CONFIG_KEY) or {}) if isinstance(additional, dict) else {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{ADDITIONAL_CONFIG_KEY}: unknown key(s) {unknown}; known: {sorted(known)}")
+        cfg = cls(**raw)
+        if cfg.lead < 1:
+            raise ValueError(f"{ADDITIONAL_CONFIG_KEY}.lead must be >= 1 (got {cfg.lead})")
+        if cfg.transport not in ("ray", "none"):
+            raise ValueError(f"{ADDITIONAL_CONFIG_KEY}.transport must be 'ray' or 'none'")
+        return cfg
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class GateClient(Protocol):
+    """Where the scheduler gets decisions from (the coordinator, or a fixed gate in tests)."""
+
+    def report(self, key: StepKey, running: int, waiting: int, max_num_seqs: int, lead: int) -> None:
+        """Publish this rank's counts at lockstep step ``key`` and request the decision for ``+lead``."""
+
+    def decision(self, key: StepKey, wait_s: float) -> bool | None:
+        """The admit decision for ``key``; ``None`` when there is none (caller applies the fallback)."""
+
+
+class ManualGate:
+    """A gate set by hand: every step gets ``admit`` (tests, and operators forcing the gate)."""
+
+    def __init__(self, admit: bool = True) -> None:
+        self.admit = admit
+        self.reports: deque[tuple[StepKey, int, int]] = deque(maxlen=1024)
+
+    def report(self, key: StepKey, running: int, waiting: int, max_num_seqs: int, lead: int) -> None:
+        self.reports.append((key, running, waiting))
+
+    def decision(self, key: StepKey, wait_s: float) -> bool | None:
+        return self.admit
+
+
+class RayGateClient:
+    """Talks to the BalanceCoordinator actor from the engine-core process.
+
+    The engine core is a subprocess of the rank actor, not a Ray worker: it joins the cluster as a
+    driver (``ray.init(address=...)``) on first use. Calls are fire-and-forget ``.remote()``; the
+    returned futures are kept per step key and read (without blocking, or up to ``wait_s``) when that
+    step is scheduled.
+    """
+
+    def __init__(self, cfg: BalanceConfig, rank: int) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self._actor: Any = None
+        self._broken = False
+        self._pending: dict[StepKey, Any] = {}
+        self.client_s = 0.0  # time spent in this client (submit + wait), for cost-per-step reports
+        self.calls = 0
+
+    def _connect(self) -> Any:
+        if self._actor is not None or self._broken:
+            return self._actor
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                ray.init(
+                    address=self.cfg.ray_address or "auto",
+                    namespace=self.cfg.namespace,
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )
+            self._actor = ray.get_actor(self.cfg.coordinator_name, namespace=self.cfg.namespace)
+            logger.info("rank %d: connected to balance coordinator %r", self.rank, self.cfg.coordinator_name)
+        except Exception:
+            # Without a coordinator the gate stays open (plain vLLM) rather than stalling the rank.
+            logger.exception("rank %d: cannot reach the balance coordinator; gate stays open", self.rank)
+            self._broken = True
+        return self._actor
+
+    def report(self, key: StepKey, running: int, waiting: int, max_num_seqs: int, lead: int) -> None:
+        t0 = time.perf_counter()
+        actor = self._connect()
+        if actor is not None:
+            wave, step = key
+            ref = actor.report.remote(
+                self.rank, wave, step, running, waiting, max_num_seqs, lead, self.client_s * 1e3, self.calls
+            )
+            self._pending[(wave, step + lead)] = ref
+            # Futures of steps that will never be scheduled (wave ended early) must not pile up.
+            if len(self._pending) > 64:
+                for k in sorted(self._pending)[:-16]:
+                    del self._pending[k]
+        self.calls += 1
+        self.client_s += time.perf_counter() - t0
+
+    def decision(self, key: StepKey, wait_s: float) -> bool | None:
+        ref = self._pending.pop(key, None)
+        if ref is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            import ray
+
+            ready, _ = ray.wait([ref], timeout=wait_s)
+            return bool(ray.get(ready[0])) if ready else None
+        except Exception:
+            logger.exception("rank %d: balance decision for %s failed", self.rank, key)
+            return None
+        finally:
+            self.client_s += time.perf_counter() - t0
+
+
+@dataclass
+class GateStats:
+    """Per-rank counters of what the gate did (exposed through ``balance_stats()``)."""
+
+    steps: int = 0  # schedule() calls
+    closed_steps: int = 0  # steps the gate was closed
+    held_steps: int = 0  # closed steps that actually held back waiting requests
+    no_decision_steps: int = 0  # first steps of a wave (rule: admit)
+    fallback_steps: int = 0  # decision late or missing: admitted by fallback
+    lockstep_reports: int = 0
+
+
+def _restore_waiting(original: RequestQueue, stand_in: RequestQueue) -> None:
+    """Put back the hidden waiting queue, with whatever ``schedule()`` queued meanwhile in front.
+
+    vLLM ``prepend_request``s preempted/skipped requests; pushing the stand-in's items onto the
+    original front-to-back in reverse keeps their order and puts them ahead (FCFS). A priority queue
+    orders by priority anyway.
+    """
+    for request in reversed(list(stand_in)):
+        original.prepend_request(request)
+
+
+def install_lockstep_hook() -> bool:
+    """Wrap ``DPEngineCoreProc._has_global_unfinished_reqs`` (once per process) so that balance
+    schedulers see every lockstep step, idle ranks included. Returns whether the hook is installed."""
+    try:
+        from vllm.v1.engine.core import DPEngineCoreProc
+    except ImportError:  # pragma: no cover - vLLM without DP engine core
+        return False
+    original = DPEngineCoreProc._has_global_unfinished_reqs
+    if getattr(original, "_dpserve_balance", False):
+        return True
+
+    def _has_global_unfinished_reqs(self: Any, local_unfinished: bool) -> bool:
+        result = original(self, local_unfinished)
+        scheduler = getattr(self, "scheduler", None)
+        if isinstance(scheduler, BalanceSchedulerMixin):
+            scheduler.on_lockstep(self)
+        return result
+
+    _has_global_unfinished_reqs._dpserve_balance = True  # type: ignore[attr-defined]
+    DPEngineCoreProc._has_global_unfinished_reqs = _has_global_unfinished_reqs
+    return True
+
+
+class BalanceSchedulerMixin:
+    """Gates waiting-request admission around ``super().schedule()``; see the module docstring."""
+
+    # Attributes provided by vLLM's Scheduler.
+    waiting: RequestQueue
+    running: list[Any]
+    policy: Any
+    vllm_config: Any
+    max_num_running_reqs: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.balance_config = BalanceConfig.from_additional_config(self.vllm_config.additional_config)
+        parallel = self.vllm_config.parallel_config
+        self.dp_rank = int(parallel.data_parallel_rank)
+        # With DP > 1 the step key comes from the DP engine core (lockstep counter); alone, a rank
+        # counts its own schedule() calls (no peers to agree with).
+        self._dp_mode = int(parallel.data_parallel_size) > 1
+        self._core: Any = None
+        self._own_step = 0
+        self.gate_stats = GateStats()
+        self.last_admit: bool | None = None
+        self.gate_client: GateClient | None = (
+            RayGateClient(self.balance_config, self.dp_rank)
+            if self.balance_config.transport == "ray"
+            else None
+        )
+        if isinstance(self.gate_client, RayGateClient):
+            # Join Ray at start-up, not inside the first lockstep step (ray.init takes seconds).
+            self.gate_client._connect()
+        if self._dp_mode:
+            install_lockstep_hook()
+
+    # ---- step keys and reports -----------------------------------------------------------------
+    def _current_key(self) -> StepKey:
+        if self._dp_mode:
+            core = self._core
+            # Before the first lockstep point (very first step) there is no core yet: step 0.
+            return (int(core.current_wave), int(core.step_counter)) if core is not None else (0, 0)
+        return (0, self._own_step)
+
+    def _report(self, key: StepKey) -> None:
+        if self.gate_client is None:
+            return
+        running, waiting = self.get_request_counts()  # type: ignore[attr-defined]
+        self.gate_client.report(key, running, waiting, self.max_num_running_reqs, self.balance_config.lead)
+
+    def on_lockstep(self, core: Any) -> None:
+        """Called by the DP engine core at its lockstep point, every step, on every rank."""
+        self._core = core
+        self.gate_stats.lockstep_reports += 1
+        self._report((int(core.current_wave), int(core.step_counter)))
+
+    def gate_admits(self, key: StepKey) -> bool:
+        """The gate for step ``key``: the coordinator's decision, or the documented fallback."""
+        client = self.gate_client
+        if client is None:
+            return True
+        decision = client.decision(key, self.balance_config.wait_ms / 1e3)
+        if decision is None:
+            if key[1] <= self.balance_config.lead:
+                self.gate_stats.no_decision_steps += 1
+            else:
+                self.gate_stats.fallback_steps += 1
+            return True
+        return decision
+
+    # ---- the gate ------------------------------------------------------------------------------
+    def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        """vLLM's schedule(), with the waiting queue hidden on steps whose gate is closed."""
+        if not self._dp_mode:
+            self._report((0, self._own_step))
+        key = self._current_key()
+        self._own_step += 1
+        admit = self.gate_admits(key)
+        self.last_admit = admit
+        self.gate_stats.steps += 1
+        if admit:
+            return super().schedule(*args, **kwargs)  # type: ignore[misc]
+        self.gate_stats.closed_steps += 1
+        if len(self.waiting) == 0:
+            return super().schedule(*args, **kwargs)  # type: ignore[misc]
+        self.gate_stats.held_steps += 1
+        hidden = self.waiting
+        self.waiting = create_request_queue(self.policy)
+        try:
+            return super().schedule(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            stand_in, self.waiting = self.waiting, hidden
+            _restore_waiting(hidden, stand_in)
+
+    def balance_stats(self) -> dict[str, Any]:
+        """Gate counters of this rank, plus client cost when talking to a coordinator."""
+        out: dict[str, Any] = asdict(self.gate_stats)
+        client = self.gate_client
+        if isinstance(client, RayGateClient):
+            out["client_ms_total"] = client.client_s * 1e3
+            out["client_calls"] = client.calls
+        return out
+
+
+class BalanceScheduler(BalanceSchedulerMixin, Scheduler):
+    """vLLM's Scheduler with the DP prefill gate."""
+
+
+class BalanceAsyncScheduler(BalanceSchedulerMixin, AsyncScheduler):
+    """vLLM's AsyncScheduler (async scheduling, CUDA/NPU) with the DP prefill gate."""
+
+
+SCHEDULER_CLS = f"{__name__}.BalanceScheduler"
+ASYNC_SCHEDULER_CLS = f"{__name__}.BalanceAsyncScheduler"

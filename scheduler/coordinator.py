@@ -1,0 +1,322 @@
+"""BalanceCoordinator: gathers every DP rank's counts per lockstep step and serves gate decisions.
+
+``CoordinatorState`` is the logic (plain Python, unit-testable, clock injectable); ``BalanceCoordinator``
+is the Ray actor around it that adds metrics (``ray.util.metrics``). Ranks call ``report`` once per
+lockstep step (see ``scheduler/balance_scheduler.py`` for the step key and the pipelining):
+
+* the decision for step key ``(wave, step + lead)`` is frozen the first time any rank asks for it,
+  from one snapshot of the latest counts of all live ranks, and every later asker gets the same
+  decision — so all ranks apply the same gate at the same step even though they report at slightly
+  different times;
+* nobody ever waits for a missing rank: a rank whose last report is older than ``timeout_s`` is left
+  out of snapshots (logged once, re-admitted when it reports again);
+* the policy can be swapped at run time (``set_policy``); decisions already frozen stay as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from scheduler.policy import GateDecision, GatePolicy, RankCounts, make_policy
+
+logger = logging.getLogger("dpserve.balance.coordinator")
+
+DEFAULT_NAME = "dpserve_balance_coordinator"
+DEFAULT_NAMESPACE = "dpserve"
+StepKey = tuple[int, int]
+
+_KEEP_DECISIONS = 4096  # enough history for tests and debugging; bounded memory
+
+
+@dataclass
+class _RankState:
+    counts: RankCounts
+    wave: int
+    seen: float  # clock() of the last report
+    client_ms: float = 0.0  # the rank's cumulative time spent in its gate client
+    client_calls: int = 0
+    excluded: bool = False
+
+
+class CoordinatorState:
+    """The coordinator's bookkeeping and decisions, without Ray."""
+
+    def __init__(
+        self,
+        policy: str = "any_at_cap",
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.timeout_s = float(timeout_s)
+        self.clock = clock
+        self.policy_name = policy
+        self.policy_params: dict[str, Any] = dict(params or {})
+        self.policy: GatePolicy = make_policy(policy, **self.policy_params)
+        self.ranks: dict[int, _RankState] = {}
+        self.decisions: OrderedDict[StepKey, GateDecision] = OrderedDict()
+        self.closed_steps = 0
+        self.decided_steps = 0
+        # Per step key: (first report time, ranks that reported) — for the gather latency.
+        self._gather: OrderedDict[StepKey, tuple[float, set[int]]] = OrderedDict()
+        self.on_exclude: Callable[[int, float], None] | None = None
+
+    # ---- configuration ---------------------------------------------------------------------------
+    def set_policy(self, name: str, **params: Any) -> None:
+        """Swap the policy; raises ValueError (and keeps the old one) if name/params are invalid."""
+        policy = make_policy(name, **params)
+        self.policy, self.policy_name, self.policy_params = policy, name, dict(params)
+        logger.info("balance policy set to %s %s", name, params)
+
+    def reset(self) -> None:
+        """Forget ranks and decisions (a new rank group starts its waves at 0 again)."""
+        self.ranks.clear()
+        self.decisions.clear()
+        self._gather.clear()
+        self.closed_steps = self.decided_steps = 0
+
+    # ---- liveness --------------------------------------------------------------------------------
+    def live_counts(self, now: float | None = None) -> list[RankCounts]:
+        """The latest counts of every rank that reported within ``timeout_s``."""
+        now = self.clock() if now is None else now
+        live = []
+        for rank, st in sorted(self.ranks.items()):
+            stale = now - st.seen > self.timeout_s
+            if stale and not st.excluded:
+                st.excluded = True
+                logger.warning(
+                    "balance: rank %d has not reported for %.1f s (timeout %.1f s); excluded from the gate",
+                    rank,
+                    now - st.seen,
+                    self.timeout_s,
+                )
+                if self.on_exclude is not None:
+                    self.on_exclude(rank, now - st.seen)
+            if not stale:
+                live.append(st.counts)
+        return live
+
+    # ---- the per-step call -----------------------------------------------------------------------
+    def report(
+        self,
+        rank: int,
+        wave: int,
+        step: int,
+        running: int,
+        waiting: int,
+        max_num_seqs: int,
+        lead: int = 1,
+        client_ms: float = 0.0,
+        client_calls: int = 0,
+    ) -> tuple[GateDecision, float | None]:
+        """Record rank counts at ``(wave, step)``; return the decision for ``(wave, step + lead)``
+        and, when this report completed a step's gather, the gather spread in ms."""
+        now = self.clock()
+        prev = self.ranks.get(rank)
+        if prev is not None and prev.excluded:
+            logger.info("balance: rank %d reports again; included in the gate", rank)
+        self.ranks[rank] = _RankState(
+            counts=RankCounts(
+                rank=rank, running=running, waiting=waiting, max_num_seqs=max_num_seqs, step=step
+            ),
+            wave=wave,
+            seen=now,
+            client_ms=client_ms,
+            client_calls=client_calls,
+        )
+        spread = self._note_gather((wave, step), rank, now)
+        return self.decide((wave, step + lead), now), spread
+
+    def decide(self, key: StepKey, now: float | None = None) -> GateDecision:
+        """The decision for ``key``: frozen on first request from one snapshot of live ranks."""
+        decision = self.decisions.get(key)
+        if decision is None:
+            decision = self.policy.decide(self.live_counts(now), key[1])
+            self.decisions[key] = decision
+            self.decided_steps += 1
+            if not decision.admit:
+                self.closed_steps += 1
+            while len(self.decisions) > _KEEP_DECISIONS:
+                self.decisions.popitem(last=False)
+        return decision
+
+    def _note_gather(self, key: StepKey, rank: int, now: float) -> float | None:
+        first, seen = self._gather.get(key, (now, set()))
+        seen.add(rank)
+        self._gather[key] = (first, seen)
+        while len(self._gather) > 256:
+            self._gather.popitem(last=False)
+        live = {r for r, st in self.ranks.items() if not st.excluded and now - st.seen <= self.timeout_s}
+        if live and live <= seen:
+            del self._gather[key]
+            return (now - first) * 1e3
+        return None
+
+    # ---- read side -------------------------------------------------------------------------------
+    def load_scores(self) -> dict[int, float]:
+        """Per live rank: (running + waiting) / max_num_seqs — lower is less loaded (for a router)."""
+        return {c.rank: (c.running + c.waiting) / max(1, c.max_num_seqs) for c in self.live_counts()}
+
+    def stats(self) -> dict[str, Any]:
+        now = self.clock()
+        live = {c.rank for c in self.live_counts(now)}
+        return {
+            "policy": self.policy_name,
+            "params": dict(self.policy_params),
+            "decided_steps": self.decided_steps,
+            "closed_steps": self.closed_steps,
+            "live_ranks": sorted(live),
+            "ranks": {
+                r: {
+                    "running": st.counts.running,
+                    "waiting": st.counts.waiting,
+                    "max_num_seqs": st.counts.max_num_seqs,
+                    "wave": st.wave,
+                    "step": st.counts.step,
+                    "age_s": now - st.seen,
+                    "live": r in live,
+                    "client_ms": st.client_ms,
+                    "client_calls": st.client_calls,
+                }
+                for r, st in sorted(self.ranks.items())
+            },
+        }
+
+
+class BalanceCoordinator:
+    """The Ray actor (use :func:`get_or_create_coordinator`). Metrics go to the Ray dashboard."""
+
+    def __init__(
+        self, policy: str = "any_at_cap", params: dict[str, Any] | None = None, timeout_s: float = 5.0
+    ):
+        self.state = CoordinatorState(policy, params, timeout_s)
+        self._metrics = _Metrics()
+        self.state.on_exclude = lambda rank, age: self._metrics.excluded(rank)
+
+    def report(
+        self,
+        rank: int,
+        wave: int,
+        step: int,
+        running: int,
+        waiting: int,
+        max_num_seqs: int,
+        lead: int = 1,
+        client_ms: float = 0.0,
+        client_calls: int = 0,
+    ) -> bool:
+        """One rank's counts at lockstep step ``(wave, step)``; returns admit for ``step + lead``."""
+        closed_before = self.state.closed_steps
+        decision, spread = self.state.report(
+            rank, wave, step, running, waiting, max_num_seqs, lead, client_ms, client_calls
+        )
+        self._metrics.rank(rank, running, waiting)
+        if self.state.closed_steps > closed_before:
+            self._metrics.closed()
+        if spread is not None:
+            self._metrics.gather(spread)
+        return decision.admit
+
+    def set_policy(self, name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.state.set_policy(name, **(params or {}))
+        return {"policy": name, "params": dict(params or {})}
+
+    def set_timeout(self, timeout_s: float) -> None:
+        self.state.timeout_s = float(timeout_s)
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    def get_decision(self, wave: int, step: int) -> dict[str, Any] | None:
+        d = self.state.decisions.get((wave, step))
+        return None if d is None else {"step": d.step, "admit": d.admit, "reason": d.reason}
+
+    def get_decisions(self) -> dict[StepKey, bool]:
+        return {k: d.admit for k, d in self.state.decisions.items()}
+
+    def get_load_scores(self) -> dict[int, float]:
+        return self.state.load_scores()
+
+    def get_stats(self) -> dict[str, Any]:
+        return self.state.stats()
+
+    def ping(self) -> bool:
+        return True
+
+
+class _Metrics:
+    """ray.util.metrics instruments; a no-op outside Ray (so the class works in plain tests)."""
+
+    def __init__(self) -> None:
+        try:
+            from ray.util import metrics
+
+            self._running = metrics.Gauge(
+                "dpserve_rank_running", "Requests running on a DP rank", tag_keys=("rank",)
+            )
+            self._waiting = metrics.Gauge(
+                "dpserve_rank_waiting", "Requests waiting on a DP rank", tag_keys=("rank",)
+            )
+            self._closed = metrics.Counter(
+                "dpserve_gate_closed_steps", "Lockstep steps with the prefill gate closed"
+            )
+            self._excluded = metrics.Counter(
+                "dpserve_gate_rank_excluded",
+                "Ranks excluded from the gate for not reporting",
+                tag_keys=("rank",),
+            )
+            self._gather = metrics.Histogram(
+                "dpserve_gate_gather_latency_ms",
+                "Spread between the first and the last rank's report of one lockstep step",
+                boundaries=[0.1, 0.5, 1, 2, 5, 10, 20, 50, 100, 500],
+            )
+            self.ok = True
+        except Exception:  # pragma: no cover - metrics unavailable
+            self.ok = False
+
+    def rank(self, rank: int, running: int, waiting: int) -> None:
+        if self.ok:
+            tags = {"rank": str(rank)}
+            self._running.set(running, tags=tags)
+            self._waiting.set(waiting, tags=tags)
+
+    def closed(self) -> None:
+        if self.ok:
+            self._closed.inc()
+
+    def excluded(self, rank: int) -> None:
+        if self.ok:
+            self._excluded.inc(tags={"rank": str(rank)})
+
+    def gather(self, ms: float) -> None:
+        if self.ok:
+            self._gather.observe(ms)
+
+
+def get_or_create_coordinator(
+    name: str = DEFAULT_NAME,
+    namespace: str = DEFAULT_NAMESPACE,
+    policy: str = "any_at_cap",
+    params: dict[str, Any] | None = None,
+    timeout_s: float = 5.0,
+) -> Any:
+    """The named coordinator actor, created if absent (its policy is then set to ``policy``).
+
+    It needs almost no CPU (one small call per rank per step), so it asks for none: it must never
+    keep a rank from being placed.
+    """
+    import ray
+
+    actor = (
+        ray.remote(BalanceCoordinator)
+        .options(name=name, namespace=namespace, get_if_exists=True, num_cpus=0, max_concurrency=1)
+        .remote(policy, params, timeout_s)
+    )
+    # get_if_exists returns a running actor unchanged: apply this group's policy and timeout to it.
+    ray.get([actor.set_policy.remote(policy, params), actor.set_timeout.remote(timeout_s)])
+    return actor
