@@ -1,0 +1,139 @@
+"""BalanceCoordinator: one frozen decision per step for every rank, idle ranks, timeouts, metrics.
+
+The state tests use an injected clock; the actor tests use real Ray actors (``ray_local``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from scheduler.coordinator import CoordinatorState
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_decision_frozen_from_one_snapshot() -> None:
+    clock = _Clock()
+    st = CoordinatorState("any_at_cap", timeout_s=5, clock=clock)
+    # Rank 0 reports step 3 first: decision for step 4 frozen from {rank0: 1/2} -> admit.
+    d0, _ = st.report(0, 0, 3, running=1, waiting=4, max_num_seqs=2, lead=1)
+    # Rank 1 is at cap when it reports the same step, but the decision for step 4 is already frozen.
+    d1, spread = st.report(1, 0, 3, running=2, waiting=0, max_num_seqs=2, lead=1)
+    assert d0 is d1 and d0.admit
+    # The next step sees rank 1 at cap: closed for everyone.
+    e0, first = st.report(1, 0, 4, running=2, waiting=0, max_num_seqs=2, lead=1)
+    clock.t += 0.002
+    e1, spread = st.report(0, 0, 4, running=1, waiting=3, max_num_seqs=2, lead=1)
+    assert e0 is e1 and not e0.admit
+    # The gather of step 4 completes with the second live rank: spread first -> last report.
+    assert first is None and spread == pytest.approx(2.0)
+    assert st.closed_steps == 1 and st.decided_steps == 2
+
+
+def test_idle_rank_and_stale_rank_excluded_after_timeout() -> None:
+    clock = _Clock()
+    st = CoordinatorState("any_at_cap", timeout_s=1.0, clock=clock)
+    st.report(0, 0, 1, running=2, waiting=1, max_num_seqs=2)  # rank 0 at cap, then stops reporting
+    d, _ = st.report(1, 0, 1, running=0, waiting=0, max_num_seqs=2)  # idle rank keeps reporting
+    assert not d.admit
+    clock.t += 1.5
+    d, _ = st.report(1, 0, 2, running=0, waiting=3, max_num_seqs=2)
+    assert d.admit, "a silent rank must not hold the gate closed past the timeout"
+    assert st.stats()["live_ranks"] == [1]
+    assert st.load_scores() == {1: 1.5}
+    # It comes back: included again.
+    st.report(0, 0, 3, running=2, waiting=0, max_num_seqs=2)
+    assert st.stats()["live_ranks"] == [0, 1]
+
+
+def test_set_policy_at_run_time() -> None:
+    st = CoordinatorState("off", clock=_Clock())
+    st.report(0, 0, 0, running=2, waiting=0, max_num_seqs=2)
+    assert st.decide((0, 1)).admit
+    st.set_policy("cadence", interval=4)
+    assert not st.decide((0, 5)).admit and st.decide((0, 8)).admit
+    assert st.decide((0, 1)).admit  # already frozen under the old policy: unchanged
+    with pytest.raises(ValueError):
+        st.set_policy("cadence", period=3)
+    assert st.policy_name == "cadence"
+
+
+@pytest.fixture
+def coordinator(ray_local):
+    from scheduler.coordinator import get_or_create_coordinator
+
+    name = f"test_coord_{time.monotonic_ns()}"
+    actor = get_or_create_coordinator(name, "dpserve_test", "any_at_cap", None, timeout_s=0.5)
+    yield actor, name
+    ray_local.kill(actor)
+
+
+def test_actor_ranks_get_identical_decisions(coordinator, ray_local) -> None:
+    """Two ranks report concurrently (threads, like two engine processes) for 60 steps with loads
+    that cross the cap; for every step both receive the same decision."""
+    actor, _ = coordinator
+    got: dict[int, dict[int, bool]] = {0: {}, 1: {}}
+
+    def rank_loop(rank: int) -> None:
+        for step in range(1, 61):
+            running = 4 if (rank == 0 and (step // 7) % 2) else step % 3  # rank 0 hits the cap at times
+            ref = actor.report.remote(rank, 0, step, running, 2, 4, 1)
+            got[rank][step + 1] = ray_local.get(ref)
+
+    threads = [threading.Thread(target=rank_loop, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got[0] == got[1]
+    assert not all(got[0].values()) and any(got[0].values())
+    frozen = ray_local.get(actor.get_decisions.remote())
+    assert all(frozen[(0, s)] == a for s, a in got[0].items())
+
+
+def test_actor_silent_rank_does_not_stall_others(coordinator, ray_local) -> None:
+    actor, _ = coordinator
+    ray_local.get(actor.report.remote(0, 0, 1, 4, 0, 4, 1))
+    # Rank 0 (at cap) goes silent; rank 1 keeps stepping and is answered at once.
+    t0 = time.monotonic()
+    assert ray_local.get(actor.report.remote(1, 0, 1, 0, 2, 4, 1)) is False
+    time.sleep(0.7)
+    assert ray_local.get(actor.report.remote(1, 0, 2, 0, 2, 4, 1)) is True
+    assert time.monotonic() - t0 < 5
+    stats = ray_local.get(actor.get_stats.remote())
+    assert stats["live_ranks"] == [1] and stats["ranks"][0]["live"] is False
+    assert ray_local.get(actor.get_load_scores.remote()) == {1: 0.5}
+
+
+def test_actor_set_policy_and_reuse_by_name(coordinator, ray_local) -> None:
+    from scheduler.coordinator import get_or_create_coordinator
+
+    actor, name = coordinator
+    again = get_or_create_coordinator(name, "dpserve_test", "cadence", {"interval": 3}, timeout_s=0.5)
+    assert ray_local.get(again.get_stats.remote())["policy"] == "cadence"
+    assert ray_local.get(actor.get_stats.remote())["policy"] == "cadence"  # the same actor
+    with pytest.raises(Exception, match="unknown gate policy"):
+        ray_local.get(actor.set_policy.remote("nope"))
+
+
+def test_ray_gate_client_pipelines(coordinator, ray_local) -> None:
+    """The engine-side client: report at step n returns the decision for n + lead, read later."""
+    from scheduler.balance_scheduler import BalanceConfig, RayGateClient
+
+    _, name = coordinator
+    client = RayGateClient(BalanceConfig(coordinator_name=name, namespace="dpserve_test", lead=1), rank=0)
+    client.report((0, 1), running=4, waiting=1, max_num_seqs=4, lead=1)
+    assert client.decision((0, 1), 0.0) is None  # nothing was asked for step 1
+    assert client.decision((0, 2), 2.0) is False  # at cap -> closed at step 2
+    client.report((0, 2), running=1, waiting=1, max_num_seqs=4, lead=1)
+    assert client.decision((0, 3), 2.0) is True
+    assert client.calls == 2 and client.client_s > 0
