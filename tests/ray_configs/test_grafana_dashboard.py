@@ -215,3 +215,11 @@ def test_missing_panel_is_caught():
         p for p in dashboard["panels"] if "eplb_bytes_moved" not in json.dumps(p.get("targets", []))
     ]
     assert f"metric {mn.EPLB_BYTES_MOVED_TOTAL} has no panel" in dashboard_problems(dashboard)
+
+
+def test_operations_guide_lists_every_metric():
+    guide = (DASHBOARD.parents[1] / "docs" / "operations.md").read_text()
+    for name in mn.ALL_METRICS:
+        assert f"`{name}`" in guide, name
+        for series in mn.prometheus_series(name)[:1]:
+            assert series in guide, series
