@@ -26,7 +26,7 @@ model: install
 	$(BIN)/dpserve make-model
 
 serve: model
-	$(BIN)/dpserve serve
+	$(BIN)/serve run ray_configs/serve-local.yaml
 
 test: model
 	$(BIN)/python -m pytest

@@ -19,7 +19,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("cluster.bench_cmd", "run the serving benchmark against an OpenAI-compatible endpoint"),
     "eplb": ("eplb.cli", "expert-parallel load balancing tools (`dpserve eplb plan ...`)"),
     "sim": ("cluster.sim.cli", "simulate a DP+EP cluster at DeepSeek scale with the real policies"),
-    "generate": ("cluster.generate_cmd", "run a few prompts through N DP ranks of the tiny model, offline"),
 }
 
 

@@ -165,12 +165,11 @@ class DPRank:
     def _prompt_token_ids(self, prompt: str | list[int] | None, messages: list[dict] | None) -> list[int]:
         if messages is not None:
             try:
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             except Exception as exc:  # malformed roles/contents the template cannot render
                 raise RequestRejected(f"cannot apply the chat template: {exc}", param="messages") from None
-            if isinstance(ids, dict):  # transformers >= 5 returns a BatchEncoding
-                ids = ids["input_ids"]
-            return list(ids)
+            # The template already holds the special tokens it needs.
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt))
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
@@ -225,7 +224,7 @@ class DPRank:
         finished = False
         try:
             yield {"prompt_tokens": len(ids), "rank": self.rank}
-            async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id):
+            async for out in self._engine_outputs(ids, params, request_id):
                 comp = out.outputs[0]
                 finished = out.finished
                 yield {
@@ -238,6 +237,18 @@ class DPRank:
             if not finished and self.engine is not None:
                 # The consumer went away (client disconnect) or failed: free the engine's slot.
                 await self.engine.abort(request_id)
+
+    async def _engine_outputs(self, ids: list[int], params, request_id: str):
+        """vLLM's output stream; its input validation errors become RequestRejected (HTTP 400)."""
+        from vllm.v1.engine.exceptions import EngineGenerateError
+
+        try:
+            async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id):
+                yield out
+        except EngineGenerateError as exc:
+            if isinstance(exc.__cause__, (ValueError, TypeError)):
+                raise RequestRejected(str(exc.__cause__)) from None
+            raise
 
     async def abort(self, request_id: str) -> None:
         if self.engine is not None:

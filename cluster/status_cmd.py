@@ -1,0 +1,43 @@
+"""`dpserve status`: the live cluster's ranks as a table, from the ingress's status route."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the dpserve HTTP address")
+    parser.add_argument("--json", action="store_true", help="print the raw status JSON")
+
+
+def format_status(status: dict) -> str:
+    lines = [
+        f"model {status['model']}  DP {status['data_parallel_size']}  "
+        f"EP {'on' if status.get('expert_parallel') else 'off'}  live ranks {status['live_ranks']}",
+        f"{'rank':>4} {'live':>5} {'running':>8} {'waiting':>8} {'dispatched':>10} {'kv use':>7} {'steps':>8}",
+    ]
+    for r in status["ranks"]:
+        lines.append(
+            f"{r.get('rank', '?'):>4} {('yes' if r.get('live') else 'NO'):>5} {r.get('running', 0):>8} "
+            f"{r.get('waiting', 0):>8} {r.get('dispatched', 0):>10} {r.get('kv_cache_usage', 0.0):>7.1%} "
+            f"{r.get('step', 0):>8}"
+        )
+    for section in ("balance", "eplb"):
+        if status.get(section):
+            lines.append(f"{section}: {json.dumps(status[section])}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        with urllib.request.urlopen(f"{args.url.rstrip('/')}/dpserve/status", timeout=10) as resp:
+            status = json.load(resp)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"dpserve status: cannot reach {args.url} ({exc}); is `make serve` running?", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0

@@ -1,0 +1,331 @@
+"""The dpserve Serve application: an OpenAI-compatible ingress in front of N DP-rank actors.
+
+`build_app(args)` is the builder `serve run` calls (see ray_configs/serve-*.yaml). The ingress
+replica starts the rank actors (one placement-group bundle per rank), polls their stats, and sends
+each new request to the least-loaded live rank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from deployments import openai_protocol as oai
+from deployments.engine_config import EngineSettings
+from deployments.metrics import IngressMetrics
+from deployments.rank import RequestRejected
+from deployments.router import RankLoad, pick_rank
+
+logger = logging.getLogger("dpserve.app")
+
+STATS_POLL_S = 0.2
+# Ranks that miss this many consecutive stats polls are treated as dead (no new requests).
+DEAD_AFTER_MISSED_POLLS = 10
+
+
+@dataclass
+class AppConfig:
+    """Everything `build_app` accepts; engine settings plus serving options."""
+
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    placement_strategy: str = "PACK"  # STRICT_SPREAD: one rank per node
+    max_queued_per_rank: int | None = None  # admission bound; None: 4 x max_num_seqs
+    rank_start_timeout_s: float = 900.0
+    ingress_num_cpus: float = 0.1
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> AppConfig:
+        args = dict(args or {})
+        serving = {k: args.pop(k) for k in list(args) if k in ("placement_strategy", "max_queued_per_rank",
+                                                                "rank_start_timeout_s", "ingress_num_cpus")}  # fmt: skip
+        for ignored in ("http_host", "http_port"):  # set in the Serve config's http_options
+            args.pop(ignored, None)
+        return cls(engine=EngineSettings.from_dict(args), **serving)
+
+    @property
+    def queue_bound(self) -> int:
+        return self.max_queued_per_rank or 4 * self.engine.max_num_seqs
+
+
+app = FastAPI(title="dpserve", description="OpenAI-compatible API over data-parallel vLLM ranks")
+
+
+def _error(message: str, status: int, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(oai.error_body(message, status, param=param), status_code=status, headers=headers)
+
+
+def _rejected(exc: RequestRejected) -> JSONResponse:
+    # Raised on a rank, the exception arrives wrapped by Ray; its cause holds the clean message.
+    cause = getattr(exc, "cause", None) or exc
+    return _error(str(cause.args[0]) if cause.args else str(cause), getattr(cause, "status", 400),
+                  getattr(cause, "param", None))  # fmt: skip
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return _error("request body is not valid JSON", 400)
+    first = errors[0] if errors else {}
+    loc = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    return _error(f"{loc or 'body'}: {first.get('msg', 'invalid request')}", 422, param=loc)
+
+
+class Overloaded(Exception):
+    pass
+
+
+@serve.deployment(max_ongoing_requests=10_000, health_check_period_s=10, graceful_shutdown_timeout_s=30)
+@serve.ingress(app)
+class DPServer:
+    async def __init__(self, config: dict[str, Any]):
+        from deployments.rank_group import start_rank_group
+
+        self.config = AppConfig.from_args(config)
+        settings = self.config.engine
+        settings.model = settings.resolve_model()  # build the tiny model once, before the ranks start
+        self.model_name = settings.served_model_name
+        self.actors, self.pg, self.start_info = await start_rank_group(
+            settings, self.config.placement_strategy, start_timeout_s=self.config.rank_start_timeout_s
+        )
+        self.max_model_len = self.start_info[0]["max_model_len"]
+        n = len(self.actors)
+        self.stats: dict[int, dict[str, Any]] = {r: {} for r in range(n)}
+        self.dispatched = {r: 0 for r in range(n)}
+        self.served = {r: 0 for r in range(n)}
+        self.missed = {r: 0 for r in range(n)}
+        self.live = set(range(n))
+        self._metrics = IngressMetrics()
+        self._poller = asyncio.get_running_loop().create_task(self._poll_stats())
+
+    # ---- rank bookkeeping ------------------------------------------------------------------------
+    async def _poll_stats(self) -> None:
+        while True:
+            results = await asyncio.gather(
+                *[asyncio.wait_for(a.get_stats.remote(), STATS_POLL_S * 5) for a in self.actors],
+                return_exceptions=True,
+            )
+            for r, res in enumerate(results):
+                if isinstance(res, BaseException):
+                    self.missed[r] += 1
+                    if self.missed[r] >= DEAD_AFTER_MISSED_POLLS and r in self.live:
+                        logger.error("DP rank %d stopped answering (%s); no new requests go there", r, res)
+                        self.live.discard(r)
+                else:
+                    self.missed[r] = 0
+                    self.stats[r] = res
+                    self._metrics.rank_gauges(r, res)
+            await asyncio.sleep(STATS_POLL_S)
+
+    def _choose_rank(self) -> int:
+        loads = {
+            r: RankLoad(self.dispatched[r], self.stats[r].get("running", 0), self.stats[r].get("waiting", 0))
+            for r in range(len(self.actors))
+        }
+        rank = pick_rank(loads, self.live)
+        if self.dispatched[rank] >= self.config.queue_bound:
+            raise Overloaded()
+        return rank
+
+    async def _stream(self, prompt: Any, sampling: dict[str, Any], messages: list | None,
+                      request_id: str) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+        """Chunks from one rank. The first chunk (prompt_tokens) is awaited before anything is sent
+        to the client, so a rejected request becomes an HTTP error rather than a broken stream."""
+        rank = self._choose_rank()
+        self.dispatched[rank] += 1
+        actor = self.actors[rank]
+        gen = actor.generate.options(num_returns="streaming").remote(request_id, prompt, sampling, messages)
+        status = "error"
+        try:
+            async for ref in gen:
+                yield await ref
+            status = "ok"
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "aborted"
+            # Client went away: stop the rank's work for this request.
+            try:
+                actor.abort.remote(request_id)
+                import ray
+
+                ray.cancel(gen)
+            except Exception:
+                pass
+            raise
+        except RequestRejected:
+            status = "rejected"
+            raise
+        finally:
+            self.dispatched[rank] -= 1
+            self.served[rank] += 1
+            self._metrics.request_done(rank, status)
+
+    # ---- routes ----------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        ok = bool(self.live) and all(self.stats[r].get("ready") for r in self.live)
+        body = {"status": "ok" if ok else "degraded", "live_ranks": sorted(self.live), "ranks": len(self.actors)}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": self.model_name, "object": "model", "created": oai.now(), "owned_by": "dpserve",
+                      "max_model_len": self.max_model_len}],  # fmt: skip
+        }
+
+    @app.get("/dpserve/status")
+    async def status(self) -> dict[str, Any]:
+        """Per-rank state for `dpserve status` and operators."""
+        return {
+            "model": self.model_name,
+            "data_parallel_size": len(self.actors),
+            "expert_parallel": self.config.engine.enable_expert_parallel,
+            "live_ranks": sorted(self.live),
+            "ranks": [dict(self.stats[r], dispatched=self.dispatched[r], served=self.served[r], live=r in self.live)
+                      for r in range(len(self.actors))],  # fmt: skip
+        }
+
+    @app.post("/v1/completions")
+    async def completions(self, body: oai.CompletionRequest):
+        if body.model != self.model_name:
+            return _error(f"model {body.model!r} does not exist; this server serves {self.model_name!r}", 404, "model")
+        try:
+            prompt = body.single_prompt()
+        except ValueError as exc:
+            return _error(str(exc), 400, "prompt")
+        return await self._respond(body, prompt, None, body.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: oai.ChatCompletionRequest):
+        if body.model != self.model_name:
+            return _error(f"model {body.model!r} does not exist; this server serves {self.model_name!r}", 404, "model")
+        try:
+            messages = body.plain_messages()
+        except ValueError as exc:
+            return _error(str(exc), 400, "messages")
+        return await self._respond(body, None, messages, body.limit(), chat=True)
+
+    async def _respond(self, body, prompt, messages, max_tokens: int | None, chat: bool):
+        request_id = oai.new_id("chatcmpl" if chat else "cmpl")
+        sampling = body.sampling(max_tokens)
+        t0 = time.perf_counter()
+        try:
+            stream = self._stream(prompt, sampling, messages, request_id)
+            first = await stream.__anext__()
+        except Overloaded:
+            return _error("all DP ranks are at their admission bound; retry shortly", 429,
+                          headers={"Retry-After": "1"})  # fmt: skip
+        except LookupError:
+            return _error("no DP rank is available", 503, headers={"Retry-After": "5"})
+        except RequestRejected as exc:
+            return _rejected(exc)
+        except Exception as exc:  # a rank died before anything was produced
+            logger.exception("request %s failed before its first token", request_id)
+            return _error(f"the DP rank failed: {type(exc).__name__}", 503, headers={"Retry-After": "5"})
+        prompt_tokens = first.get("prompt_tokens", 0)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                self._sse(stream, request_id, body.model, chat, prompt_tokens, include_usage, t0),
+                media_type="text/event-stream",
+            )
+        text, completion_tokens, finish = [], 0, None
+        try:
+            async for chunk in stream:
+                text.append(chunk.get("text", ""))
+                completion_tokens += len(chunk.get("token_ids", []))
+                finish = chunk.get("finish_reason") or finish
+                if completion_tokens and len(text) == 1:
+                    self._metrics.ttft(time.perf_counter() - t0)
+        except RequestRejected as exc:
+            return _rejected(exc)
+        except Exception as exc:
+            logger.exception("request %s failed", request_id)
+            return _error(f"the DP rank failed mid-request: {type(exc).__name__}", 503)
+        content = "".join(text)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish,
+                      "logprobs": None}  # fmt: skip
+            obj = "chat.completion"
+        else:
+            if body.echo and isinstance(prompt, str):
+                content = prompt + content
+            choice = {"index": 0, "text": content, "finish_reason": finish, "logprobs": None}
+            obj = "text_completion"
+        return {
+            "id": request_id,
+            "object": obj,
+            "created": oai.now(),
+            "model": body.model,
+            "choices": [choice],
+            "usage": oai.usage(prompt_tokens, completion_tokens),
+        }
+
+    async def _sse(self, stream, request_id: str, model: str, chat: bool, prompt_tokens: int,
+                   include_usage: bool, t0: float) -> AsyncIterator[str]:  # fmt: skip
+        created = oai.now()
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        completion_tokens = 0
+        first_token_at = None
+
+        def event(choice: dict | None, usage: dict | None = None) -> str:
+            payload = {"id": request_id, "object": obj, "created": created, "model": model,
+                       "choices": [choice] if choice else []}  # fmt: skip
+            if usage is not None:
+                payload["usage"] = usage
+            return f"data: {json.dumps(payload)}\n\n"
+
+        try:
+            if chat:
+                yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            async for chunk in stream:
+                n = len(chunk.get("token_ids", []))
+                if n and first_token_at is None:
+                    first_token_at = time.perf_counter()
+                    self._metrics.ttft(first_token_at - t0)
+                completion_tokens += n
+                finish = chunk.get("finish_reason")
+                text = chunk.get("text", "")
+                if chat:
+                    delta = {"content": text} if text else {}
+                    yield event({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None})
+                else:
+                    yield event({"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+            if include_usage:
+                yield event(None, oai.usage(prompt_tokens, completion_tokens))
+            if first_token_at is not None and completion_tokens > 1:
+                self._metrics.tpot((time.perf_counter() - first_token_at) / (completion_tokens - 1))
+            yield "data: [DONE]\n\n"
+        except RequestRejected as exc:
+            yield f"data: {_rejected(exc).body.decode()}\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            logger.exception("stream %s failed", request_id)
+            yield f"data: {json.dumps(oai.error_body(f'the DP rank failed mid-stream: {type(exc).__name__}', 503))}\n\n"
+
+    async def __del__(self):
+        # Serve calls this on shutdown/redeploy: stop the engines so no engine process outlives us.
+        from deployments.rank_group import stop_rank_group
+
+        if getattr(self, "_poller", None) is not None:
+            self._poller.cancel()
+        if getattr(self, "actors", None):
+            await stop_rank_group(self.actors, self.pg)
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """Serve builder: `serve run deployments.app:build_app` or `import_path` in a Serve config."""
+    config = AppConfig.from_args(args)  # validate here: a bad config fails `serve run`, not a replica
+    return DPServer.options(ray_actor_options={"num_cpus": config.ingress_num_cpus}).bind(dict(args or {}))

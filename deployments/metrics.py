@@ -1,0 +1,34 @@
+"""Ingress-side metrics, exported through ray.util.metrics (Prometheus / the Ray dashboard)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+class IngressMetrics:
+    """Ingress-side figures exported through ray.util.metrics (Prometheus / Ray dashboard)."""
+
+    def __init__(self):
+        from ray.util import metrics
+
+        self.requests = metrics.Counter("dpserve_requests_total", "requests by rank and outcome",
+                                        tag_keys=("rank", "status"))  # fmt: skip
+        self.running = metrics.Gauge("dpserve_rank_running", "running requests per DP rank", tag_keys=("rank",))
+        self.waiting = metrics.Gauge("dpserve_rank_waiting", "waiting requests per DP rank", tag_keys=("rank",))
+        bounds = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+        self.ttft_ms = metrics.Histogram("dpserve_ttft_ms", "time to first token (ms)", boundaries=bounds)
+        self.tpot_ms = metrics.Histogram("dpserve_tpot_ms", "time per output token after the first (ms)",
+                                         boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])  # fmt: skip
+
+    def rank_gauges(self, rank: int, stats: dict[str, Any]) -> None:
+        tags = {"rank": str(rank)}
+        self.running.set(stats.get("running", 0), tags=tags)
+        self.waiting.set(stats.get("waiting", 0), tags=tags)
+
+    def request_done(self, rank: int, status: str) -> None:
+        self.requests.inc(1, tags={"rank": str(rank), "status": status})
+
+    def ttft(self, seconds: float) -> None:
+        self.ttft_ms.observe(seconds * 1000)
+
+    def tpot(self, seconds: float) -> None:
+        self.tpot_ms.observe(seconds * 1000)

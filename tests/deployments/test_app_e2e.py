@@ -1,0 +1,143 @@
+"""End to end: the Serve app on loopback, 2 DP ranks (+EP) of the tiny model, the official openai client."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.slow
+
+MODEL = "dpserve-tiny-moe"
+MAX_MODEL_LEN = 512
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_local, tiny_model_dir):
+    from ray import serve
+
+    from deployments.app import build_app
+    from deployments.rank import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"model": tiny_model_dir, "served_model_name": MODEL, "data_parallel_size": 2,
+                     "enable_expert_parallel": True, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 8})  # fmt: skip
+    serve.run(app, name="dpserve", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _status(base_url):
+    return httpx.get(f"{base_url}/dpserve/status", timeout=10).json()
+
+
+def test_models_and_health(client, base_url):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    health = httpx.get(f"{base_url}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["live_ranks"] == [0, 1]
+
+
+def test_completion_with_usage(client):
+    r = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=8, temperature=0,
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+    again = client.completions.create(model=MODEL, prompt="Hello world", max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})  # fmt: skip
+    assert again.choices[0].text == r.choices[0].text  # greedy is deterministic whichever rank serves it
+
+
+def test_chat_and_streaming_chat(client):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    full = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0,
+                                          extra_body={"ignore_eos": True})  # fmt: skip
+    assert full.choices[0].message.role == "assistant" and full.usage.completion_tokens == 6
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 6
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_streaming_completion(client):
+    stream = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=5, stream=True,
+                                       temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    parts = [c.choices[0].text for c in stream]
+    assert len("".join(parts)) > 0
+
+
+def test_concurrent_requests_land_on_both_ranks(base_url):
+    before = {r["rank"]: r["served"] for r in _status(base_url)["ranks"]}
+
+    async def go():
+        c = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        return await asyncio.gather(*[
+            c.completions.create(model=MODEL, prompt=f"request {i} to the cluster", max_tokens=24,
+                                 extra_body={"ignore_eos": True})
+            for i in range(12)
+        ])  # fmt: skip
+
+    results = asyncio.run(go())
+    assert all(r.usage.completion_tokens == 24 for r in results)
+    after = {r["rank"]: r["served"] for r in _status(base_url)["ranks"]}
+    assert all(after[r] - before[r] >= 3 for r in (0, 1)), (before, after)
+
+
+def test_client_disconnect_aborts_on_rank(base_url):
+    body = {"model": MODEL, "prompt": "a long answer please", "max_tokens": MAX_MODEL_LEN - 16, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{base_url}/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        for i, _line in enumerate(resp.iter_lines()):
+            if i >= 4:
+                break  # leave mid-stream: closing the connection is the disconnect
+    deadline = time.time() + 8
+    while time.time() < deadline:
+        ranks = _status(base_url)["ranks"]
+        if all(r["dispatched"] == 0 and r["in_flight"] == 0 and r["running"] == 0 for r in ranks):
+            break
+        time.sleep(0.25)
+    else:
+        pytest.fail(f"request still running after the client left: {ranks}")
+
+
+@pytest.mark.parametrize(
+    "payload, status",
+    [
+        ("{not json", 400),
+        (json.dumps({"model": "no-such-model", "prompt": "x"}), 404),
+        (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": "many"}), 422),
+        (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": -3}), 422),
+        (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 10**6}), 400),
+        (json.dumps({"model": MODEL, "prompt": "word " * 2000}), 400),
+        (json.dumps({"model": MODEL, "prompt": ""}), 400),
+        (json.dumps({"model": MODEL, "prompt": "x", "temperature": -1}), 422),
+        (json.dumps({"model": MODEL}), 422),
+        (json.dumps({"model": MODEL, "messages": []}), 422),
+    ],
+    ids=["malformed-json", "unknown-model", "wrong-type", "negative-max-tokens", "huge-max-tokens",
+         "prompt-too-long", "empty-prompt", "bad-temperature", "missing-prompt", "empty-messages"],  # fmt: skip
+)
+def test_bad_input_is_a_4xx_with_openai_error(base_url, payload, status):
+    route = "/v1/chat/completions" if '"messages"' in payload else "/v1/completions"
+    r = httpx.post(f"{base_url}{route}", content=payload, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and "Traceback" not in err["message"] and "ray::" not in err["message"]
+
+
+def test_ranks_survive_bad_input(client, base_url):
+    assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
+    r = client.completions.create(model=MODEL, prompt="still alive", max_tokens=4, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4
