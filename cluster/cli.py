@@ -13,7 +13,10 @@ import sys
 
 # name -> (module, one-line help). Modules are imported only when their subcommand is used.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("cluster.serve_cmd", "start the local default: tiny MoE model, 2 DP ranks, OpenAI API on 127.0.0.1:8000"),
+    "serve": (
+        "cluster.serve_cmd",
+        "start the local default: tiny MoE model, 2 DP ranks, OpenAI API on 127.0.0.1:8000",
+    ),
     "status": ("cluster.status_cmd", "show ranks, gate state and EPLB state of the running cluster"),
     "make-model": ("cluster.model_cmd", "build the tiny MoE checkpoint (random weights, local tokenizer)"),
     "bench": ("cluster.bench_cmd", "run the serving benchmark against an OpenAI-compatible endpoint"),

@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     spec = TinyMoESpec(seed=args.seed)
     t0 = time.perf_counter()
-    print(f"building tiny MoE model (seed {spec.seed}, {spec.num_experts} experts, top-{spec.num_experts_per_tok}) ...")
+    print(
+        f"building tiny MoE model (seed {spec.seed}, {spec.num_experts} experts, top-{spec.num_experts_per_tok}) ..."
+    )
     path = build_tiny_moe(args.out, spec, force=args.force)
     print(f"model ready at {path} ({time.perf_counter() - t0:.1f} s)")
     return 0

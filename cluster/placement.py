@@ -13,7 +13,9 @@ from npu_runtime.platform import Platform, detect
 CPU_RANK_LOGICAL_CPUS = 0.25
 
 
-def rank_bundle(platform: Platform, devices_per_rank: int = 1, extra: dict[str, float] | None = None) -> dict[str, float]:
+def rank_bundle(
+    platform: Platform, devices_per_rank: int = 1, extra: dict[str, float] | None = None
+) -> dict[str, float]:
     """Resources one DP rank asks for: its accelerators (NPU/GPU) or a share of a CPU."""
     if platform.ray_resource == "CPU":
         bundle = {"CPU": CPU_RANK_LOGICAL_CPUS}
@@ -44,7 +46,9 @@ def create_rank_placement_group(dp_size: int, strategy: str = "PACK", platform: 
     import ray
     from ray.util.placement_group import placement_group
 
-    pg = placement_group(rank_bundles(dp_size, platform, devices_per_rank, extra), strategy=strategy, name=name)
+    pg = placement_group(
+        rank_bundles(dp_size, platform, devices_per_rank, extra), strategy=strategy, name=name
+    )
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         ray.util.remove_placement_group(pg)

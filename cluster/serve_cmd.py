@@ -27,8 +27,14 @@ def run(args: argparse.Namespace) -> int:
     apply_vllm_env()  # inherited by the local Ray that `serve run` starts, hence by every rank
     serve_bin = shutil.which("serve", path=os.path.dirname(sys.executable)) or shutil.which("serve")
     if serve_bin is None:
-        print("dpserve serve: Ray Serve's `serve` command is not installed (pip install 'ray[serve]')", file=sys.stderr)
+        print(
+            "dpserve serve: Ray Serve's `serve` command is not installed (pip install 'ray[serve]')",
+            file=sys.stderr,
+        )
         return 2
-    print(f"dpserve: serve run {config} (first start builds the tiny model and takes about a minute)", flush=True)
+    print(
+        f"dpserve: serve run {config} (first start builds the tiny model and takes about a minute)",
+        flush=True,
+    )
     os.execv(serve_bin, [serve_bin, "run", str(config)])
     return 0  # not reached

@@ -173,15 +173,26 @@ class DPServer:
     @app.get("/health")
     async def health(self) -> JSONResponse:
         ok = bool(self.live) and all(self.stats[r].get("ready") for r in self.live)
-        body = {"status": "ok" if ok else "degraded", "live_ranks": sorted(self.live), "ranks": len(self.actors)}
+        body = {
+            "status": "ok" if ok else "degraded",
+            "live_ranks": sorted(self.live),
+            "ranks": len(self.actors),
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         return {
             "object": "list",
-            "data": [{"id": self.model_name, "object": "model", "created": oai.now(), "owned_by": "dpserve",
-                      "max_model_len": self.max_model_len}],  # fmt: skip
+            "data": [
+                {
+                    "id": self.model_name,
+                    "object": "model",
+                    "created": oai.now(),
+                    "owned_by": "dpserve",
+                    "max_model_len": self.max_model_len,
+                }
+            ],  # fmt: skip
         }
 
     @app.get("/dpserve/status")
@@ -192,14 +203,18 @@ class DPServer:
             "data_parallel_size": len(self.actors),
             "expert_parallel": self.config.engine.enable_expert_parallel,
             "live_ranks": sorted(self.live),
-            "ranks": [dict(self.stats[r], dispatched=self.dispatched[r], served=self.served[r], live=r in self.live)
-                      for r in range(len(self.actors))],  # fmt: skip
+            "ranks": [
+                dict(self.stats[r], dispatched=self.dispatched[r], served=self.served[r], live=r in self.live)
+                for r in range(len(self.actors))
+            ],  # fmt: skip
         }
 
     @app.post("/v1/completions")
     async def completions(self, body: oai.CompletionRequest):
         if body.model != self.model_name:
-            return _error(f"model {body.model!r} does not exist; this server serves {self.model_name!r}", 404, "model")
+            return _error(
+                f"model {body.model!r} does not exist; this server serves {self.model_name!r}", 404, "model"
+            )
         try:
             prompt = body.single_prompt()
         except ValueError as exc:
@@ -209,7 +224,9 @@ class DPServer:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: oai.ChatCompletionRequest):
         if body.model != self.model_name:
-            return _error(f"model {body.model!r} does not exist; this server serves {self.model_name!r}", 404, "model")
+            return _error(
+                f"model {body.model!r} does not exist; this server serves {self.model_name!r}", 404, "model"
+            )
         try:
             messages = body.plain_messages()
         except ValueError as exc:
@@ -288,7 +305,9 @@ class DPServer:
 
         try:
             if chat:
-                yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+                yield event(
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                )
             async for chunk in stream:
                 n = len(chunk.get("token_ids", []))
                 if n and first_token_at is None:

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from npu_runtime import metric_names as names
+
+
 class IngressMetrics:
     """Ingress-side figures exported through ray.util.metrics (Prometheus / Ray dashboard)."""
 
     def __init__(self):
         from ray.util import metrics
 
-        self.requests = metrics.Counter("dpserve_requests_total", "requests by rank and outcome",
+        self.requests = metrics.Counter(names.REQUESTS_TOTAL, "requests by rank and outcome",
                                         tag_keys=("rank", "status"))  # fmt: skip
-        self.running = metrics.Gauge("dpserve_rank_running", "running requests per DP rank", tag_keys=("rank",))
-        self.waiting = metrics.Gauge("dpserve_rank_waiting", "waiting requests per DP rank", tag_keys=("rank",))
+        self.running = metrics.Gauge(names.RANK_RUNNING, "running requests per DP rank", tag_keys=("rank",))
+        self.waiting = metrics.Gauge(names.RANK_WAITING, "waiting requests per DP rank", tag_keys=("rank",))
         bounds = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
-        self.ttft_ms = metrics.Histogram("dpserve_ttft_ms", "time to first token (ms)", boundaries=bounds)
-        self.tpot_ms = metrics.Histogram("dpserve_tpot_ms", "time per output token after the first (ms)",
+        self.ttft_ms = metrics.Histogram(names.TTFT_MS, "time to first token (ms)", boundaries=bounds)
+        self.tpot_ms = metrics.Histogram(names.TPOT_MS, "time per output token after the first (ms)",
                                          boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])  # fmt: skip
 
     def rank_gauges(self, rank: int, stats: dict[str, Any]) -> None:

@@ -112,7 +112,14 @@ def error_body(message: str, status: int, err_type: str | None = None, param: st
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     default_type = {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_request_error",
                     429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")  # fmt: skip
-    return {"error": {"message": message, "type": err_type or default_type, "param": param, "code": code or status}}
+    return {
+        "error": {
+            "message": message,
+            "type": err_type or default_type,
+            "param": param,
+            "code": code or status,
+        }
+    }
 
 
 def new_id(prefix: str) -> str:

@@ -89,7 +89,9 @@ class DPRank:
     ):
         from npu_runtime.platform import by_name
 
-        self.settings = settings if isinstance(settings, EngineSettings) else EngineSettings.from_dict(settings)
+        self.settings = (
+            settings if isinstance(settings, EngineSettings) else EngineSettings.from_dict(settings)
+        )
         self.rank = rank
         self.platform: Platform = by_name(platform_name) if platform_name else detect()
         self.cpu_cores = cpu_cores
@@ -165,7 +167,9 @@ class DPRank:
     def _prompt_token_ids(self, prompt: str | list[int] | None, messages: list[dict] | None) -> list[int]:
         if messages is not None:
             try:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                text = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
             except Exception as exc:  # malformed roles/contents the template cannot render
                 raise RequestRejected(f"cannot apply the chat template: {exc}", param="messages") from None
             # The template already holds the special tokens it needs.

@@ -30,7 +30,9 @@ class Platform:
     vllm_env: dict[str, str] = field(default_factory=dict)  # defaults for vLLM processes
     engine_defaults: dict[str, object] = field(default_factory=dict)  # vLLM engine-arg defaults
 
-    def rank_env(self, rank: int, device_ids: list[int] | None = None, cpu_cores: list[int] | None = None) -> dict[str, str]:
+    def rank_env(
+        self, rank: int, device_ids: list[int] | None = None, cpu_cores: list[int] | None = None
+    ) -> dict[str, str]:
         """Environment for one DP rank: vLLM defaults plus the rank's devices (or CPU cores)."""
         env = dict(self.vllm_env)
         if self.visible_devices_env and device_ids is not None:

@@ -106,7 +106,9 @@ def _build_tokenizer(spec: TinyMoESpec, out: Path) -> None:
     fast.save_pretrained(out)
 
 
-def build_tiny_moe(out: Path | str | None = None, spec: TinyMoESpec | None = None, force: bool = False) -> Path:
+def build_tiny_moe(
+    out: Path | str | None = None, spec: TinyMoESpec | None = None, force: bool = False
+) -> Path:
     """Build (or reuse) the tiny MoE checkpoint at `out` and return its directory.
 
     The result is a HuggingFace-format directory: `config.json`, `model.safetensors`, tokenizer files

@@ -126,12 +126,24 @@ def test_client_disconnect_aborts_on_rank(base_url):
         (json.dumps({"model": MODEL}), 422),
         (json.dumps({"model": MODEL, "messages": []}), 422),
     ],
-    ids=["malformed-json", "unknown-model", "wrong-type", "negative-max-tokens", "huge-max-tokens",
-         "prompt-too-long", "empty-prompt", "bad-temperature", "missing-prompt", "empty-messages"],  # fmt: skip
+    ids=[
+        "malformed-json",
+        "unknown-model",
+        "wrong-type",
+        "negative-max-tokens",
+        "huge-max-tokens",
+        "prompt-too-long",
+        "empty-prompt",
+        "bad-temperature",
+        "missing-prompt",
+        "empty-messages",
+    ],  # fmt: skip
 )
 def test_bad_input_is_a_4xx_with_openai_error(base_url, payload, status):
     route = "/v1/chat/completions" if '"messages"' in payload else "/v1/completions"
-    r = httpx.post(f"{base_url}{route}", content=payload, headers={"content-type": "application/json"}, timeout=60)
+    r = httpx.post(
+        f"{base_url}{route}", content=payload, headers={"content-type": "application/json"}, timeout=60
+    )
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["message"] and "Traceback" not in err["message"] and "ray::" not in err["message"]
@@ -139,5 +151,7 @@ def test_bad_input_is_a_4xx_with_openai_error(base_url, payload, status):
 
 def test_ranks_survive_bad_input(client, base_url):
     assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
-    r = client.completions.create(model=MODEL, prompt="still alive", max_tokens=4, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL, prompt="still alive", max_tokens=4, extra_body={"ignore_eos": True}
+    )
     assert r.usage.completion_tokens == 4

@@ -44,7 +44,9 @@ def _run(settings: EngineSettings) -> tuple[list[list[int]], list[dict]]:
 
 @pytest.fixture(scope="module")
 def reference(ray_local, tiny_model_dir):
-    ids, _ = _run(EngineSettings(model=tiny_model_dir, data_parallel_size=1, max_model_len=256, max_num_seqs=8))
+    ids, _ = _run(
+        EngineSettings(model=tiny_model_dir, data_parallel_size=1, max_model_len=256, max_num_seqs=8)
+    )
     assert all(len(t) == SAMPLING["max_tokens"] for t in ids)
     return ids
 

@@ -59,7 +59,9 @@ def test_all_gatherv_and_reduce_scatterv_over_gloo():
         assert torch.equal(single, expected[0])
         start, n = (0, 2) if rank == 0 else (2, 3)
         assert torch.equal(rs, (x * 3)[start : start + n])
-        assert rs_even.dtype == torch.bfloat16 and torch.equal(rs_even, torch.full((2, 2), 2.0, dtype=torch.bfloat16))
+        assert rs_even.dtype == torch.bfloat16 and torch.equal(
+            rs_even, torch.full((2, 2), 2.0, dtype=torch.bfloat16)
+        )
 
 
 def test_sizes_must_match_local_rows():

@@ -17,7 +17,12 @@ def _fresh_detection(monkeypatch):
 def test_this_machine_is_cpu():
     p = plat.detect()
     assert p.name == "cpu"
-    assert (p.device_type, p.ray_resource, p.dist_backend, p.visible_devices_env) == ("cpu", "CPU", "gloo", None)
+    assert (p.device_type, p.ray_resource, p.dist_backend, p.visible_devices_env) == (
+        "cpu",
+        "CPU",
+        "gloo",
+        None,
+    )
     assert p.vllm_env["VLLM_CPU_KVCACHE_SPACE"]
     assert p.vllm_env["VLLM_HOST_IP"] == "127.0.0.1"
 
@@ -28,7 +33,12 @@ def test_cuda_detected_when_torch_sees_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     p = plat.detect()
-    assert (p.name, p.ray_resource, p.dist_backend, p.visible_devices_env) == ("cuda", "GPU", "nccl", "CUDA_VISIBLE_DEVICES")
+    assert (p.name, p.ray_resource, p.dist_backend, p.visible_devices_env) == (
+        "cuda",
+        "GPU",
+        "nccl",
+        "CUDA_VISIBLE_DEVICES",
+    )
 
 
 def test_npu_wins_over_cuda_when_torch_npu_has_a_device(monkeypatch):
@@ -39,8 +49,12 @@ def test_npu_wins_over_cuda_when_torch_npu_has_a_device(monkeypatch):
     fake = types.ModuleType("torch_npu")
     monkeypatch.setitem(sys.modules, "torch_npu", fake)
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "torch_npu" else real_find_spec(n, *a))
-    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 8), raising=False)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: object() if n == "torch_npu" else real_find_spec(n, *a)
+    )
+    monkeypatch.setattr(
+        torch, "npu", types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 8), raising=False
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     p = plat.detect()
@@ -59,8 +73,12 @@ def test_torch_npu_without_device_falls_back(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "torch_npu" else real_find_spec(n, *a))
-    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(is_available=lambda: False, device_count=lambda: 0), raising=False)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: object() if n == "torch_npu" else real_find_spec(n, *a)
+    )
+    monkeypatch.setattr(
+        torch, "npu", types.SimpleNamespace(is_available=lambda: False, device_count=lambda: 0), raising=False
+    )
     assert plat.detect().name == "cpu"
 
 

@@ -40,6 +40,8 @@ def test_tokenizer_and_chat_template(tmp_path):
     text = "Hello world, the expert router 42!"
     assert tok.decode(tok.encode(text)) == text  # byte-level BPE round-trips any text
     assert tok.decode(tok.encode("ünïcödé ✓")) == "ünïcödé ✓"
-    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert rendered.endswith("<|im_start|>assistant\n")
     assert tok.eos_token == "<|im_end|>"

@@ -1,0 +1,40 @@
+"""Every serve-*.yaml passes Ray Serve's own schema and builds an application through our builder."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.app import AppConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "ray_configs").glob("serve-*.yaml"))
+
+
+def test_there_are_configs():
+    assert {p.name for p in CONFIGS} >= {"serve-local.yaml", "serve-gpu.yaml", "serve-ascend.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_serve_config_valid(path):
+    raw = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else (
+        ServeDeploySchema.parse_obj(raw))  # fmt: skip
+    (app,) = schema.applications
+    assert app.import_path == "deployments.app:build_app"
+    config = AppConfig.from_args(app.args)  # our own validation of the args
+    assert config.engine.data_parallel_size >= 2
+
+
+def test_local_config_is_the_embedded_default():
+    raw = yaml.safe_load((CONFIGS[0].parent / "serve-local.yaml").read_text())
+    assert raw["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    args = raw["applications"][0]["args"]
+    assert args.get("model") is None and args["data_parallel_size"] == 2
+
+
+def test_unknown_setting_is_rejected():
+    with pytest.raises(ValueError, match="unknown engine setting"):
+        AppConfig.from_args({"data_parallel_sise": 2})
+    with pytest.raises(ValueError):
+        AppConfig.from_args({"data_parallel_size": 0})
