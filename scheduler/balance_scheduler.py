@@ -134,6 +134,7 @@ class RayGateClient:
         self._pending: dict[StepKey, Any] = {}
         self.client_s = 0.0  # time spent in this client (submit + wait), for cost-per-step reports
         self.calls = 0
+        self.late = 0  # decisions not back within wait_s (fallback applied)
 
     def _connect(self) -> Any:
         if self._actor is not None or self._broken:
@@ -162,7 +163,16 @@ class RayGateClient:
         if actor is not None:
             wave, step = key
             ref = actor.report.remote(
-                self.rank, wave, step, running, waiting, max_num_seqs, lead, self.client_s * 1e3, self.calls
+                self.rank,
+                wave,
+                step,
+                running,
+                waiting,
+                max_num_seqs,
+                lead,
+                self.client_s * 1e3,
+                self.calls,
+                self.late,
             )
             self._pending[(wave, step + lead)] = ref
             # Futures of steps that will never be scheduled (wave ended early) must not pile up.
@@ -181,7 +191,10 @@ class RayGateClient:
             import ray
 
             ready, _ = ray.wait([ref], timeout=wait_s)
-            return bool(ray.get(ready[0])) if ready else None
+            if not ready:
+                self.late += 1
+                return None
+            return bool(ray.get(ready[0]))
         except Exception:
             logger.exception("rank %d: balance decision for %s failed", self.rank, key)
             return None
@@ -333,6 +346,7 @@ class BalanceSchedulerMixin:
         if isinstance(client, RayGateClient):
             out["client_ms_total"] = client.client_s * 1e3
             out["client_calls"] = client.calls
+            out["client_late"] = client.late
         return out
 
 

@@ -40,6 +40,7 @@ class _RankState:
     seen: float  # clock() of the last report
     client_ms: float = 0.0  # the rank's cumulative time spent in its gate client
     client_calls: int = 0
+    client_late: int = 0  # the rank's decisions that came back too late (fallback applied)
     excluded: bool = False
 
 
@@ -113,6 +114,7 @@ class CoordinatorState:
         lead: int = 1,
         client_ms: float = 0.0,
         client_calls: int = 0,
+        client_late: int = 0,
     ) -> tuple[GateDecision, float | None]:
         """Record rank counts at ``(wave, step)``; return the decision for ``(wave, step + lead)``
         and, when this report completed a step's gather, the gather spread in ms."""
@@ -128,6 +130,7 @@ class CoordinatorState:
             seen=now,
             client_ms=client_ms,
             client_calls=client_calls,
+            client_late=client_late,
         )
         spread = self._note_gather((wave, step), rank, now)
         return self.decide((wave, step + lead), now), spread
@@ -182,6 +185,7 @@ class CoordinatorState:
                     "live": r in live,
                     "client_ms": st.client_ms,
                     "client_calls": st.client_calls,
+                    "client_late": st.client_late,
                 }
                 for r, st in sorted(self.ranks.items())
             },
@@ -209,11 +213,12 @@ class BalanceCoordinator:
         lead: int = 1,
         client_ms: float = 0.0,
         client_calls: int = 0,
+        client_late: int = 0,
     ) -> bool:
         """One rank's counts at lockstep step ``(wave, step)``; returns admit for ``step + lead``."""
         closed_before = self.state.closed_steps
         decision, spread = self.state.report(
-            rank, wave, step, running, waiting, max_num_seqs, lead, client_ms, client_calls
+            rank, wave, step, running, waiting, max_num_seqs, lead, client_ms, client_calls, client_late
         )
         self._metrics.rank(rank, running, waiting)
         if self.state.closed_steps > closed_before:
@@ -319,4 +324,21 @@ def get_or_create_coordinator(
     )
     # get_if_exists returns a running actor unchanged: apply this group's policy and timeout to it.
     ray.get([actor.set_policy.remote(policy, params), actor.set_timeout.remote(timeout_s)])
+    # A non-detached actor dies when its creator drops the last handle; the engines only look it up
+    # by name, so this process keeps one for as long as it lives (or until release_coordinator).
+    _HANDLES[(namespace, name)] = actor
     return actor
+
+
+def release_coordinator(
+    name: str = DEFAULT_NAME, namespace: str = DEFAULT_NAMESPACE, kill: bool = True
+) -> None:
+    """Drop this process's handle on the named coordinator (and kill it unless ``kill=False``)."""
+    actor = _HANDLES.pop((namespace, name), None)
+    if actor is not None and kill:
+        import ray
+
+        ray.kill(actor)
+
+
+_HANDLES: dict[tuple[str, str], Any] = {}
