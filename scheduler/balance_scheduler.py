@@ -13,7 +13,10 @@ usual. Requests that ``schedule()`` itself pushes to the waiting queue while it 
 requests, skipped requests) land in the stand-in queue and are merged back *in front of* the original
 waiting requests in their order, which is where vLLM would have put them (``prepend_request``).
 ``kv_holding_waiting`` (waiting requests that already hold KV blocks, e.g. async KV loads) is left
-visible on purpose: holding them back would pin KV memory without balancing anything.
+visible on purpose: holding them back would pin KV memory without balancing anything. While hidden,
+vLLM's own ``get_request_counts()`` inside ``schedule()`` sees no waiting requests; it only feeds
+``long_prefill_token_threshold`` sizing and upstream's ``prefill_capacity_bound`` (used with
+``--prefill-schedule-interval``), both about admitting prefills, which a closed gate does not do.
 
 Step counting (why the hook below exists)
 -----------------------------------------

@@ -167,3 +167,25 @@ def test_engine_gate_closed_with_empty_running_then_open(engine) -> None:
         if not llm_engine.has_unfinished_requests():
             break
     assert done == {"q0", "q1", "q2"}
+
+
+def test_async_variant_uses_the_same_gate() -> None:
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    from scheduler.balance_scheduler import BalanceAsyncScheduler, BalanceSchedulerMixin
+
+    assert issubclass(BalanceAsyncScheduler, AsyncScheduler)
+    assert BalanceAsyncScheduler.schedule is BalanceSchedulerMixin.schedule
+    # The mixin must come first so its schedule() wraps vLLM's.
+    assert BalanceAsyncScheduler.__mro__[1] is BalanceSchedulerMixin
+
+
+def test_lockstep_hook_installs_once() -> None:
+    from vllm.v1.engine.core import DPEngineCoreProc
+
+    from scheduler.balance_scheduler import install_lockstep_hook
+
+    assert install_lockstep_hook()
+    hooked = DPEngineCoreProc._has_global_unfinished_reqs
+    assert getattr(hooked, "_dpserve_balance", False)
+    assert install_lockstep_hook() and DPEngineCoreProc._has_global_unfinished_reqs is hooked
