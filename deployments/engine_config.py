@@ -10,7 +10,7 @@ from npu_runtime.platform import Platform, detect
 DEFAULT_SERVED_NAME = "dpserve-tiny-moe"
 # Balance settings the engine-side scheduler reads (scheduler.balance_scheduler.BalanceConfig);
 # the rest (policy, params, timeout_s) configures the coordinator actor.
-BALANCE_CLIENT_KEYS = ("transport", "coordinator_name", "namespace", "ray_address", "lead", "wait_ms")
+BALANCE_CLIENT_KEYS = ("transport", "coordinator_name", "namespace", "ray_address", "lead", "wait_ms", "horizon")
 
 
 @dataclass

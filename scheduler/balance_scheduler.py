@@ -35,7 +35,7 @@ future, the decision for step ``n + lead``; the coordinator freezes that decisio
 rank asks for it, from one snapshot, so every rank gets the same answer. ``schedule()`` for step m
 uses the future obtained at step ``m - lead``, which has had ``lead`` whole steps to arrive.
 Documented fallbacks (identical on every rank by construction unless noted):
-* steps ``0..lead`` of a wave have no decision yet: admit (as vLLM does after idle);
+* steps ``0 .. horizon + lead - 1`` of a wave have no decision yet: admit (as vLLM does after idle);
 * the future is not ready within ``wait_ms``: admit, and count it (``fallback_steps``). Only this case
   can make ranks differ for one step; it costs balance, never correctness (the gate guards no
   collective, so it cannot deadlock);
@@ -69,6 +69,9 @@ class BalanceConfig:
     coordinator; the gate stays open unless a gate client is installed, e.g. by tests).
     ``lead``: how many steps ahead of use a decision is requested (>= 1).
     ``wait_ms``: how long ``schedule()`` may wait for a late decision before the fallback.
+    ``horizon``: report every ``horizon`` steps (at steps that are multiples of it, the same on every
+    rank) and receive the decisions of the next ``horizon`` steps in one call: transport cost / horizon,
+    decisions up to ``lead + horizon - 1`` steps stale.
     """
 
     transport: str = "ray"
@@ -77,6 +80,7 @@ class BalanceConfig:
     ray_address: str | None = None
     lead: int = 1
     wait_ms: float = 5.0
+    horizon: int = 1
 
     @classmethod
     def from_additional_config(cls, additional: Any) -> BalanceConfig:
@@ -86,6 +90,8 @@ class BalanceConfig:
         if unknown:
             raise ValueError(f"{ADDITIONAL_CONFIG_KEY}: unknown key(s) {unknown}; known: {sorted(known)}")
         cfg = cls(**raw)
+        if cfg.horizon < 1:
+            raise ValueError(f"{ADDITIONAL_CONFIG_KEY}.horizon must be >= 1 (got {cfg.horizon})")
         if cfg.lead < 1:
             raise ValueError(f"{ADDITIONAL_CONFIG_KEY}.lead must be >= 1 (got {cfg.lead})")
         if cfg.transport not in ("ray", "none"):
@@ -162,10 +168,11 @@ class RayGateClient:
 
     def report(self, key: StepKey, running: int, waiting: int, max_num_seqs: int, lead: int) -> None:
         t0 = time.perf_counter()
+        horizon = self.cfg.horizon
         actor = self._connect()
         if actor is not None:
             wave, step = key
-            ref = actor.report.remote(
+            ref = actor.report_span.remote(
                 self.rank,
                 wave,
                 step,
@@ -173,22 +180,25 @@ class RayGateClient:
                 waiting,
                 max_num_seqs,
                 lead,
+                horizon,
                 self.client_s * 1e3,
                 self.calls,
                 self.late,
             )
-            self._pending[(wave, step + lead)] = ref
+            for i in range(horizon):
+                self._pending[(wave, step + lead + i)] = (ref, i)
             # Futures of steps that will never be scheduled (wave ended early) must not pile up.
-            if len(self._pending) > 64:
-                for k in sorted(self._pending)[:-16]:
+            if len(self._pending) > 64 + horizon:
+                for k in sorted(self._pending)[: -(16 + horizon)]:
                     del self._pending[k]
         self.calls += 1
         self.client_s += time.perf_counter() - t0
 
     def decision(self, key: StepKey, wait_s: float) -> bool | None:
-        ref = self._pending.pop(key, None)
-        if ref is None:
+        entry = self._pending.pop(key, None)
+        if entry is None:
             return None
+        ref, index = entry
         t0 = time.perf_counter()
         try:
             import ray
@@ -197,7 +207,7 @@ class RayGateClient:
             if not ready:
                 self.late += 1
                 return None
-            return bool(ray.get(ready[0]))
+            return bool(ray.get(ready[0])[index])
         except Exception:
             logger.exception("rank %d: balance decision for %s failed", self.rank, key)
             return None
@@ -301,8 +311,10 @@ class BalanceSchedulerMixin:
     def on_lockstep(self, core: Any) -> None:
         """Called by the DP engine core at its lockstep point, every step, on every rank."""
         self._core = core
-        self.gate_stats.lockstep_reports += 1
-        self._report((int(core.current_wave), int(core.step_counter)))
+        step = int(core.step_counter)
+        if step % self.balance_config.horizon == 0:  # same steps on every rank
+            self.gate_stats.lockstep_reports += 1
+            self._report((int(core.current_wave), step))
 
     def gate_admits(self, key: StepKey) -> bool:
         """The gate for step ``key``: the coordinator's decision, or the documented fallback."""
@@ -311,7 +323,9 @@ class BalanceSchedulerMixin:
             return True
         decision = client.decision(key, self.balance_config.wait_ms / 1e3)
         if decision is None:
-            if key[1] <= self.balance_config.lead:
+            # The first covered step of a wave is horizon + lead (first report at counter horizon);
+            # earlier steps never have a decision on any rank.
+            if key[1] < self.balance_config.horizon + self.balance_config.lead:
                 self.gate_stats.no_decision_steps += 1
             else:
                 self.gate_stats.fallback_steps += 1
@@ -321,7 +335,7 @@ class BalanceSchedulerMixin:
     # ---- the gate ------------------------------------------------------------------------------
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         """vLLM's schedule(), with the waiting queue hidden on steps whose gate is closed."""
-        if not self._dp_mode:
+        if not self._dp_mode and self._own_step % self.balance_config.horizon == 0:
             self._report((0, self._own_step))
         key = self._current_key()
         self._own_step += 1

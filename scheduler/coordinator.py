@@ -135,6 +135,18 @@ class CoordinatorState:
         spread = self._note_gather((wave, step), rank, now)
         return self.decide((wave, step + lead), now), spread
 
+    def report_span(
+        self, rank: int, wave: int, step: int, running: int, waiting: int, max_num_seqs: int,
+        lead: int = 1, horizon: int = 1, client_ms: float = 0.0, client_calls: int = 0, client_late: int = 0,
+    ) -> tuple[list[GateDecision], float | None]:  # fmt: skip
+        """Like ``report``, but returns the decisions for ``horizon`` consecutive steps starting at
+        ``step + lead`` (ranks that report only every ``horizon`` steps; all frozen from one snapshot)."""
+        first, spread = self.report(
+            rank, wave, step, running, waiting, max_num_seqs, lead, client_ms, client_calls, client_late
+        )
+        now = self.clock()
+        return [first] + [self.decide((wave, step + lead + i), now) for i in range(1, horizon)], spread
+
     def decide(self, key: StepKey, now: float | None = None) -> GateDecision:
         """The decision for ``key``: frozen on first request from one snapshot of live ranks."""
         decision = self.decisions.get(key)
@@ -226,6 +238,33 @@ class BalanceCoordinator:
         if spread is not None:
             self._metrics.gather(spread)
         return decision.admit
+
+    def report_span(
+        self, rank: int, wave: int, step: int, running: int, waiting: int, max_num_seqs: int,
+        lead: int = 1, horizon: int = 1, client_ms: float = 0.0, client_calls: int = 0, client_late: int = 0,
+    ) -> list[bool]:  # fmt: skip
+        """One rank's counts at ``(wave, step)``; returns admit for steps ``step + lead`` ..
+        ``step + lead + horizon - 1`` (one call per ``horizon`` steps amortizes the transport)."""
+        closed_before = self.state.closed_steps
+        decisions, spread = self.state.report_span(
+            rank,
+            wave,
+            step,
+            running,
+            waiting,
+            max_num_seqs,
+            lead,
+            horizon,
+            client_ms,
+            client_calls,
+            client_late,
+        )
+        self._metrics.rank(rank, running, waiting)
+        for _ in range(self.state.closed_steps - closed_before):
+            self._metrics.closed()
+        if spread is not None:
+            self._metrics.gather(spread)
+        return [d.admit for d in decisions]
 
     def set_policy(self, name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         self.state.set_policy(name, **(params or {}))

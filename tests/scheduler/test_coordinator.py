@@ -137,3 +137,27 @@ def test_ray_gate_client_pipelines(coordinator, ray_local) -> None:
     client.report((0, 2), running=1, waiting=1, max_num_seqs=4, lead=1)
     assert client.decision((0, 3), 2.0) is True
     assert client.calls == 2 and client.client_s > 0
+
+
+def test_report_span_freezes_horizon_steps_from_one_snapshot() -> None:
+    clock = _Clock()
+    st = CoordinatorState("any_at_cap", clock=clock)
+    span0, _ = st.report_span(0, 0, 4, running=2, waiting=0, max_num_seqs=2, lead=1, horizon=4)
+    assert [d.step for d in span0] == [5, 6, 7, 8] and not any(d.admit for d in span0)
+    # Rank 1 reports the same aligned step with a different view: it gets the frozen span.
+    span1, _ = st.report_span(1, 0, 4, running=0, waiting=0, max_num_seqs=2, lead=1, horizon=4)
+    assert span1 == span0
+
+
+def test_ray_gate_client_horizon(coordinator, ray_local) -> None:
+    from scheduler.balance_scheduler import BalanceConfig, RayGateClient
+
+    actor, name = coordinator
+    ray_local.get(actor.set_policy.remote("cadence", {"interval": 2}))
+    client = RayGateClient(
+        BalanceConfig(coordinator_name=name, namespace="dpserve_test", lead=1, horizon=4), rank=0
+    )
+    client.report((0, 4), running=0, waiting=1, max_num_seqs=4, lead=1)
+    assert client.calls == 1
+    assert [client.decision((0, s), 2.0) for s in (5, 6, 7, 8)] == [False, True, False, True]
+    assert client.decision((0, 9), 0.0) is None
