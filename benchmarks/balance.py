@@ -86,45 +86,58 @@ def _settings(args: argparse.Namespace, balance: dict[str, Any] | None):
     )
 
 
-async def _run_group(args: argparse.Namespace, balance: bool) -> dict[str, dict[str, Any]]:
+def _mean(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+
+
+async def _run_group(args: argparse.Namespace, balance: bool, horizon: int = 1) -> dict[str, dict[str, Any]]:
     import ray
 
     from deployments.rank_group import start_rank_group, stop_rank_group
 
     cfg = (
-        {"policy": "off", "coordinator_name": COORD, "lead": args.lead, "wait_ms": args.wait_ms}
+        {
+            "policy": "off",
+            "coordinator_name": COORD,
+            "lead": args.lead,
+            "wait_ms": args.wait_ms,
+            "horizon": horizon,
+        }
         if balance
         else None
     )
+    suffix = f" h{horizon}" if horizon > 1 else ""
     actors, pg, infos = await start_rank_group(_settings(args, cfg))
     out: dict[str, dict[str, Any]] = {}
     try:
         await _workload(actors, argparse.Namespace(**{**vars(args), "requests": 8}), seed=99)  # warm-up
         if not balance:
-            out["vllm"] = await _workload(actors, args, seed=0)
+            out["vllm"] = _mean([await _workload(actors, args, seed=r) for r in range(args.rounds)])
             print("vllm", out["vllm"], flush=True)
             return out
         coord = ray.get_actor(COORD, namespace="dpserve")
         for name, params in POLICIES:
             await coord.set_policy.remote(name, params)
             before = await coord.get_stats.remote()
-            m = await _workload(actors, args, seed=0)
+            m = _mean([await _workload(actors, args, seed=r) for r in range(args.rounds)])
             await asyncio.sleep(0.5)  # let the last reports land
             after = await coord.get_stats.remote()
             steps = [after["ranks"][r]["client_calls"] - before["ranks"][r]["client_calls"] for r in (0, 1)]
             ms = [after["ranks"][r]["client_ms"] - before["ranks"][r]["client_ms"] for r in (0, 1)]
             late = [after["ranks"][r]["client_late"] - before["ranks"][r]["client_late"] for r in (0, 1)]
             mean_steps = sum(steps) / 2
+            # client_calls counts reports (one per `horizon` lockstep steps); steps are per round.
+            lock_steps = mean_steps * horizon
             m.update(
-                steps=mean_steps,
-                closed_steps=after["closed_steps"] - before["closed_steps"],
+                steps=lock_steps / args.rounds,
+                closed_steps=(after["closed_steps"] - before["closed_steps"]) / args.rounds,
                 late_decisions=sum(late),
-                step_ms=1e3 * m["duration_s"] / max(1, mean_steps),
-                coord_ms_per_step=sum(ms) / max(1, sum(steps)),
+                step_ms=1e3 * m["duration_s"] * args.rounds / max(1, lock_steps),
+                coord_ms_per_step=sum(ms) / 2 / max(1, lock_steps),
             )
             m["coord_share"] = m["coord_ms_per_step"] / m["step_ms"]
-            out[name] = m
-            print(name, m, flush=True)
+            out[name + suffix] = m
+            print(name + suffix, m, flush=True)
     finally:
         await stop_rank_group(actors, pg)
         if balance:
@@ -140,8 +153,8 @@ def _table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         "# Balance scheduling on the 2-rank CPU cluster (tiny MoE)",
         "",
         f"{args.requests} requests, {args.input_len} in / {args.output_len} out (fixed), max_num_seqs "
-        f"{args.max_num_seqs} per rank, lead {args.lead}, wait {args.wait_ms} ms. 2 shared CPU cores: "
-        "relative comparison only.",
+        f"{args.max_num_seqs} per rank, lead {args.lead}, wait {args.wait_ms} ms, mean of {args.rounds} rounds. "
+        "2 CPU cores shared with other work: relative comparison only, differences under ~15 % are noise.",
         "",
         "| config | out tok/s | vs vllm | mean TTFT ms | mean TPOT ms | duration s | steps | closed | late |"
         " coord ms/step | coord share |",
@@ -151,14 +164,15 @@ def _table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         lines.append(
             f"| {name} | {m['output_tok_s']:.1f} | {m['output_tok_s'] / base - 1:+.1%} | {m['mean_ttft_ms']:.0f} | "
             f"{m['mean_tpot_ms']:.1f} | {m['duration_s']:.2f} | {m.get('steps', float('nan')):.0f} | "
-            f"{m.get('closed_steps', '-')} | {m.get('late_decisions', '-')} | "
+            f"{m.get('closed_steps', float('nan')):.0f} | {m.get('late_decisions', '-')} | "
             f"{m.get('coord_ms_per_step', float('nan')):.2f} | {m.get('coord_share', float('nan')):.1%} |"
         )
     lines += [
         "",
         "`vllm`: no balance scheduler; `off`: balance scheduler + coordinator with the gate always open "
         "(its cost alone). coord ms/step: time an engine core spends in the gate client per lockstep step "
-        "(submit the report, read the decision); coord share: that over the step time.",
+        "(submit the report, read the decision); coord share: that over the step time. `hN`: ranks report "
+        "every N steps and get N decisions per call. steps/closed: per round.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -171,6 +185,8 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=4)
     p.add_argument("--lead", type=int, default=1)
     p.add_argument("--wait-ms", type=float, default=5.0)
+    p.add_argument("--rounds", type=int, default=2, help="workload repetitions per configuration (mean)")
+    p.add_argument("--horizons", default="1,4", help="balance groups to start, one per report horizon")
     args = p.parse_args()
 
     import ray
@@ -181,7 +197,8 @@ def main() -> int:
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         results = asyncio.run(_run_group(args, balance=False))
-        results.update(asyncio.run(_run_group(args, balance=True)))
+        for h in [int(x) for x in args.horizons.split(",")]:
+            results.update(asyncio.run(_run_group(args, balance=True, horizon=h)))
     finally:
         ray.shutdown()
     OUT.mkdir(parents=True, exist_ok=True)

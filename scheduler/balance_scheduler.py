@@ -140,7 +140,7 @@ class RayGateClient:
         self.rank = rank
         self._actor: Any = None
         self._broken = False
-        self._pending: dict[StepKey, Any] = {}
+        self._pending: dict[StepKey, tuple[list[Any], int]] = {}
         self.client_s = 0.0  # time spent in this client (submit + wait), for cost-per-step reports
         self.calls = 0
         self.late = 0  # decisions not back within wait_s (fallback applied)
@@ -185,8 +185,10 @@ class RayGateClient:
                 self.calls,
                 self.late,
             )
+            # One holder per call: the first step of the span resolves the future, the others reuse it.
+            holder: list[Any] = [ref, None]
             for i in range(horizon):
-                self._pending[(wave, step + lead + i)] = (ref, i)
+                self._pending[(wave, step + lead + i)] = (holder, i)
             # Futures of steps that will never be scheduled (wave ended early) must not pile up.
             if len(self._pending) > 64 + horizon:
                 for k in sorted(self._pending)[: -(16 + horizon)]:
@@ -198,16 +200,19 @@ class RayGateClient:
         entry = self._pending.pop(key, None)
         if entry is None:
             return None
-        ref, index = entry
+        holder, index = entry
+        if holder[1] is not None:
+            return bool(holder[1][index])
         t0 = time.perf_counter()
         try:
             import ray
 
-            ready, _ = ray.wait([ref], timeout=wait_s)
+            ready, _ = ray.wait([holder[0]], timeout=wait_s)
             if not ready:
                 self.late += 1
                 return None
-            return bool(ray.get(ready[0])[index])
+            holder[1] = ray.get(ready[0])
+            return bool(holder[1][index])
         except Exception:
             logger.exception("rank %d: balance decision for %s failed", self.rank, key)
             return None

@@ -73,6 +73,9 @@ def test_engine_settings_balance_args(tiny_model_dir: str) -> None:
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: str):
     """A real in-process vLLM engine with the balance scheduler and no coordinator (gate by hand)."""
+    # In-process engine core (fast start, scheduler reachable); restored after, so that Ray workers
+    # started later in the session do not inherit it.
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM
 
@@ -86,8 +89,12 @@ def engine(tiny_model_dir: str):
         additional_config={"dpserve_balance": {"transport": "none"}},
         seed=0,
     )
+    if saved is None:
+        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    else:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
     yield llm
-    del llm
+    llm.llm_engine.engine_core.shutdown()
 
 
 def _scheduler(llm):
