@@ -89,3 +89,13 @@ def register() -> None:
         _patch_cpu_experts_expert_map()
         _APPLIED.add("cpu")
         logger.debug("dpserve: CPU all_gatherv/reduce_scatterv and expert_map support installed")
+    if "eplb" not in _APPLIED:
+        # Online EPLB hooks (routing through placement tables, per-step DP agreement); inert until
+        # eplb.applier attaches tables, and needed before any model is built.
+        from npu_runtime import eplb_hooks
+
+        try:
+            eplb_hooks.install()
+        except Exception:  # a vLLM without these internals still serves, just without online EPLB
+            logger.exception("dpserve: EPLB hooks not installed")
+        _APPLIED.add("eplb")

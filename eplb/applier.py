@@ -1,0 +1,432 @@
+"""Rank-side EPLB: physical expert slots, routing tables, load recording and plan application.
+
+Runs inside the vLLM worker (as the engine's `worker_extension_cls`, methods `eplb_*` reached
+with `AsyncLLM.collective_rpc`). Per MoE layer (i = ordinal among the model's MoE layers):
+
+* Physical slots: the layer's packed weights `w13_weight [lne, 2I, H]` / `w2_weight [lne, H, I]`
+  are enlarged once, after loading, to `spr = (E + R) / ep_size` rows (R redundant slots). Slot s
+  (global) lives on EP rank s // spr at local row s % spr. The CPU kernel takes the slot count from
+  dim 0 and, under EP, our plugin's expert_map patch maps physical ids to local rows through a
+  static [E + R] table (-1 where the slot is on another rank).
+* Routing: the router's mapping step (npu_runtime.eplb_hooks) calls `LayerRouting`, which records
+  logical counts and maps token t's expert e to `log2phy[e, t % replica_count[e]]`. Both tables are
+  preallocated ([E, 1 + R] and [E]) and only ever updated in place, so compiled graphs see updates.
+* Initial placement: what vLLM loaded. EP rank q holds its linear block of experts
+  [q*lne, (q+1)*lne) in its first lne slots, its extra slots replicate its own experts (no transfer
+  at start-up). `eplb_placement()` reports it; the EPLB actor plans from it.
+
+Applying a plan (TransferPlan from eplb.plan, rebuilt and validated here before anything moves):
+1. Stage: a background thread copies/receives every slot this rank must write into staging
+   buffers (torch.distributed isend/irecv on a dedicated gloo group created at setup, so the
+   transfers never interleave with vLLM's own collectives). Sources are read from the OLD placement,
+   which stays in force meanwhile.
+2. Agree: when DP > 1, every step's DP padding all-reduce carries [ready_plan_id, id^2, failed]
+   (npu_runtime.eplb_hooks); all ranks see the same sums at the same step. All ready with the same id
+   -> every rank starts committing at that step; any failure -> every rank drops the plan (old
+   placement stays everywhere).
+3. Commit: `layers_per_step` layers per step: copy staged rows into the weights, then the tables.
+   Every rank does layer k at the same step, so gathered tokens never see mixed tables.
+With DP == 1 there is nobody to agree with: stage and commit happen inside the RPC, between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+
+from eplb.plan import PlanError, TransferPlan, build_transfer_plan, validate_plan
+from eplb.policies import placement_from_phy2log
+from eplb.recorder import ExpertLoadRecorder
+
+logger = logging.getLogger("dpserve.eplb.applier")
+
+_WEIGHTS = ("w13_weight", "w2_weight")
+
+
+class LayerRouting:
+    """Callable installed as `router._dpserve_route` for one MoE layer.
+
+    log2phy int64 [E, cap] (-1 padded) and replica_count int64 [E] are updated in place only.
+    """
+
+    def __init__(self, index: int, recorder: ExpertLoadRecorder, log2phy: torch.Tensor,
+                 replica_count: torch.Tensor) -> None:  # fmt: skip
+        self.index = index
+        self.recorder = recorder
+        self.log2phy = log2phy
+        self.replica_count = replica_count
+
+    def __call__(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """topk_ids int [tokens, top_k] logical -> physical ids, same shape and dtype."""
+        self.recorder.record(self.index, topk_ids)
+        ids = topk_ids.long()
+        # Round-robin over replicas by token index: deterministic, and identical on every rank
+        # because under the all-gather MoE every rank routes the same gathered batch.
+        tok = torch.arange(ids.shape[0], dtype=torch.int64).unsqueeze(1)
+        rep = tok % self.replica_count[ids]
+        return self.log2phy[ids, rep].to(topk_ids.dtype)
+
+
+@dataclass
+class _Layer:
+    routed: Any  # vLLM RoutedExperts (holds w13_weight / w2_weight / _expert_map)
+    router: Any
+    routing: LayerRouting
+
+
+@dataclass
+class _Pending:
+    plan_id: int
+    plan: TransferPlan
+    blocking: bool  # stop-the-world: transfer at the agreed step instead of in the background
+    t_received: float = field(default_factory=time.perf_counter)
+    staged: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)  # layer -> [(row, flat)]
+    ready: bool = False
+    failed: str | None = None
+    aborted: bool = False
+    stage_ms: float = 0.0
+    remote_bytes: int = 0
+    commit_layers: list[int] = field(default_factory=list)
+    commit_ms: list[float] = field(default_factory=list)
+    steps_waited: int = 0
+
+
+class EplbWorkerState:
+    """All EPLB state of one worker process (one per vLLM worker; see `EplbWorkerExtension`)."""
+
+    def __init__(self, worker: Any, num_redundant: int, layers_per_step: int = 1) -> None:
+        from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+        from vllm.model_executor.utils import replace_parameter
+
+        self.worker = worker
+        model = worker.model_runner.model
+        runners = [m for m in model.modules() if isinstance(m, MoERunner)]
+        if not runners:
+            raise RuntimeError("EPLB: the model has no MoE layers")
+        cfg = runners[0].moe_config
+        par = cfg.moe_parallel_config
+        self.num_logical = int(cfg.num_experts)
+        self.num_redundant = int(num_redundant)
+        self.ep_size = int(par.ep_size) if par.use_ep else 1
+        self.ep_rank = int(par.ep_rank) if par.use_ep else 0
+        self.dp_size = int(worker.vllm_config.parallel_config.data_parallel_size)
+        self.num_physical = self.num_logical + self.num_redundant
+        if self.num_physical % self.ep_size:
+            raise ValueError(f"{self.num_physical} slots not divisible by {self.ep_size} EP ranks")
+        self.spr = self.num_physical // self.ep_size
+        lne = self.num_logical // self.ep_size
+        self.layers_per_step = max(1, int(layers_per_step))
+        self.recorder = ExpertLoadRecorder(len(runners), self.num_logical)
+
+        # Initial placement = what each rank loaded (linear blocks), extra slots replicate own experts.
+        row = []
+        for q in range(self.ep_size):
+            row += [q * lne + j for j in range(lne)] + [q * lne + (j % lne) for j in range(self.spr - lne)]
+        self.phy2log = np.tile(np.asarray(row, dtype=np.int64), (len(runners), 1))
+        place = placement_from_phy2log(self.phy2log, self.num_logical)
+        self.cap = self.num_redundant + 1  # most replicas an expert can ever have
+
+        self.layers: list[_Layer] = []
+        for i, runner in enumerate(runners):
+            routed = runner.routed_experts
+            if int(routed.local_num_experts) != lne:
+                raise RuntimeError(f"layer {i}: {routed.local_num_experts} local experts, expected {lne}")
+            if getattr(routed, "w13_bias", None) is not None or getattr(routed, "w2_bias", None) is not None:
+                raise NotImplementedError("EPLB slots for MoE layers with expert biases")
+            vmap = routed.expert_map
+            if vmap is not None:  # check vLLM really loaded the linear block we assume
+                own = torch.nonzero(vmap >= 0).flatten().tolist()
+                if own != list(range(self.ep_rank * lne, (self.ep_rank + 1) * lne)):
+                    raise RuntimeError(f"EPLB needs linear expert placement; rank holds {own}")
+            extra = [j % lne for j in range(self.spr - lne)]
+            for name in _WEIGHTS:
+                w = getattr(routed, name)
+                new = w.new_empty((self.spr, *w.shape[1:]))
+                new[:lne].copy_(w.data)
+                if extra:
+                    new[lne:].copy_(w.data[extra])
+                replace_parameter(routed, name, new)
+            if self.ep_size > 1:
+                # Physical id -> local row; static: slots never change rank, only their expert does.
+                emap = torch.full((self.num_physical,), -1, dtype=torch.int32)
+                lo = self.ep_rank * self.spr
+                emap[lo : lo + self.spr] = torch.arange(self.spr, dtype=torch.int32)
+                routed._buffers["_expert_map"] = emap
+            log2phy = torch.full((self.num_logical, self.cap), -1, dtype=torch.int64)
+            log2phy[:, : place.log2phy.shape[2]] = torch.from_numpy(place.log2phy[i])
+            rc = torch.from_numpy(place.replica_count[i].copy())
+            routing = LayerRouting(i, self.recorder, log2phy, rc)
+            runner.router._dpserve_route = routing
+            self.layers.append(_Layer(routed, runner.router, routing))
+
+        self.bytes_per_expert = sum(
+            getattr(self.layers[0].routed, n)[0].numel() * getattr(self.layers[0].routed, n).element_size()
+            for n in _WEIGHTS
+        )
+        self.group = None
+        self.group_ranks: list[int] = []
+        if self.ep_size > 1:
+            import torch.distributed as dist
+            from vllm.distributed.parallel_state import get_ep_group
+
+            # Collective over the default group: every worker calls setup at the same time (idle).
+            self.group_ranks = list(get_ep_group().ranks)
+            self.group = dist.new_group(
+                ranks=self.group_ranks, backend="gloo", timeout=timedelta(seconds=120)
+            )
+        self.lock = threading.Lock()
+        self.pending: _Pending | None = None
+        self.history: list[dict] = []
+        self.sync_steps = 0
+        self.sync_us = 0.0
+        if self.dp_size > 1:
+            from npu_runtime import eplb_hooks
+
+            eplb_hooks.register_step_sync(self)
+
+    # ---- plans -----------------------------------------------------------------------------------
+    def _check_plan(self, msg: dict) -> TransferPlan:
+        old = np.asarray(msg["old"], dtype=np.int64)
+        new = np.asarray(msg["new"], dtype=np.int64)
+        if int(msg["num_ranks"]) != self.ep_size:
+            raise PlanError(f"plan is for {msg['num_ranks']} EP ranks, this group has {self.ep_size}")
+        if old.shape != self.phy2log.shape or not np.array_equal(old, self.phy2log):
+            raise PlanError("plan starts from a placement this rank does not hold (stale plan)")
+        plan = build_transfer_plan(old, new, self.ep_size, self.num_logical)
+        validate_plan(plan, self.num_logical)
+        return plan
+
+    def stage(self, msg: dict) -> dict:
+        """Accept plan msg {"plan_id", "old", "new", "num_ranks", "blocking"?}; never blocks serving
+        (DP > 1: transfers in a thread). Returns {"accepted", "error"?}."""
+        plan_id = int(msg["plan_id"])
+        if not 0 < plan_id < 40000:  # id^2 rides in an int32 all-reduce row
+            return {"accepted": False, "error": f"plan_id {plan_id} outside (0, 40000)"}
+        with self.lock:
+            if self.pending is not None:
+                return {"accepted": False, "error": f"plan {self.pending.plan_id} still pending"}
+            try:
+                plan = self._check_plan(msg)
+            except (PlanError, ValueError, KeyError) as exc:
+                self._record(plan_id, "rejected", error=str(exc))
+                return {"accepted": False, "error": str(exc)}
+            pending = _Pending(plan_id, plan, blocking=bool(msg.get("blocking", False)))
+            self.pending = pending
+        if self.dp_size == 1:
+            # Single engine: this RPC runs between steps, so apply everything right here.
+            self._transfer(pending)
+            if pending.failed:
+                self._finish(pending, "failed")
+                return {"accepted": False, "error": pending.failed}
+            t0 = time.perf_counter()
+            for layer in plan.layers():
+                self._commit_layer(pending, layer)
+            pending.commit_ms.append((time.perf_counter() - t0) * 1e3)
+            self._finish(pending, "committed")
+            return {"accepted": True, "committed": True}
+        if pending.blocking:
+            pending.ready = True  # transfers happen at the agreed step, all ranks together
+        else:
+            threading.Thread(target=self._transfer, args=(pending,), name="eplb-stage", daemon=True).start()
+        return {"accepted": True, "committed": False}
+
+    def _global(self, ep_rank: int) -> int:
+        return self.group_ranks[ep_rank]
+
+    def _transfer(self, p: _Pending) -> None:
+        """Fill p.staged layer by layer from the OLD placement; sets p.ready or p.failed."""
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        me = self.ep_rank
+        try:
+            k = 0
+            for layer in p.plan.layers():
+                routed = self.layers[layer].routed
+                w13, w2 = routed.w13_weight.data, routed.w2_weight.data
+                n13 = w13[0].numel()
+                reqs, rows = [], []
+                for op in p.plan.ops_by_layer[layer]:
+                    k += 1
+                    if op.dst_rank == me:
+                        if op.src_rank == me:
+                            src = op.src_slot - me * self.spr
+                            buf = torch.cat([w13[src].reshape(-1), w2[src].reshape(-1)])
+                        else:
+                            buf = torch.empty(n13 + w2[0].numel(), dtype=w13.dtype)
+                            reqs.append(
+                                dist.irecv(buf, src=self._global(op.src_rank), group=self.group, tag=k)
+                            )
+                            p.remote_bytes += buf.numel() * buf.element_size()
+                        rows.append((op.dst_slot - me * self.spr, buf))
+                    elif op.src_rank == me:
+                        src = op.src_slot - me * self.spr
+                        buf = torch.cat([w13[src].reshape(-1), w2[src].reshape(-1)])
+                        reqs.append(dist.isend(buf, dst=self._global(op.dst_rank), group=self.group, tag=k))
+                for r in reqs:
+                    r.wait()
+                p.staged[layer] = rows
+                if p.aborted:
+                    return
+            p.ready = True
+        except Exception as exc:  # reported through the step sync: every rank drops the plan
+            logger.exception("EPLB plan %d: transfer failed", p.plan_id)
+            p.failed = f"{type(exc).__name__}: {exc}"
+        finally:
+            p.stage_ms += (time.perf_counter() - t0) * 1e3
+
+    def _commit_layer(self, p: _Pending, layer: int) -> None:
+        """Staged rows -> weights (in place), then new tables (in place)."""
+        lay = self.layers[layer]
+        w13, w2 = lay.routed.w13_weight.data, lay.routed.w2_weight.data
+        n13 = w13[0].numel()
+        for row, buf in p.staged.get(layer, []):
+            w13[row].copy_(buf[:n13].view(w13[row].shape))
+            w2[row].copy_(buf[n13:].view(w2[row].shape))
+        new_row = p.plan.new_phy2log[layer : layer + 1]
+        place = placement_from_phy2log(new_row, self.num_logical)
+        table = torch.full((self.num_logical, self.cap), -1, dtype=torch.int64)
+        table[:, : place.log2phy.shape[2]] = torch.from_numpy(place.log2phy[0])
+        lay.routing.log2phy.copy_(table)
+        lay.routing.replica_count.copy_(torch.from_numpy(place.replica_count[0]))
+        self.phy2log[layer] = new_row[0]
+
+    def _finish(self, p: _Pending, outcome: str) -> None:
+        self._record(
+            p.plan_id, outcome, error=p.failed, stage_ms=p.stage_ms, commit_ms_total=sum(p.commit_ms),
+            commit_ms_max_step=max(p.commit_ms, default=0.0), commit_steps=len(p.commit_ms),
+            steps_waited=p.steps_waited, remote_bytes=p.remote_bytes, layers=len(p.plan.layers()),
+            moved_slots=sum(len(v) for v in p.plan.ops_by_layer.values()),
+            total_ms=(time.perf_counter() - p.t_received) * 1e3,
+        )  # fmt: skip
+        with self.lock:
+            if self.pending is p:
+                self.pending = None
+
+    def _record(self, plan_id: int, outcome: str, **info: Any) -> None:
+        self.history.append({"plan_id": plan_id, "outcome": outcome, **info})
+        del self.history[:-20]
+
+    # ---- per-step agreement (npu_runtime.eplb_hooks step-sync participant) ------------------------
+    num_rows = 3
+
+    def contribute(self) -> list[int]:
+        p = self.pending
+        if p is None or p.commit_layers:
+            return [0, 0, 0]
+        ready = p.plan_id if p.ready else 0
+        return [ready, ready * ready, 1 if p.failed else 0]
+
+    def on_sums(self, sums: list[int], dp_size: int) -> None:
+        t0 = time.perf_counter()
+        self.sync_steps += 1
+        p = self.pending
+        try:
+            if p is None:
+                return
+            if p.commit_layers:  # agreed earlier: continue committing, same layers on every rank
+                self._commit_step(p)
+                return
+            p.steps_waited += 1
+            s_id, s_sq, s_fail = sums
+            if s_fail > 0:
+                # Some rank failed to stage: every rank sees it at this step and keeps the old placement.
+                p.aborted = True
+                p.failed = p.failed or "another rank failed to stage the plan"
+                self._finish(p, "failed")
+                return
+            # All ranks ready with the same id: sum == n*id and n*sum(id^2) == sum(id)^2.
+            if p.ready and s_id == dp_size * p.plan_id and s_sq * dp_size == s_id * s_id:
+                if p.blocking:  # stop-the-world: every rank is here, so the p2p pairs match
+                    p.ready = False
+                    self._transfer(p)
+                    if p.failed:  # cannot agree any more this step; the others' transfer failed too
+                        self._finish(p, "failed")
+                        return
+                p.commit_layers = list(p.plan.layers()) or [-1]  # -1: a no-op plan still commits
+                self._commit_step(p, all_layers=p.blocking)
+        finally:
+            self.sync_us += (time.perf_counter() - t0) * 1e6
+
+    def _commit_step(self, p: _Pending, all_layers: bool = False) -> None:
+        t0 = time.perf_counter()
+        n = len(p.commit_layers) if all_layers else self.layers_per_step
+        todo, p.commit_layers = p.commit_layers[:n], p.commit_layers[n:]
+        for layer in todo:
+            if layer >= 0:
+                self._commit_layer(p, layer)
+        p.commit_ms.append((time.perf_counter() - t0) * 1e3)
+        if not p.commit_layers:
+            self._finish(p, "committed")
+
+    # ---- reporting -------------------------------------------------------------------------------
+    def status(self) -> dict:
+        p = self.pending
+        return {
+            "ep_rank": self.ep_rank,
+            "ep_size": self.ep_size,
+            "dp_size": self.dp_size,
+            "num_logical": self.num_logical,
+            "num_physical": self.num_physical,
+            "slots_per_rank": self.spr,
+            "bytes_per_expert": self.bytes_per_expert,
+            "pending": None
+            if p is None
+            else {
+                "plan_id": p.plan_id,
+                "ready": p.ready,
+                "failed": p.failed,
+                "committing": len(p.commit_layers),
+            },
+            "history": list(self.history),
+            "sync_steps": self.sync_steps,
+            "sync_us_per_step": self.sync_us / self.sync_steps if self.sync_steps else 0.0,
+        }
+
+
+_STATE: EplbWorkerState | None = None
+
+
+class EplbWorkerExtension:
+    """Mixed into vLLM's worker (engine arg `worker_extension_cls="eplb.applier.EplbWorkerExtension"`).
+
+    Every method runs in the worker process; reach them with `collective_rpc("eplb_...")`. Return
+    values are plain lists/dicts so they cross vLLM's msgpack RPC.
+    """
+
+    def eplb_setup(self, num_redundant: int = 0, layers_per_step: int = 1) -> dict:
+        """Enlarge weights to physical slots and install the routing tables (idempotent). Must run on
+        every rank while the group is idle (it adds rows to the per-step DP all-reduce)."""
+        global _STATE
+        if _STATE is None:
+            _STATE = EplbWorkerState(self, num_redundant, layers_per_step)
+        return self.eplb_status()
+
+    def eplb_take_load(self) -> dict:
+        """Drain recorded counts: {"counts": [[...]] int [layers, E], "steps", "record_us_per_call"}."""
+        assert _STATE is not None, "eplb_setup first"
+        return _STATE.recorder.take()
+
+    def eplb_placement(self) -> list[list[int]]:
+        """phy2log int [layers, E + R] in force now."""
+        assert _STATE is not None, "eplb_setup first"
+        return _STATE.phy2log.tolist()
+
+    def eplb_stage(self, msg: dict) -> dict:
+        assert _STATE is not None, "eplb_setup first"
+        return _STATE.stage(msg)
+
+    def eplb_status(self) -> dict:
+        return _STATE.status() if _STATE is not None else {"enabled": False}
+
+    def eplb_set_recording(self, enabled: bool) -> bool:
+        assert _STATE is not None, "eplb_setup first"
+        _STATE.recorder.enabled = bool(enabled)
+        return _STATE.recorder.enabled
