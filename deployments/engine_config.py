@@ -35,6 +35,9 @@ class EngineSettings:
     # Balance scheduling (DP prefill gate), e.g. {"policy": "any_at_cap"}; None: off (plain vLLM).
     # Keys: policy, params, timeout_s (coordinator) and the scheduler's BALANCE_CLIENT_KEYS.
     balance: dict[str, Any] | None = None
+    # Online EPLB, e.g. {"enabled": True, "policy": "swift", "num_redundant": 4, "window_steps": 1000,
+    # "interval_s": 5.0, "threshold": 0.95}; None: off. Read by eplb.actor and the ranks' worker extension.
+    eplb: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> EngineSettings:
@@ -102,6 +105,9 @@ class EngineSettings:
                 data_parallel_rpc_port=dp_rpc_port,
             )
         args.update(self.engine_kwargs)
+        if self.eplb is not None and self.eplb.get("enabled", True):
+            # The worker extension (load recorder, slots, plan application) reached by collective_rpc.
+            args.setdefault("worker_extension_cls", "eplb.applier.EplbWorkerExtension")
         if self.balance is not None:
             # After engine_kwargs: it merges (not replaces) a user's own additional_config.
             args.update(self.balance_engine_args(args))

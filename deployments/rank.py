@@ -270,3 +270,47 @@ class DPRank:
     async def ping(self) -> int:
         await asyncio.sleep(0)
         return self.rank
+
+    # ---- EPLB (online expert load balancing; see eplb/applier.py) --------------------------------
+    async def eplb_call(self, method: str, *args: Any) -> Any:
+        """Run worker-extension method `method` (eplb.applier.EplbWorkerExtension) in this rank's
+        worker; returns its result (one worker per rank: TP=1)."""
+        if self.engine is None:
+            raise RuntimeError(f"DP rank {self.rank} is not started")
+        results = await self.engine.collective_rpc(method, args=args)
+        return results[0]
+
+    async def eplb_setup(self) -> dict[str, Any]:
+        """Install physical slots and tables (every rank together, while idle) and a LoadWindow."""
+        from eplb.load import LoadWindow
+
+        cfg = dict(self.settings.eplb or {})
+        status = await self.eplb_call("eplb_setup", int(cfg.get("num_redundant", 0)),
+                                      int(cfg.get("layers_per_step", 1)))  # fmt: skip
+        placement = await self.eplb_call("eplb_placement")
+        self._eplb_window = LoadWindow(len(placement), status["num_logical"], int(cfg.get("window_samples", 8)))
+        self._eplb_steps = 0
+        return status
+
+    async def eplb_collect(self) -> dict[str, Any]:
+        """Drain the worker's counts into this rank's LoadWindow (one sample per call); returns
+        {"load": float [layers, E] window total, "steps": engine steps in the window so far,
+        "samples", "complete", "record_us_per_call"}."""
+        import numpy as np
+
+        taken = await self.eplb_call("eplb_take_load")
+        self._eplb_window.add(np.asarray(taken["counts"], dtype=np.int64))
+        self._eplb_steps += int(taken["steps"])
+        return {
+            "rank": self.rank,
+            "load": self._eplb_window.total().tolist(),
+            "steps": self._eplb_steps,
+            "samples": self._eplb_window.steps_recorded,
+            "complete": self._eplb_window.is_complete(),
+            "record_us_per_call": taken["record_us_per_call"],
+        }
+
+    def eplb_reset_window(self) -> None:
+        """Forget the window (after a committed rebalance: the next plan sees the new regime)."""
+        self._eplb_window.reset()
+        self._eplb_steps = 0

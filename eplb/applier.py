@@ -314,6 +314,17 @@ class EplbWorkerState:
         self.history.append({"plan_id": plan_id, "outcome": outcome, **info})
         del self.history[:-20]
 
+    def abort(self, plan_id: int) -> bool:
+        """Drop pending plan `plan_id` unless it is already committing. Safe only when agreement is
+        impossible (some rank rejected the plan): the EPLB actor calls it in exactly that case."""
+        p = self.pending
+        if p is None or p.plan_id != plan_id or p.commit_layers:
+            return False
+        p.aborted = True
+        p.failed = p.failed or "aborted"
+        self._finish(p, "aborted")
+        return True
+
     # ---- per-step agreement (npu_runtime.eplb_hooks step-sync participant) ------------------------
     num_rows = 3
 
@@ -422,6 +433,9 @@ class EplbWorkerExtension:
     def eplb_stage(self, msg: dict) -> dict:
         assert _STATE is not None, "eplb_setup first"
         return _STATE.stage(msg)
+
+    def eplb_abort(self, plan_id: int) -> bool:
+        return _STATE.abort(int(plan_id)) if _STATE is not None else False
 
     def eplb_status(self) -> dict:
         return _STATE.status() if _STATE is not None else {"enabled": False}

@@ -1,0 +1,121 @@
+"""Online EPLB on the 2-rank CPU cluster (DP=2 + EP, one Ray actor per rank, real vLLM engines).
+
+Greedy float32 outputs of a fixed prompt set must be token-identical to the plain model before,
+during and after rebalances that move experts between ranks, and no request may fail meanwhile.
+One rank-group start for the whole module (a start costs 45-90 s here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from deployments.engine_config import EngineSettings
+from deployments.rank_group import collect_stream, start_rank_group, stop_rank_group
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Hello world, the model",
+    "What is a cluster of experts",
+    "The quick brown fox jumps over",
+    "Seven eight nine ten, the river",
+    "Balance the gate on every rank",
+    "Tokens are routed to experts",
+    "North south east west",
+    "Prefill and decode steps",
+]
+SAMPLING = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+NUM_REDUNDANT = 4
+
+
+async def _generate(actors) -> list[list[int]]:
+    outs = await asyncio.gather(
+        *[collect_stream(actors[i % len(actors)], p, SAMPLING) for i, p in enumerate(PROMPTS)]
+    )
+    return [o["token_ids"] for o in outs]
+
+
+def _random_placement(rng, layers: int, num_logical: int, num_redundant: int) -> np.ndarray:
+    return np.stack(
+        [rng.permutation(np.concatenate([np.arange(num_logical), rng.integers(0, num_logical, num_redundant)]))
+         for _ in range(layers)]
+    )  # fmt: skip
+
+
+async def _wait_committed(actors, plan_id: int, timeout_s: float = 60.0) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = await asyncio.gather(*[a.eplb_call.remote("eplb_status") for a in actors])
+        outcomes = [next((h for h in s["history"] if h["plan_id"] == plan_id), None) for s in states]
+        if all(o is not None for o in outcomes):
+            return outcomes
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"plan {plan_id} not finished on every rank: {states}")
+        # Keep the group stepping (an idle DP group does not step, so nothing could commit).
+        await collect_stream(actors[0], "keep stepping", {"max_tokens": 2, "temperature": 0.0})
+
+
+@pytest.fixture(scope="module")
+def group(ray_local, tiny_model_dir):
+    settings = EngineSettings(
+        model=tiny_model_dir, data_parallel_size=2, enable_expert_parallel=True, max_model_len=256, max_num_seqs=8,
+        eplb={"enabled": True, "num_redundant": NUM_REDUNDANT, "policy": "swift", "window_samples": 2},
+    )  # fmt: skip
+    loop = asyncio.new_event_loop()
+    actors, pg, _ = loop.run_until_complete(start_rank_group(settings))
+    reference = loop.run_until_complete(_generate(actors))  # plain vLLM: tables not installed yet
+    yield loop, actors, reference
+    loop.run_until_complete(stop_rank_group(actors, pg))
+    loop.close()
+
+
+def test_rank_side_apply_keeps_outputs_identical(group):
+    loop, actors, reference = group
+
+    async def go():
+        states = await asyncio.gather(*[a.eplb_setup.remote() for a in actors])
+        assert [s["ep_rank"] for s in states] == [0, 1] and states[0]["slots_per_rank"] == 10
+        assert await _generate(actors) == reference  # 16 experts in 20 slots
+
+        rng = np.random.default_rng(1)
+        old = np.asarray(await actors[0].eplb_call.remote("eplb_placement"))
+        assert (np.asarray(await actors[1].eplb_call.remote("eplb_placement")) == old).all()
+        for plan_id, blocking in ((1, False), (2, True), (3, False)):
+            new = _random_placement(rng, old.shape[0], 16, NUM_REDUNDANT)
+            msg = {
+                "plan_id": plan_id,
+                "old": old.tolist(),
+                "new": new.tolist(),
+                "num_ranks": 2,
+                "blocking": blocking,
+            }
+            # Requests in flight while the plan is staged, agreed and committed.
+            during = asyncio.ensure_future(_generate(actors))
+            await asyncio.sleep(0.3)
+            res = await asyncio.gather(*[a.eplb_call.remote("eplb_stage", msg) for a in actors])
+            assert all(r["accepted"] for r in res), res
+            outcomes = await _wait_committed(actors, plan_id)
+            assert [o["outcome"] for o in outcomes] == ["committed", "committed"], outcomes
+            assert await during == reference
+            for r, a in enumerate(actors):
+                assert (np.asarray(await a.eplb_call.remote("eplb_placement")) == new).all()
+            print(f"\nplan {plan_id} blocking={blocking}: " + "; ".join(
+                f"rank {r}: stage {o['stage_ms']:.1f} ms, commit {o['commit_ms_total']:.2f} ms over "
+                f"{o['commit_steps']} steps (max {o['commit_ms_max_step']:.2f}), waited {o['steps_waited']} steps, "
+                f"{o['remote_bytes'] / 1e6:.2f} MB received" for r, o in enumerate(outcomes)))  # fmt: skip
+            assert await _generate(actors) == reference
+            old = new
+
+        # A malformed plan is rejected on every rank before anything moves.
+        bad = old.copy()
+        bad[1, :] = 3
+        res = await asyncio.gather(*[a.eplb_call.remote("eplb_stage", {"plan_id": 9, "old": old.tolist(),
+                                     "new": bad.tolist(), "num_ranks": 2}) for a in actors])  # fmt: skip
+        assert not any(r["accepted"] for r in res)
+        assert await _generate(actors) == reference
+
+    loop.run_until_complete(go())
