@@ -1,0 +1,288 @@
+"""The EPLB actor: pulls load windows from the ranks, plans off the serving path, pushes plans.
+
+`EplbController` is a plain class (unit-testable with fake ranks); `EplbActor` is it as a Ray actor.
+A background thread runs `cycle()` every `interval_s`:
+
+1. pull every rank's window (`rank.eplb_collect()`; each rank drains its worker's counters into
+   its LoadWindow). Under the all-gather MoE every rank counts all tokens, so the ranks' windows are
+   averaged (scale does not matter to the policies, only proportions do);
+2. once the window covers `window_steps` engine steps: run the policy (eplb.policies.rebalance)
+   with the ranks' current placement; a policy that raises is logged, counted and skipped;
+3. commit only if it gains enough: sum over layers of the max rank load must fall below
+   `threshold` (0.95, vllm-ascend) x the current one;
+4. build and validate the TransferPlan (eplb.plan), push it to every rank (`eplb_stage`: the
+   ranks stage in the background and switch together, see eplb.applier), wait for every rank to
+   report the outcome, then export metrics and reset the ranks' windows.
+
+Serving never waits on any of this: the ranks only ever receive short RPCs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+
+from eplb.plan import PlanError, build_transfer_plan, validate_plan
+from eplb.policies import rebalance
+from eplb.stats import imbalance, rank_loads
+from npu_runtime import metric_names as names
+
+logger = logging.getLogger("dpserve.eplb.actor")
+
+DEFAULTS: dict[str, Any] = {
+    "policy": "swift",
+    "params": {},
+    "num_redundant": 0,
+    "window_steps": 1000,
+    "interval_s": 5.0,
+    "threshold": 0.95,
+    "plan_timeout_s": 120.0,
+    "blocking": False,  # stop-the-world application (for comparison benchmarks)
+}
+
+
+class _Metrics:
+    """ray.util.metrics instruments (names from npu_runtime.metric_names); no-ops outside Ray."""
+
+    def __init__(self) -> None:
+        try:
+            from ray.util import metrics
+
+            self.imbalance = metrics.Gauge(names.EPLB_IMBALANCE, "per-layer expert load imbalance",
+                                           tag_keys=("layer", "phase"))  # fmt: skip
+            self.rebalances = metrics.Counter(names.EPLB_REBALANCES_TOTAL, "expert placements committed")
+            self.duration = metrics.Histogram(names.EPLB_REBALANCE_DURATION_MS, "plan + apply time (ms)",
+                                              boundaries=[1, 5, 10, 50, 100, 500, 1000, 5000, 20000])  # fmt: skip
+            self.bytes_moved = metrics.Counter(names.EPLB_BYTES_MOVED_TOTAL, "expert weight bytes moved")
+        except Exception:  # no Ray worker context (plain unit use)
+            self.imbalance = self.rebalances = self.duration = self.bytes_moved = None
+
+    def imbalance_per_layer(self, values: np.ndarray, phase: str) -> None:
+        if self.imbalance is not None:
+            for layer, v in enumerate(values.tolist()):
+                self.imbalance.set(float(v), tags={"layer": str(layer), "phase": phase})
+
+    def committed(self, duration_ms: float, remote_bytes: int) -> None:
+        if self.rebalances is not None:
+            self.rebalances.inc()
+            self.duration.observe(duration_ms)
+            if remote_bytes:
+                self.bytes_moved.inc(remote_bytes)
+
+
+class EplbController:
+    """Plans and pushes placements for one rank group.
+
+    ranks: handles with `eplb_collect()`, `eplb_reset_window()` and `eplb_call(method, *args)` (the
+    DPRank actor's EPLB methods); config: DEFAULTS keys.
+    """
+
+    def __init__(self, ranks: list[Any], config: dict[str, Any] | None = None) -> None:
+        self.ranks = list(ranks)
+        self.config = {**DEFAULTS, **(config or {})}
+        self.metrics = _Metrics()
+        self.current: np.ndarray | None = None  # phy2log int64 [layers, P] the ranks hold
+        self.num_logical = 0
+        self.num_ranks = 1
+        self.bytes_per_expert = 0
+        self._next_plan_id = 1
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.state: dict[str, Any] = {
+            "phase": "created",
+            "cycles": 0,
+            "window_steps": 0,
+            "rebalances": 0,
+            "skipped_no_gain": 0,
+            "policy_failures": 0,
+            "plan_failures": 0,
+            "last_error": None,
+            "last_plan": None,
+            "imbalance": None,
+            "history": [],
+        }
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def _get(self, refs: Any) -> Any:
+        import ray
+
+        return ray.get(refs)
+
+    def initialize(self) -> dict[str, Any]:
+        """Learn sizes and the placement the ranks hold (all ranks must agree)."""
+        placements = self._get([r.eplb_call.remote("eplb_placement") for r in self.ranks])
+        first = np.asarray(placements[0], dtype=np.int64)
+        if any(not np.array_equal(first, np.asarray(p)) for p in placements[1:]):
+            raise RuntimeError("ranks disagree on the expert placement")
+        status = self._get(self.ranks[0].eplb_call.remote("eplb_status"))
+        self.current = first
+        self.num_logical = int(status["num_logical"])
+        self.num_ranks = int(status["ep_size"])
+        self.bytes_per_expert = int(status["bytes_per_expert"])
+        self.state["phase"] = "collecting"
+        return self.get_state()
+
+    def start(self) -> dict[str, Any]:
+        """Initialize if needed and run `cycle()` every interval_s in a background thread."""
+        if self.current is None:
+            self.initialize()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="eplb-controller", daemon=True)
+            self._thread.start()
+        return self.get_state()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(float(self.config["interval_s"])):
+            try:
+                self.cycle()
+            except Exception as exc:  # never let the balancer die silently: keep going, report it
+                logger.exception("EPLB cycle failed")
+                self.state["last_error"] = f"cycle: {type(exc).__name__}: {exc}"
+
+    # ---- one cycle -------------------------------------------------------------------------------
+    def cycle(self) -> str:
+        """Pull windows; plan/commit when a window is complete. Returns what happened."""
+        with self._lock:
+            self.state["cycles"] += 1
+            windows = self._get([r.eplb_collect.remote() for r in self.ranks])
+            load = np.mean([np.asarray(w["load"], dtype=np.float64) for w in windows], axis=0)
+            steps = min(int(w["steps"]) for w in windows)
+            self.state["window_steps"] = steps
+            self.state["record_us_per_call"] = max(float(w.get("record_us_per_call", 0.0)) for w in windows)
+            if steps < int(self.config["window_steps"]) or load.sum() <= 0:
+                return "collecting"
+            return self._rebalance(load)
+
+    def _rebalance(self, load: np.ndarray) -> str:
+        t0 = time.perf_counter()
+        cfg = self.config
+        self.state["phase"] = "planning"
+        try:
+            placement = rebalance(cfg["policy"], load, self.num_ranks, int(cfg["num_redundant"]),
+                                  current=self.current, **dict(cfg.get("params") or {}))  # fmt: skip
+        except Exception as exc:
+            logger.exception("EPLB policy %r failed; keeping the current placement", cfg["policy"])
+            self.state["policy_failures"] += 1
+            self.state["last_error"] = f"policy {cfg['policy']}: {type(exc).__name__}: {exc}"
+            self.state["phase"] = "collecting"
+            self._event("policy_failed", error=self.state["last_error"], trace=traceback.format_exc(limit=3))
+            return "policy_failed"
+        new = placement.phy2log
+        imb_before = imbalance(load, self.current, self.num_ranks)
+        imb_after = imbalance(load, new, self.num_ranks)
+        cur_max = float(rank_loads(load, self.current, self.num_ranks).max(axis=1).sum())
+        new_max = float(rank_loads(load, new, self.num_ranks).max(axis=1).sum())
+        self.state["imbalance"] = {"current": imb_before.tolist(), "planned": imb_after.tolist()}
+        self.metrics.imbalance_per_layer(imb_before, names.PHASE_BEFORE)
+        plan_ms = (time.perf_counter() - t0) * 1e3
+        if not new_max < float(cfg["threshold"]) * cur_max:
+            self.state["skipped_no_gain"] += 1
+            self.state["phase"] = "collecting"
+            self._event("skipped_no_gain", cur_max=cur_max, new_max=new_max, plan_ms=plan_ms)
+            self._reset_windows()
+            return "skipped_no_gain"
+        try:
+            plan = build_transfer_plan(self.current, new, self.num_ranks, self.num_logical)
+            validate_plan(plan, self.num_logical)
+        except PlanError as exc:
+            logger.error("EPLB plan rejected before sending: %s", exc)
+            self.state["plan_failures"] += 1
+            self.state["last_error"] = f"plan: {exc}"
+            self.state["phase"] = "collecting"
+            self._event("plan_invalid", error=str(exc))
+            return "plan_invalid"
+        plan_ms = (time.perf_counter() - t0) * 1e3
+        outcome = self.push(new, plan_stats=plan.stats(self.bytes_per_expert))
+        duration_ms = (time.perf_counter() - t0) * 1e3
+        if outcome["outcome"] == "committed":
+            self.current = new
+            self.state["rebalances"] += 1
+            self.metrics.imbalance_per_layer(imb_after, names.PHASE_AFTER)
+            self.metrics.committed(duration_ms, int(outcome["remote_bytes"]))
+            self._reset_windows()
+        else:
+            self.state["plan_failures"] += 1
+            self.state["last_error"] = f"plan {outcome['plan_id']}: {outcome.get('error')}"
+        self.state["phase"] = "collecting"
+        self._event(outcome["outcome"], plan_id=outcome["plan_id"], plan_ms=plan_ms, duration_ms=duration_ms,
+                    cur_max=cur_max, new_max=new_max, **{k: v for k, v in outcome.items() if k not in ("outcome", "plan_id")})  # fmt: skip
+        return outcome["outcome"]
+
+    def push(self, new: np.ndarray, plan_stats: dict | None = None) -> dict[str, Any]:
+        """Send the plan current -> new to every rank and wait for every rank's outcome."""
+        plan_id = self._next_plan_id
+        self._next_plan_id += 1
+        self.state["phase"] = "applying"
+        msg = {"plan_id": plan_id, "old": self.current.tolist(), "new": np.asarray(new).tolist(),
+               "num_ranks": self.num_ranks, "blocking": bool(self.config["blocking"])}  # fmt: skip
+        stats = plan_stats or {}
+        self.state["last_plan"] = {"plan_id": plan_id, "num_ops": stats.get("num_ops"),
+                                   "remote_bytes": stats.get("remote_bytes")}  # fmt: skip
+        replies = self._get([r.eplb_call.remote("eplb_stage", msg) for r in self.ranks])
+        if not all(rep.get("accepted") for rep in replies):
+            # Nobody can have committed (that needs every rank ready): drop it where it was accepted.
+            self._get([r.eplb_call.remote("eplb_abort", plan_id) for r in self.ranks])
+            errors = [rep.get("error") for rep in replies if not rep.get("accepted")]
+            return {"plan_id": plan_id, "outcome": "rejected", "error": errors, "remote_bytes": 0}
+        deadline = time.monotonic() + float(self.config["plan_timeout_s"])
+        while True:
+            statuses = self._get([r.eplb_call.remote("eplb_status") for r in self.ranks])
+            found = [
+                next((h for h in s.get("history", []) if h["plan_id"] == plan_id), None) for s in statuses
+            ]
+            if all(f is not None for f in found):
+                break
+            if time.monotonic() > deadline:
+                return {
+                    "plan_id": plan_id,
+                    "outcome": "timeout",
+                    "error": "ranks did not finish",
+                    "remote_bytes": 0,
+                }
+            time.sleep(0.05)
+        outcomes = {f["outcome"] for f in found}
+        return {
+            "plan_id": plan_id,
+            "outcome": "committed" if outcomes == {"committed"} else "failed",
+            "error": [f.get("error") for f in found if f.get("error")],
+            "remote_bytes": sum(int(f.get("remote_bytes", 0)) for f in found),
+            "stage_ms_max": max(float(f.get("stage_ms", 0.0)) for f in found),
+            "commit_ms_max_step": max(float(f.get("commit_ms_max_step", 0.0)) for f in found),
+            "steps_waited": max(int(f.get("steps_waited", 0)) for f in found),
+        }
+
+    def _reset_windows(self) -> None:
+        self._get([r.eplb_reset_window.remote() for r in self.ranks])
+
+    def _event(self, kind: str, **info: Any) -> None:
+        self.state["history"].append({"t": time.time(), "event": kind, **info})
+        del self.state["history"][:-20]
+
+    # ---- reporting -------------------------------------------------------------------------------
+    def get_state(self) -> dict[str, Any]:
+        """Status for /dpserve/status: phase, counters, last plan, last error, recent events."""
+        out = dict(self.state)
+        out["history"] = list(self.state["history"])
+        out["config"] = dict(self.config)
+        out["placement"] = self.current.tolist() if self.current is not None else None
+        out["alive"] = self._thread is not None and self._thread.is_alive()
+        return out
+
+
+def eplb_actor_class():
+    """EplbController as a Ray actor (max_concurrency 2: get_state answers while a cycle runs)."""
+    import ray
+
+    return ray.remote(max_concurrency=4)(EplbController)

@@ -1,0 +1,176 @@
+"""EPLB actor as a real Ray actor against fake rank actors that serve a fixed skewed load and record
+the plans they receive (a unit test of the controller; the real ranks are in test_eplb_e2e.py)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from eplb.actor import eplb_actor_class
+from eplb.plan import build_transfer_plan, validate_plan
+from eplb.policies import default_placement
+from eplb.stats import rank_loads
+
+LAYERS, EXPERTS, RANKS, REDUNDANT = 3, 8, 2, 2
+
+
+class FakeRank:
+    """Mimics DPRank's EPLB methods: a skewed window, a placement, and plan bookkeeping."""
+
+    def __init__(self, rank: int, reject: bool = False, fail: bool = False, skew: bool = True) -> None:
+        self.rank = rank
+        self.reject = reject
+        self.fail = fail
+        self.placement = default_placement(LAYERS, EXPERTS, RANKS, REDUNDANT)
+        load = np.ones((LAYERS, EXPERTS))
+        if skew:
+            load[:, 2:4] = 50.0  # experts 2 and 3 (only on rank 0 by default) are hot
+        self.load = load
+        self.steps = 0
+        self.plans: list[dict] = []
+        self.history: list[dict] = []
+        self.resets = 0
+
+    def eplb_collect(self) -> dict:
+        self.steps += 10
+        return {"rank": self.rank, "load": self.load.tolist(), "steps": self.steps, "complete": True}
+
+    def eplb_reset_window(self) -> None:
+        self.resets += 1
+        self.steps = 0
+
+    def eplb_call(self, method: str, *args):
+        if method == "eplb_placement":
+            return self.placement.tolist()
+        if method == "eplb_status":
+            return {
+                "num_logical": EXPERTS,
+                "ep_size": RANKS,
+                "bytes_per_expert": 1000,
+                "history": self.history,
+            }
+        if method == "eplb_stage":
+            msg = args[0]
+            self.plans.append(msg)
+            if self.reject:
+                return {"accepted": False, "error": "fake rejection"}
+            # The real applier validates before anything moves; so does the fake.
+            old, new = np.asarray(msg["old"]), np.asarray(msg["new"])
+            validate_plan(build_transfer_plan(old, new, RANKS, EXPERTS), EXPERTS)
+            outcome = "failed" if self.fail else "committed"
+            if not self.fail:
+                self.placement = new
+            self.history.append({"plan_id": msg["plan_id"], "outcome": outcome, "remote_bytes": 1000,
+                                 "error": "fake transfer failure" if self.fail else None})  # fmt: skip
+            return {"accepted": True}
+        if method == "eplb_abort":
+            self.history.append({"plan_id": args[0], "outcome": "aborted"})
+            return True
+        raise AssertionError(method)
+
+    def get_plans(self) -> list[dict]:
+        return self.plans
+
+    def get_resets(self) -> int:
+        return self.resets
+
+
+@pytest.fixture
+def fake_ranks(ray_local):
+    import ray
+
+    def make(**kw):
+        cls = ray.remote(FakeRank)
+        return [cls.remote(r, **kw) for r in range(RANKS)]
+
+    return make
+
+
+def _controller(ranks, **config):
+    base = {"num_redundant": REDUNDANT, "window_steps": 20, "interval_s": 0.05, "policy": "deepseek"}
+    return eplb_actor_class().remote(ranks, {**base, **config})
+
+
+def test_plans_when_window_completes_and_pushes_to_every_rank(fake_ranks):
+    import ray
+
+    ranks = fake_ranks()
+    ctl = _controller(ranks)
+    ray.get(ctl.initialize.remote())
+    assert ray.get(ctl.cycle.remote()) == "collecting"  # 10 steps < window_steps 20
+    assert ray.get(ctl.cycle.remote()) == "committed"
+    plans = ray.get([r.get_plans.remote() for r in ranks])
+    assert len(plans[0]) == 1 and plans[0] == plans[1]  # the same plan to every rank
+    new = np.asarray(plans[0][0]["new"])
+    load = np.ones((LAYERS, EXPERTS))
+    load[:, 2:4] = 50.0
+    cur = default_placement(LAYERS, EXPERTS, RANKS, REDUNDANT)
+    assert (
+        rank_loads(load, new, RANKS).max(axis=1).sum() < 0.95 * rank_loads(load, cur, RANKS).max(axis=1).sum()
+    )
+    state = ray.get(ctl.get_state.remote())
+    assert state["rebalances"] == 1 and state["last_error"] is None
+    assert (np.asarray(state["placement"]) == new).all()
+    assert all(n == 1 for n in ray.get([r.get_resets.remote() for r in ranks]))
+    # Now balanced: the next complete window gains nothing and commits nothing.
+    ray.get(ctl.cycle.remote())
+    assert ray.get(ctl.cycle.remote()) == "skipped_no_gain"
+    assert len(ray.get(ranks[0].get_plans.remote())) == 1
+
+
+def test_background_thread_rebalances_and_state_answers(fake_ranks):
+    import ray
+
+    ranks = fake_ranks()
+    ctl = _controller(ranks)
+    ray.get(ctl.start.remote())
+    deadline = time.monotonic() + 20
+    while ray.get(ctl.get_state.remote())["rebalances"] < 1:
+        assert time.monotonic() < deadline, ray.get(ctl.get_state.remote())
+        time.sleep(0.05)
+    state = ray.get(ctl.get_state.remote())
+    assert state["alive"] and state["imbalance"]["planned"] < state["imbalance"]["current"]
+    ray.get(ctl.stop.remote())
+
+
+def test_policy_that_raises_is_logged_skipped_and_reported(fake_ranks):
+    import ray
+
+    ranks = fake_ranks()
+    ctl = _controller(ranks, policy="no_such_policy")
+    ray.get(ctl.start.remote())
+    deadline = time.monotonic() + 20
+    while ray.get(ctl.get_state.remote())["policy_failures"] < 2:  # keeps running after a failure
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    state = ray.get(ctl.get_state.remote())
+    assert state["alive"] and "no_such_policy" in state["last_error"] and state["rebalances"] == 0
+    assert ray.get(ranks[0].get_plans.remote()) == []
+    ray.get(ctl.stop.remote())
+
+
+def test_rejected_or_failed_plans_keep_the_old_placement(fake_ranks):
+    import ray
+
+    for kw, outcome in (({"reject": True}, "rejected"), ({"fail": True}, "failed")):
+        ranks = fake_ranks(**kw)
+        ctl = _controller(ranks)
+        ray.get(ctl.initialize.remote())
+        ray.get(ctl.cycle.remote())
+        assert ray.get(ctl.cycle.remote()) == outcome
+        state = ray.get(ctl.get_state.remote())
+        assert state["rebalances"] == 0 and state["plan_failures"] == 1
+        assert (np.asarray(state["placement"]) == default_placement(LAYERS, EXPERTS, RANKS, REDUNDANT)).all()
+
+
+def test_balanced_load_never_plans(fake_ranks):
+    import ray
+
+    ranks = fake_ranks(skew=False)
+    ctl = _controller(ranks)
+    ray.get(ctl.initialize.remote())
+    results = [ray.get(ctl.cycle.remote()) for _ in range(4)]
+    assert "committed" not in results and "skipped_no_gain" in results
+    assert ray.get(ranks[0].get_plans.remote()) == []
