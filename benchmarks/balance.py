@@ -156,13 +156,17 @@ def _table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         f"{args.max_num_seqs} per rank, lead {args.lead}, wait {args.wait_ms} ms, mean of {args.rounds} rounds. "
         "2 CPU cores shared with other work: relative comparison only, differences under ~15 % are noise.",
         "",
-        "| config | out tok/s | vs vllm | mean TTFT ms | mean TPOT ms | duration s | steps | closed | late |"
-        " coord ms/step | coord share |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| config | out tok/s | vs vllm | vs off (same group) | mean TTFT ms | mean TPOT ms | duration s | steps |"
+        " closed | late | coord ms/step | coord share |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, m in results.items():
+        # Groups start at different times on a shared machine: compare policies with their own group's off.
+        off = results.get("off" + name[len(name.split(" ")[0]) :])
+        vs_off = f"{m['output_tok_s'] / off['output_tok_s'] - 1:+.1%}" if off and name != "vllm" else "-"
         lines.append(
-            f"| {name} | {m['output_tok_s']:.1f} | {m['output_tok_s'] / base - 1:+.1%} | {m['mean_ttft_ms']:.0f} | "
+            f"| {name} | {m['output_tok_s']:.1f} | {m['output_tok_s'] / base - 1:+.1%} | {vs_off} | "
+            f"{m['mean_ttft_ms']:.0f} | "
             f"{m['mean_tpot_ms']:.1f} | {m['duration_s']:.2f} | {m.get('steps', float('nan')):.0f} | "
             f"{m.get('closed_steps', float('nan')):.0f} | {m.get('late_decisions', '-')} | "
             f"{m.get('coord_ms_per_step', float('nan')):.2f} | {m.get('coord_share', float('nan')):.1%} |"
@@ -187,7 +191,12 @@ def main() -> int:
     p.add_argument("--wait-ms", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=2, help="workload repetitions per configuration (mean)")
     p.add_argument("--horizons", default="1,4", help="balance groups to start, one per report horizon")
+    p.add_argument("--table-only", action="store_true", help="rewrite balance.md from balance.json")
     args = p.parse_args()
+    if args.table_only:
+        saved = json.loads((OUT / "balance.json").read_text())
+        (OUT / "balance.md").write_text(_table(saved["results"], argparse.Namespace(**saved["args"])))
+        return 0
 
     import ray
 
