@@ -41,13 +41,15 @@ class AppConfig:
     placement_strategy: str = "PACK"  # STRICT_SPREAD: one rank per node
     max_queued_per_rank: int | None = None  # admission bound; None: 4 x max_num_seqs
     rank_start_timeout_s: float = 900.0
+    recovery_wait_s: float = 300.0  # how long a new request waits for a re-forming DP group
     ingress_num_cpus: float = 0.1
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> AppConfig:
         args = dict(args or {})
         serving = {k: args.pop(k) for k in list(args) if k in ("placement_strategy", "max_queued_per_rank",
-                                                                "rank_start_timeout_s", "ingress_num_cpus")}  # fmt: skip
+                                                                "rank_start_timeout_s", "recovery_wait_s",
+                                                                "ingress_num_cpus")}  # fmt: skip
         for ignored in ("http_host", "http_port"):  # set in the Serve config's http_options
             args.pop(ignored, None)
         return cls(engine=EngineSettings.from_dict(args), **serving)
@@ -89,43 +91,106 @@ class Overloaded(Exception):
 @serve.ingress(app)
 class DPServer:
     async def __init__(self, config: dict[str, Any]):
-        from deployments.rank_group import start_rank_group
-
         self.config = AppConfig.from_args(config)
         settings = self.config.engine
         settings.model = settings.resolve_model()  # build the tiny model once, before the ranks start
         self.model_name = settings.served_model_name
-        self.actors, self.pg, self.start_info = await start_rank_group(
-            settings, self.config.placement_strategy, start_timeout_s=self.config.rank_start_timeout_s
-        )
-        self.max_model_len = self.start_info[0]["max_model_len"]
-        n = len(self.actors)
+        n = settings.data_parallel_size
+        self.actors: list[Any] = []
+        self.pg = None
+        self.generation = 0  # bumped each time the DP group is (re)formed
+        self.recoveries = 0
         self.stats: dict[int, dict[str, Any]] = {r: {} for r in range(n)}
         self.dispatched = {r: 0 for r in range(n)}
         self.served = {r: 0 for r in range(n)}
         self.missed = {r: 0 for r in range(n)}
-        self.live = set(range(n))
+        self.live: set[int] = set()
+        self._ready = asyncio.Event()
+        self._recovery: asyncio.Task | None = None
         self._metrics = IngressMetrics()
+        await self._form_group()
         self._poller = asyncio.get_running_loop().create_task(self._poll_stats())
 
-    # ---- rank bookkeeping ------------------------------------------------------------------------
-    async def _poll_stats(self) -> None:
+    # ---- the DP group ----------------------------------------------------------------------------
+    async def _form_group(self) -> None:
+        from deployments.rank_group import start_rank_group
+
+        self.actors, self.pg, self.start_info = await start_rank_group(
+            self.config.engine,
+            self.config.placement_strategy,
+            name_prefix=f"dpserve_g{self.generation + 1}_",  # operators can find a generation's ranks
+            start_timeout_s=self.config.rank_start_timeout_s,
+        )
+        self.max_model_len = self.start_info[0]["max_model_len"]
+        self.generation += 1
+        self.missed = {r: 0 for r in self.missed}
+        self.dispatched = {r: 0 for r in self.dispatched}  # old generation's requests are gone
+        self.live = set(range(len(self.actors)))
+        self._ready.set()
+
+    def _start_recovery(self, reason: str) -> None:
+        """Re-form the whole DP group: in lockstep MoE serving one lost rank breaks every rank's
+        collectives (vLLM's engines on the other ranks die within seconds), so ranks are replaced
+        together. New requests wait for the new group; requests in flight end with a clear error."""
+        if self._recovery is not None and not self._recovery.done():
+            return
+        logger.error("DP group generation %d lost: %s; re-forming it", self.generation, reason)
+        self._ready.clear()
+        self.live = set()
+        self._recovery = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        from deployments.rank_group import stop_rank_group
+
+        attempt = 0
         while True:
-            results = await asyncio.gather(
-                *[asyncio.wait_for(a.get_stats.remote(), STATS_POLL_S * 5) for a in self.actors],
-                return_exceptions=True,
-            )
-            for r, res in enumerate(results):
-                if isinstance(res, BaseException):
-                    self.missed[r] += 1
-                    if self.missed[r] >= DEAD_AFTER_MISSED_POLLS and r in self.live:
-                        logger.error("DP rank %d stopped answering (%s); no new requests go there", r, res)
-                        self.live.discard(r)
-                else:
-                    self.missed[r] = 0
-                    self.stats[r] = res
-                    self._metrics.rank_gauges(r, res)
+            attempt += 1
+            try:
+                await stop_rank_group(self.actors, self.pg, timeout_s=10)
+            except Exception:
+                logger.exception("stopping the old DP group failed; continuing")
+            try:
+                await self._form_group()
+                self.recoveries += 1
+                logger.warning("DP group re-formed (generation %d, attempt %d)", self.generation, attempt)
+                return
+            except Exception:
+                logger.exception("re-forming the DP group failed (attempt %d); retrying", attempt)
+                await asyncio.sleep(min(30, 2**attempt))
+
+    async def _poll_stats(self) -> None:
+        import ray
+
+        while True:
+            if self._ready.is_set():
+                actors, generation = list(self.actors), self.generation
+                results = await asyncio.gather(
+                    *[asyncio.wait_for(a.get_stats.remote(), STATS_POLL_S * 5) for a in actors],
+                    return_exceptions=True,
+                )
+                for r, res in enumerate(results):
+                    if generation != self.generation:
+                        break
+                    if isinstance(res, ray.exceptions.RayActorError):
+                        self._start_recovery(f"rank {r} actor died ({type(res).__name__})")
+                    elif isinstance(res, BaseException):
+                        self.missed[r] += 1
+                        if self.missed[r] >= DEAD_AFTER_MISSED_POLLS:
+                            self._start_recovery(f"rank {r} stopped answering for {self.missed[r]} polls")
+                    elif res.get("errored"):
+                        self._start_recovery(f"rank {r}'s engine died")
+                    else:
+                        self.missed[r] = 0
+                        self.stats[r] = res
+                        self._metrics.rank_gauges(r, res)
             await asyncio.sleep(STATS_POLL_S)
+
+    async def _wait_ready(self) -> None:
+        if not self._ready.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), self.config.recovery_wait_s)
+            except TimeoutError:
+                raise LookupError("the DP group is being re-formed") from None
 
     def _choose_rank(self) -> int:
         loads = {
@@ -140,34 +205,56 @@ class DPServer:
     async def _stream(self, prompt: Any, sampling: dict[str, Any], messages: list | None,
                       request_id: str) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
         """Chunks from one rank. The first chunk (prompt_tokens) is awaited before anything is sent
-        to the client, so a rejected request becomes an HTTP error rather than a broken stream."""
-        rank = self._choose_rank()
-        self.dispatched[rank] += 1
-        actor = self.actors[rank]
-        gen = actor.generate.options(num_returns="streaming").remote(request_id, prompt, sampling, messages)
-        status = "error"
-        try:
-            async for ref in gen:
-                yield await ref
-            status = "ok"
-        except (asyncio.CancelledError, GeneratorExit):
-            status = "aborted"
-            # Client went away: stop the rank's work for this request.
-            try:
-                actor.abort.remote(request_id)
-                import ray
+        to the client, so a rejected request becomes an HTTP error rather than a broken stream.
 
-                ray.cancel(gen)
-            except Exception:
-                pass
-            raise
-        except RequestRejected:
-            status = "rejected"
-            raise
-        finally:
-            self.dispatched[rank] -= 1
-            self.served[rank] += 1
-            self._metrics.request_done(rank, status)
+        If the rank fails before producing a token, the request waits for the re-formed group and is
+        retried once; after tokens were produced the failure is reported (no silent duplicates)."""
+        produced = False
+        for attempt in (1, 2):
+            await self._wait_ready()
+            rank = self._choose_rank()
+            generation = self.generation
+            self.dispatched[rank] += 1
+            actor = self.actors[rank]
+            gen = actor.generate.options(num_returns="streaming").remote(
+                request_id, prompt, sampling, messages
+            )
+            status = "error"
+            try:
+                async for ref in gen:
+                    chunk = await ref
+                    if attempt == 2 and "prompt_tokens" in chunk:
+                        continue  # already sent by the first attempt
+                    produced = produced or bool(chunk.get("token_ids"))
+                    yield chunk
+                status = "ok"
+                return
+            except (asyncio.CancelledError, GeneratorExit):
+                status = "aborted"
+                # Client went away: stop the rank's work for this request.
+                try:
+                    actor.abort.remote(request_id)
+                    import ray
+
+                    ray.cancel(gen)
+                except Exception:
+                    pass
+                raise
+            except RequestRejected:
+                status = "rejected"
+                raise
+            except Exception as exc:
+                if generation == self.generation:
+                    self._start_recovery(f"request {request_id} on rank {rank} failed: {type(exc).__name__}")
+                if produced or attempt == 2:
+                    raise
+                logger.warning("request %s lost rank %d before its first token; retrying", request_id, rank)
+                status = "retried"
+            finally:
+                if generation == self.generation:
+                    self.dispatched[rank] -= 1
+                self.served[rank] += 1
+                self._metrics.request_done(rank, status)
 
     # ---- routes ----------------------------------------------------------------------------------
     @app.get("/health")
@@ -203,6 +290,9 @@ class DPServer:
             "data_parallel_size": len(self.actors),
             "expert_parallel": self.config.engine.enable_expert_parallel,
             "live_ranks": sorted(self.live),
+            "group_generation": self.generation,
+            "recovering": not self._ready.is_set(),
+            "recoveries": self.recoveries,
             "ranks": [
                 dict(self.stats[r], dispatched=self.dispatched[r], served=self.served[r], live=r in self.live)
                 for r in range(len(self.actors))

@@ -43,6 +43,7 @@ class RankStats:
     updated: float = 0.0  # time.monotonic() of the last engine stats update
     in_flight: int = 0  # requests this rank's frontend holds (admitted, not yet finished)
     ready: bool = False
+    errored: bool = False  # the engine died (e.g. a peer rank's collectives broke)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -259,6 +260,7 @@ class DPRank:
             await self.engine.abort(request_id)
 
     def get_stats(self) -> dict[str, Any]:
+        self.stats.errored = self.engine is not None and self.engine.errored
         return self.stats.as_dict()
 
     async def check_health(self) -> bool:
@@ -288,7 +290,9 @@ class DPRank:
         status = await self.eplb_call("eplb_setup", int(cfg.get("num_redundant", 0)),
                                       int(cfg.get("layers_per_step", 1)))  # fmt: skip
         placement = await self.eplb_call("eplb_placement")
-        self._eplb_window = LoadWindow(len(placement), status["num_logical"], int(cfg.get("window_samples", 8)))
+        self._eplb_window = LoadWindow(
+            len(placement), status["num_logical"], int(cfg.get("window_samples", 8))
+        )
         self._eplb_steps = 0
         return status
 

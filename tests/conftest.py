@@ -21,11 +21,20 @@ def tiny_model_dir():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def metrics_port():
+    """Port where the session's Ray exports Prometheus metrics."""
+    from deployments.rank import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_local(metrics_port):
     """A Ray instance for the test session (more logical CPUs than cores: actors mostly wait)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                 _metrics_export_port=metrics_port)  # fmt: skip
     yield ray
     ray.shutdown()

@@ -155,3 +155,52 @@ def test_ranks_survive_bad_input(client, base_url):
         model=MODEL, prompt="still alive", max_tokens=4, extra_body={"ignore_eos": True}
     )
     assert r.usage.completion_tokens == 4
+
+
+def _scrape(metrics_port: int) -> dict[str, float]:
+    """`{"name{label=value,...}": value}` for dpserve series (Ray adds its own labels; we keep ours)."""
+    import re
+
+    out = {}
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if not line.startswith("ray_dpserve_"):
+            continue
+        name, labels, value = re.match(r"(\w+)\{(.*)\} (\S+)$", line).groups()
+        ours = ",".join(
+            sorted(
+                kv for kv in re.findall(r'(\w+="[^"]*")', labels) if kv.split("=")[0] in ("rank", "status")
+            )
+        )
+        out[f"{name}{{{ours}}}"] = out.get(f"{name}{{{ours}}}", 0.0) + float(value)
+    return out
+
+
+def test_prometheus_metrics_match_traffic(client, base_url, metrics_port):
+    for i in range(4):
+        client.completions.create(
+            model=MODEL, prompt=f"metrics {i}", max_tokens=3, extra_body={"ignore_eos": True}
+        )
+    served = sum(r["served"] for r in _status(base_url)["ranks"])
+    deadline = time.time() + 60
+    while time.time() < deadline:  # Ray's metrics agent exports every few seconds
+        m = _scrape(metrics_port)
+        counted = sum(v for k, v in m.items() if k.startswith("ray_dpserve_requests_total{"))
+        if counted == served:
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"dpserve_requests_total says {counted}, the ingress served {served}: {m}")
+    assert m.get('ray_dpserve_requests_total{rank="0",status="ok"}', 0) > 0
+    assert m.get('ray_dpserve_requests_total{rank="1",status="ok"}', 0) > 0
+    assert 'ray_dpserve_rank_running{rank="0"}' in m and 'ray_dpserve_rank_waiting{rank="1"}' in m
+    assert m.get("ray_dpserve_ttft_ms_count{}", 0) > 0
+
+
+def test_dpserve_status_cli(base_url, capsys):
+    from cluster.cli import main
+
+    assert main(["status", "--url", base_url]) == 0
+    out = capsys.readouterr().out
+    assert "DP 2" in out and "EP on" in out
+    assert len([line for line in out.splitlines() if line.strip().startswith(("0 ", "1 "))]) == 2
