@@ -120,7 +120,11 @@ class EplbController:
         first = np.asarray(placements[0], dtype=np.int64)
         if any(not np.array_equal(first, np.asarray(p)) for p in placements[1:]):
             raise RuntimeError("ranks disagree on the expert placement")
-        status = self._get(self.ranks[0].eplb_call.remote("eplb_status"))
+        statuses = self._get([r.eplb_call.remote("eplb_status") for r in self.ranks])
+        status = statuses[0]
+        # Plan ids must be new to every rank: outcomes are looked up by id in the ranks' histories.
+        seen = [int(h["plan_id"]) for s in statuses for h in s.get("history", [])]
+        self._next_plan_id = max([self._next_plan_id - 1, *seen]) + 1
         self.current = first
         self.num_logical = int(status["num_logical"])
         self.num_ranks = int(status["ep_size"])
