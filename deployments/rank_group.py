@@ -13,6 +13,8 @@ from npu_runtime.platform import detect
 
 logger = logging.getLogger("dpserve.rank_group")
 
+RANK_NAMESPACE = "dpserve"  # named rank actors live here, whichever job created them
+
 
 def rank_actor_class():
     import ray
@@ -53,6 +55,7 @@ async def start_rank_group(
             opts["num_gpus"] = bundle["GPU"]
         if name_prefix:
             opts["name"] = f"{name_prefix}rank{r}"
+            opts["namespace"] = RANK_NAMESPACE
         cores = cpu_cores_for_rank(r, n) if platform.name == "cpu" else None
         actors.append(actor_cls.options(**opts).remote(settings.to_dict(), r, cores, platform.name))
     dp_address, dp_port = await actors[0].reserve_dp_endpoint.remote()
@@ -65,7 +68,11 @@ async def start_rank_group(
         ray.util.remove_placement_group(pg)
         raise
     logger.info("started %d DP ranks: %s", n, infos)
-    if settings.eplb is not None and settings.eplb.get("enabled", True) and settings.eplb.get("setup_on_start", True):
+    if (
+        settings.eplb is not None
+        and settings.eplb.get("enabled", True)
+        and settings.eplb.get("setup_on_start", True)
+    ):
         await start_eplb(actors, settings, name_prefix)
     return actors, pg, list(infos)
 
@@ -138,7 +145,9 @@ async def stop_rank_group(actors: list[Any], pg: Any | None = None, timeout_s: f
             logger.warning("EPLB actor did not stop cleanly; killing it")
         ray.kill(controller)
     try:
-        await asyncio.wait_for(asyncio.gather(*[a.shutdown.remote() for a in actors], return_exceptions=True), timeout_s)
+        await asyncio.wait_for(
+            asyncio.gather(*[a.shutdown.remote() for a in actors], return_exceptions=True), timeout_s
+        )
     except TimeoutError:
         logger.warning("DP ranks did not shut down within %.0f s; killing them", timeout_s)
     for a in actors:
@@ -151,10 +160,17 @@ async def collect_stream(actor: Any, prompt: Any, sampling: dict[str, Any], requ
                          messages: list[dict] | None = None) -> dict[str, Any]:  # fmt: skip
     """Run one request on a rank actor to completion; returns text, token ids and finish reason."""
     text, token_ids, finish, prompt_tokens = [], [], None, 0
-    async for ref in actor.generate.options(num_returns="streaming").remote(request_id, prompt, sampling, messages):
+    async for ref in actor.generate.options(num_returns="streaming").remote(
+        request_id, prompt, sampling, messages
+    ):
         chunk = await ref
         prompt_tokens = chunk.get("prompt_tokens", prompt_tokens)
         text.append(chunk.get("text", ""))
         token_ids.extend(chunk.get("token_ids", []))
         finish = chunk.get("finish_reason") or finish
-    return {"text": "".join(text), "token_ids": token_ids, "finish_reason": finish, "prompt_tokens": prompt_tokens}
+    return {
+        "text": "".join(text),
+        "token_ids": token_ids,
+        "finish_reason": finish,
+        "prompt_tokens": prompt_tokens,
+    }
