@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -11,6 +12,26 @@ from npu_runtime.platform import Platform, detect
 # mostly waits on I/O. A fractional logical CPU keeps a 2-core machine from starving Serve's
 # proxy and ingress (DESIGN.md: the logical-CPU trap).
 CPU_RANK_LOGICAL_CPUS = 0.25
+# Extra resources every rank bundle asks for, as JSON (e.g. '{"dpserve_host": 1}'): a custom
+# resource each host declares once (`ray start --resources`) makes STRICT_SPREAD placement count
+# hosts like NPUs do on Ascend; set where the ingress runs (the head's node environment).
+RANK_RESOURCES_ENV = "DPSERVE_RANK_RESOURCES"
+
+
+def rank_resources_from_env() -> dict[str, float]:
+    """The DPSERVE_RANK_RESOURCES resources (empty when unset)."""
+    raw = os.environ.get(RANK_RESOURCES_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+        if not isinstance(value, dict):
+            raise TypeError
+        return {str(k): float(v) for k, v in value.items()}
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"{RANK_RESOURCES_ENV}={raw!r}: expected a JSON object of resource amounts"
+        ) from None
 
 
 def rank_bundle(
@@ -21,6 +42,7 @@ def rank_bundle(
         bundle = {"CPU": CPU_RANK_LOGICAL_CPUS}
     else:
         bundle = {"CPU": 1.0, platform.ray_resource: float(devices_per_rank)}
+    bundle.update(rank_resources_from_env())
     bundle.update(extra or {})
     return bundle
 

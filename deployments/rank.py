@@ -108,6 +108,36 @@ class DPRank:
                 os.environ[key] = value
             else:
                 os.environ.setdefault(key, value)
+        self.network_env = self._resolve_network_env()
+
+    def _resolve_network_env(self) -> dict[str, str]:
+        """Point vLLM (VLLM_HOST_IP) and gloo/tensorpipe/HCCL (*_SOCKET_IFNAME, HCCL_IF_IP) at this
+        Ray node's own address and the NIC holding it; returns what is in effect.
+
+        Only inside Ray (outside, the platform's loopback defaults stay). An operator's value is kept
+        unless it points at loopback while the node does not (the CPU platform default, or a node
+        env copied from a one-host setup): advertised across hosts, loopback makes the DP handshake
+        or the first gloo collective hang."""
+        from npu_runtime.platform import host_network_env, is_loopback_value
+
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return {}
+            node_ip = ray.util.get_node_ip_address()
+        except Exception:
+            return {}
+        node_is_loopback = is_loopback_value("VLLM_HOST_IP", node_ip)
+        for key, value in host_network_env(self.platform, node_ip).items():
+            current = os.environ.get(key)
+            if current is None or (is_loopback_value(key, current) and not node_is_loopback):
+                if current is not None and current != value:
+                    logger.warning("rank %d: %s=%s is loopback on node %s; using %s", self.rank, key,
+                                   current, node_ip, value)  # fmt: skip
+                os.environ[key] = value
+        keys = ("VLLM_HOST_IP", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "HCCL_IF_IP", "HCCL_SOCKET_IFNAME")
+        return {k: os.environ[k] for k in keys if k in os.environ}
 
     def _device_ids(self) -> list[int] | None:
         if not self.platform.visible_devices_env:
@@ -136,6 +166,11 @@ class DPRank:
     def reserve_dp_endpoint(self) -> tuple[str, int]:
         ip = self.node_ip()
         return ip, free_port(ip)
+
+    def network_info(self) -> dict[str, str]:
+        """This rank's resolved network identity (VLLM_HOST_IP, *_SOCKET_IFNAME, ...) for checks
+        and operators."""
+        return dict(self.network_env) | {"node_ip": self.node_ip()}
 
     async def start(self, dp_address: str, dp_rpc_port: int) -> dict[str, Any]:
         """Build the engine; returns when every DP rank has joined (vLLM's DP handshake)."""

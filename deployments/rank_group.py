@@ -40,7 +40,11 @@ async def start_rank_group(
     n = settings.data_parallel_size
     if settings.balance is not None:
         settings = start_balance_coordinator(settings)
-    pg = create_rank_placement_group(n, strategy=placement_strategy, platform=platform)
+    # In a thread: waiting for bundles (up to its timeout, e.g. while a host is down) must not
+    # block the caller's event loop (the ingress keeps answering, with 503s, meanwhile).
+    pg = await asyncio.to_thread(
+        create_rank_placement_group, n, strategy=placement_strategy, platform=platform
+    )
     actor_cls = rank_actor_class()
     actors = []
     for r in range(n):

@@ -8,7 +8,9 @@ platform by itself. Detection order is npu -> cuda -> cpu.
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -99,7 +101,8 @@ CPU = Platform(
         "VLLM_CPU_KVCACHE_SPACE": CPU_KVCACHE_GIB_DEFAULT,
         # Ranks share a machine: do not reserve a core per engine.
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        # Keep all traffic on loopback on a one-machine setup.
+        # Keep all traffic on loopback on a one-machine setup. A rank in a Ray cluster replaces it
+        # with its node's address (deployments.rank: host_network_env) when the node is not loopback.
         "VLLM_HOST_IP": "127.0.0.1",
     },
     # Eager mode starts in ~6 s instead of ~50 s (no torch.compile warm-up) with identical outputs.
@@ -133,6 +136,48 @@ def by_name(name: str) -> Platform:
         return _BY_NAME[name]
     except KeyError:
         raise ValueError(f"unknown platform {name!r}: expected one of {sorted(_BY_NAME)}") from None
+
+
+def interface_for_ip(ip: str) -> str | None:
+    """Name of the network interface holding IPv4 address `ip` on this host (None if none does).
+
+    Gloo, tensorpipe and HCCL pick their NIC by name (`*_SOCKET_IFNAME`); left unset, gloo resolves
+    the hostname, which on a multi-homed node (or inside a network namespace) can give an address
+    other ranks cannot reach, or loopback.
+    """
+    if ipaddress.ip_address(ip).is_loopback:
+        return "lo"
+    import psutil  # a Ray dependency: present wherever ranks run
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == ip for a in addrs):
+            return name
+    return None
+
+
+def host_network_env(platform: Platform, node_ip: str) -> dict[str, str]:
+    """What a rank on the node with address `node_ip` advertises to other ranks, and on which NIC:
+    the same variables ray_configs/cluster-ascend.yaml exports per node, derived instead of typed."""
+    env = {"VLLM_HOST_IP": node_ip}
+    ifname = interface_for_ip(node_ip)
+    if ifname:
+        env["GLOO_SOCKET_IFNAME"] = ifname
+        env["TP_SOCKET_IFNAME"] = ifname
+    if platform.name == "npu":
+        env["HCCL_IF_IP"] = node_ip
+        if ifname:
+            env["HCCL_SOCKET_IFNAME"] = ifname
+    return env
+
+
+def is_loopback_value(key: str, value: str) -> bool:
+    """Whether an inherited network variable points at loopback (only valid on a one-host setup)."""
+    if key.endswith("_IFNAME"):
+        return value == "lo"
+    try:
+        return ipaddress.ip_address(value).is_loopback
+    except ValueError:
+        return False
 
 
 def apply_vllm_env(platform: Platform | None = None, env: dict[str, str] | None = None) -> dict[str, str]:
