@@ -210,18 +210,22 @@ class EplbController:
         plan_ms = (time.perf_counter() - t0) * 1e3
         outcome = self.push(new, plan_stats=plan.stats(self.bytes_per_expert))
         duration_ms = (time.perf_counter() - t0) * 1e3
+        # The event goes in first and the counters last: get_state() runs on another thread, and a
+        # reader that sees rebalances == n must also see the n-th committed event and placement.
+        self._event(outcome["outcome"], plan_id=outcome["plan_id"], plan_ms=plan_ms, duration_ms=duration_ms,
+                    cur_max=cur_max, new_max=new_max,
+                    **{k: v for k, v in outcome.items() if k not in ("outcome", "plan_id")})  # fmt: skip
         if outcome["outcome"] == "committed":
             self.current = new
-            self.state["rebalances"] += 1
             self.metrics.imbalance_per_layer(imb_after, names.PHASE_AFTER)
             self.metrics.committed(duration_ms, int(outcome["remote_bytes"]))
             self._reset_windows()
+            self.state["phase"] = "collecting"
+            self.state["rebalances"] += 1
         else:
-            self.state["plan_failures"] += 1
             self.state["last_error"] = f"plan {outcome['plan_id']}: {outcome.get('error')}"
-        self.state["phase"] = "collecting"
-        self._event(outcome["outcome"], plan_id=outcome["plan_id"], plan_ms=plan_ms, duration_ms=duration_ms,
-                    cur_max=cur_max, new_max=new_max, **{k: v for k, v in outcome.items() if k not in ("outcome", "plan_id")})  # fmt: skip
+            self.state["phase"] = "collecting"
+            self.state["plan_failures"] += 1
         return outcome["outcome"]
 
     def push(self, new: np.ndarray, plan_stats: dict | None = None) -> dict[str, Any]:

@@ -184,6 +184,8 @@ class EplbWorkerState:
         self.lock = threading.Lock()
         self.pending: _Pending | None = None
         self.history: list[dict] = []
+        self.last_plan_id = 0
+        self.fail_next_transfer = False
         self.sync_steps = 0
         self.sync_us = 0.0
         if self.dp_size > 1:
@@ -210,6 +212,12 @@ class EplbWorkerState:
         if not 0 < plan_id < 40000:  # id^2 rides in an int32 all-reduce row
             return {"accepted": False, "error": f"plan_id {plan_id} outside (0, 40000)"}
         with self.lock:
+            if plan_id <= self.last_plan_id:  # outcomes are reported by id: ids must be fresh
+                return {
+                    "accepted": False,
+                    "error": f"plan_id {plan_id} not above the last one ({self.last_plan_id})",
+                }
+            self.last_plan_id = plan_id
             if self.pending is not None:
                 return {"accepted": False, "error": f"plan {self.pending.plan_id} still pending"}
             try:
@@ -247,7 +255,12 @@ class EplbWorkerState:
         t0 = time.perf_counter()
         me = self.ep_rank
         try:
-            k = 0
+            if self.fail_next_transfer:  # fault injection for tests (eplb_fail_next_transfer)
+                self.fail_next_transfer = False
+                raise RuntimeError("injected transfer failure")
+            # Tags unique per plan: a dropped plan's transfers may still be waiting on the group (until
+            # its timeout) and must never match a later plan's messages.
+            k = (p.plan_id % 1000) * 1_000_000
             for layer in p.plan.layers():
                 routed = self.layers[layer].routed
                 w13, w2 = routed.w13_weight.data, routed.w2_weight.data
@@ -277,6 +290,9 @@ class EplbWorkerState:
                     return
             p.ready = True
         except Exception as exc:  # reported through the step sync: every rank drops the plan
+            if p.aborted:  # already dropped everywhere (a peer failed): this is the late echo
+                logger.info("EPLB plan %d: dropped plan's transfer ended: %s", p.plan_id, exc)
+                return
             logger.exception("EPLB plan %d: transfer failed", p.plan_id)
             p.failed = f"{type(exc).__name__}: {exc}"
         finally:
@@ -439,6 +455,12 @@ class EplbWorkerExtension:
 
     def eplb_status(self) -> dict:
         return _STATE.status() if _STATE is not None else {"enabled": False}
+
+    def eplb_fail_next_transfer(self) -> bool:
+        """Fault injection (tests): this rank's next staging raises, as a broken peer link would."""
+        assert _STATE is not None, "eplb_setup first"
+        _STATE.fail_next_transfer = True
+        return True
 
     def eplb_set_recording(self, enabled: bool) -> bool:
         assert _STATE is not None, "eplb_setup first"

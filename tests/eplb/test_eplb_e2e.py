@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from deployments.engine_config import EngineSettings
-from deployments.rank_group import collect_stream, start_rank_group, stop_rank_group
+from deployments.rank_group import (
+    collect_stream,
+    get_eplb_actor,
+    start_eplb,
+    start_rank_group,
+    stop_rank_group,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -61,13 +67,31 @@ async def _wait_committed(actors, plan_id: int, timeout_s: float = 60.0) -> list
 
 @pytest.fixture(scope="module")
 def group(ray_local, tiny_model_dir):
+    # setup_on_start False: the reference below comes from the plain model (no tables installed);
+    # autostart False: the first test pushes its own plans, the second starts the actor's cycles.
+    eplb = {
+        "enabled": True,
+        "num_redundant": NUM_REDUNDANT,
+        "policy": "deepseek",
+        "window_steps": 20,
+        "interval_s": 0.5,
+        "threshold": 0.99,
+        "window_samples": 4,
+        "setup_on_start": False,
+        "autostart": False,
+    }
     settings = EngineSettings(
-        model=tiny_model_dir, data_parallel_size=2, enable_expert_parallel=True, max_model_len=256, max_num_seqs=8,
-        eplb={"enabled": True, "num_redundant": NUM_REDUNDANT, "policy": "swift", "window_samples": 2},
-    )  # fmt: skip
+        model=tiny_model_dir,
+        data_parallel_size=2,
+        enable_expert_parallel=True,
+        max_model_len=256,
+        max_num_seqs=8,
+        eplb=eplb,
+    )
     loop = asyncio.new_event_loop()
     actors, pg, _ = loop.run_until_complete(start_rank_group(settings))
     reference = loop.run_until_complete(_generate(actors))  # plain vLLM: tables not installed yet
+    loop.run_until_complete(start_eplb(actors, settings))  # slots + tables on both ranks, the actor idle
     yield loop, actors, reference
     loop.run_until_complete(stop_rank_group(actors, pg))
     loop.close()
@@ -77,7 +101,7 @@ def test_rank_side_apply_keeps_outputs_identical(group):
     loop, actors, reference = group
 
     async def go():
-        states = await asyncio.gather(*[a.eplb_setup.remote() for a in actors])
+        states = await asyncio.gather(*[a.eplb_call.remote("eplb_status") for a in actors])
         assert [s["ep_rank"] for s in states] == [0, 1] and states[0]["slots_per_rank"] == 10
         assert await _generate(actors) == reference  # 16 experts in 20 slots
 
@@ -101,7 +125,7 @@ def test_rank_side_apply_keeps_outputs_identical(group):
             outcomes = await _wait_committed(actors, plan_id)
             assert [o["outcome"] for o in outcomes] == ["committed", "committed"], outcomes
             assert await during == reference
-            for r, a in enumerate(actors):
+            for a in actors:
                 assert (np.asarray(await a.eplb_call.remote("eplb_placement")) == new).all()
             print(f"\nplan {plan_id} blocking={blocking}: " + "; ".join(
                 f"rank {r}: stage {o['stage_ms']:.1f} ms, commit {o['commit_ms_total']:.2f} ms over "
@@ -110,6 +134,21 @@ def test_rank_side_apply_keeps_outputs_identical(group):
             assert await _generate(actors) == reference
             old = new
 
+        # A transfer that fails on one rank leaves the old placement in force on every rank.
+        await actors[1].eplb_call.remote("eplb_fail_next_transfer")
+        new = _random_placement(rng, old.shape[0], 16, NUM_REDUNDANT)
+        msg = {"plan_id": 5, "old": old.tolist(), "new": new.tolist(), "num_ranks": 2}
+        during = asyncio.ensure_future(_generate(actors))
+        res = await asyncio.gather(*[a.eplb_call.remote("eplb_stage", msg) for a in actors])
+        assert all(r["accepted"] for r in res), res
+        outcomes = await _wait_committed(actors, 5)
+        assert [o["outcome"] for o in outcomes] == ["failed", "failed"], outcomes
+        assert "injected" in outcomes[1]["error"]
+        assert await during == reference
+        for a in actors:
+            assert (np.asarray(await a.eplb_call.remote("eplb_placement")) == old).all()
+            assert (await a.eplb_call.remote("eplb_status"))["pending"] is None
+
         # A malformed plan is rejected on every rank before anything moves.
         bad = old.copy()
         bad[1, :] = 3
@@ -117,5 +156,37 @@ def test_rank_side_apply_keeps_outputs_identical(group):
                                      "new": bad.tolist(), "num_ranks": 2}) for a in actors])  # fmt: skip
         assert not any(r["accepted"] for r in res)
         assert await _generate(actors) == reference
+
+    loop.run_until_complete(go())
+
+
+def test_actor_driven_rebalance_under_traffic(group):
+    """The EPLB actor pulls the real windows, plans, and commits while requests keep flowing."""
+    loop, actors, reference = group
+    controller = get_eplb_actor(actors)
+    assert controller is not None
+
+    async def go():
+        before = np.asarray(await actors[0].eplb_call.remote("eplb_placement"))
+        await controller.initialize.remote()  # the first test changed the placement
+        await controller.start.remote()
+        deadline = time.monotonic() + 180
+        waves = 0
+        while (await controller.get_state.remote())["rebalances"] < 1:
+            assert time.monotonic() < deadline, await controller.get_state.remote()
+            assert await _generate(actors) == reference  # every wave, also those overlapping a rebalance
+            waves += 1
+        state = await controller.get_state.remote()
+        await controller.stop.remote()
+        after = np.asarray(await actors[0].eplb_call.remote("eplb_placement"))
+        assert (after == np.asarray(state["placement"])).all() and not (after == before).all()
+        assert (np.asarray(await actors[1].eplb_call.remote("eplb_placement")) == after).all()
+        committed = [e for e in state["history"] if e["event"] == "committed"]
+        assert committed and committed[-1]["remote_bytes"] > 0  # experts moved between the ranks
+        assert await _generate(actors) == reference
+        print(
+            f"\nactor rebalance after {waves} waves: {committed[-1]}; record {state['record_us_per_call']:.1f} us/call"
+        )
+        assert state["last_error"] is None
 
     loop.run_until_complete(go())
