@@ -6,9 +6,10 @@ applier in `eplb.applier` attaches duck-typed objects to them):
 * Routing: `BaseRouter._apply_eplb_mapping` (logical -> physical expert ids, a no-op on CPU) is
   patched to call `router._dpserve_route(topk_ids)` when a router has one. The applier installs a
   callable that records per-expert token counts and maps logical ids to physical slots through
-  tables it updates in place. Patched at class level before any model is built, so compiled mode
-  traces the patched method too (hooks set on instances after start-up would be ignored by the graph
-  only if they changed the traced code; ours is a fixed attribute read).
+  tables it updates in place. Patched at class level before any model is built, so a compiled
+  graph traces the patched method; the tables it reads are tensors updated in place only. (Tested
+  in eager mode, the CPU default; attaching `_dpserve_route` after a graph was traced without it
+  would not be seen by that graph.)
 * Per-step agreement: `vllm.v1.worker.dp_utils._run_ar` is the all-reduce every DP rank runs once
   per engine step (dummy batches included) to agree on padding. When a step-sync participant is
   registered, extra rows ride on that same all-reduce: no additional collective per step, and every
