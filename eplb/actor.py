@@ -172,6 +172,17 @@ class EplbController:
     def _rebalance(self, load: np.ndarray) -> str:
         t0 = time.perf_counter()
         cfg = self.config
+        # Plan from what the ranks hold now: a plan that timed out here (an idle DP group does not
+        # step, so it cannot commit) may have committed since, and a pending one must finish first.
+        statuses = self._get([r.eplb_call.remote("eplb_status") for r in self.ranks])
+        if any(st.get("pending") for st in statuses):
+            return "plan_pending"
+        placements = [np.asarray(p, dtype=np.int64) for p in self._get([r.eplb_call.remote("eplb_placement")
+                                                                        for r in self.ranks])]  # fmt: skip
+        if any(not np.array_equal(placements[0], p) for p in placements[1:]):
+            self.state["last_error"] = "ranks disagree on the placement"
+            return "ranks_disagree"
+        self.current = placements[0]
         self.state["phase"] = "planning"
         try:
             placement = rebalance(cfg["policy"], load, self.num_ranks, int(cfg["num_redundant"]),

@@ -187,6 +187,7 @@ class EplbWorkerState:
         self.last_plan_id = 0
         self.fail_next_transfer = False
         self.sync_steps = 0
+        self.sync_steps_idle = 0
         self.sync_us = 0.0
         if self.dp_size > 1:
             from npu_runtime import eplb_hooks
@@ -380,7 +381,9 @@ class EplbWorkerState:
                 p.commit_layers = list(p.plan.layers()) or [-1]  # -1: a no-op plan still commits
                 self._commit_step(p, all_layers=p.blocking)
         finally:
-            self.sync_us += (time.perf_counter() - t0) * 1e6
+            if p is None:  # the steady-state cost of the agreement (plan steps cost their commit)
+                self.sync_us += (time.perf_counter() - t0) * 1e6
+                self.sync_steps_idle += 1
 
     def _commit_step(self, p: _Pending, all_layers: bool = False) -> None:
         t0 = time.perf_counter()
@@ -414,7 +417,7 @@ class EplbWorkerState:
             },
             "history": list(self.history),
             "sync_steps": self.sync_steps,
-            "sync_us_per_step": self.sync_us / self.sync_steps if self.sync_steps else 0.0,
+            "sync_us_per_step": self.sync_us / self.sync_steps_idle if self.sync_steps_idle else 0.0,
         }
 
 
