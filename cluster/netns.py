@@ -260,26 +260,33 @@ class NetnsCluster:
         raise TimeoutError(f"{len(nodes)} of {count} Ray nodes alive after {timeout_s:.0f} s: {nodes}")
 
     def stop_ray_on(self, index: int, grace_s: float = 8.0) -> None:
-        """Kill every process inside host `index` (SIGTERM, then SIGKILL after `grace_s`).
+        """Kill every process inside host `index` (see `stop_hosts`)."""
+        self.stop_hosts([index], grace_s)
+
+    def stop_hosts(self, indices: Sequence[int], grace_s: float = 8.0) -> None:
+        """Kill every process inside the given hosts, all hosts at once: SIGTERM, then SIGKILL after
+        `grace_s`; bounded by about grace_s + 5 s whatever the processes do.
 
         Not `ray stop`: that matches Ray processes by name machine-wide, other people's included."""
-        h = self.hosts[index]
-        pids = h.pids()
+        hosts = [self.hosts[i] for i in indices]
+        pids = {h.netns: h.pids() for h in hosts}
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
+            for pid in (p for ps in pids.values() for p in ps):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
             deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
-            while pids and time.monotonic() < deadline:
+            while any(pids.values()) and time.monotonic() < deadline:
                 time.sleep(0.2)
-                pids = h.pids()
-            if not pids:
+                pids = {h.netns: h.pids() for h in hosts}
+            if not any(pids.values()):
                 break
-        if pids:
-            logger.error("processes %s in %s survived SIGKILL", pids, h.netns)
-        h.ray_started = False
+        for netns, left in pids.items():
+            if left:
+                logger.error("processes %s in %s survived SIGKILL", left, netns)
+        for h in hosts:
+            h.ray_started = False
 
     # ---- running things on a host ---------------------------------------------------------------
     def run_python(self, index: int, code: str, timeout_s: float = 600.0, check: bool = True,
@@ -296,13 +303,11 @@ class NetnsCluster:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def teardown(self) -> None:
-        """Bounded (~15 s per host worst case) and safe to call more than once, after any failure."""
-        for h in self.hosts:
-            try:
-                if h.pids():
-                    self.stop_ray_on(h.index)
-            except Exception:
-                logger.exception("stopping processes in %s failed", h.netns)
+        """Bounded (~15 s worst case) and safe to call more than once, after any failure."""
+        try:
+            self.stop_hosts([h.index for h in self.hosts if h.pids()])
+        except Exception:
+            logger.exception("stopping the test hosts' processes failed")
         for kind, name in reversed(self._created):
             try:
                 if kind == "netns":
