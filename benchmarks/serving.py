@@ -50,6 +50,10 @@ def engine_settings(args) -> dict:
             "enable_expert_parallel": args.expert_parallel}  # fmt: skip
 
 
+def dpserve_settings(args) -> dict:
+    return engine_settings(args) | {"cpu_binding": args.cpu_binding}
+
+
 def run_dpserve(args, model_dir: str, workload) -> dict:
     import ray
     from ray import serve
@@ -62,7 +66,7 @@ def run_dpserve(args, model_dir: str, workload) -> dict:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         t0 = time.perf_counter()
         serve.run(build_app({"model": model_dir, "served_model_name": MODEL, "data_parallel_size": 2,
-                             **engine_settings(args)}), name="dpserve", route_prefix="/")  # fmt: skip
+                             **dpserve_settings(args)}), name="dpserve", route_prefix="/")  # fmt: skip
         startup = time.perf_counter() - t0
         url = f"http://127.0.0.1:{port}"
         summary = asyncio.run(run_workload(url, MODEL, workload))
@@ -110,6 +114,12 @@ def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--expert-parallel", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--cpu-binding",
+        choices=["shared", "split"],
+        default="shared",
+        help="dpserve's CPU core binding (vLLM's own DP server shares all cores)",
+    )
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     apply_vllm_env()
@@ -130,6 +140,7 @@ def main() -> int:
 
     ratio = med("dpserve", "output_token_throughput") / med("vllm", "output_token_throughput")
     result = {"workload": runs["dpserve"][0]["workload"], "engine": engine_settings(args) | {"dp": 2},
+              "dpserve_cpu_binding": args.cpu_binding,
               "runs": runs, "output_throughput_ratio_dpserve_over_vllm": ratio}  # fmt: skip
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +158,8 @@ def main() -> int:
     md = (f"# Serving: dpserve vs vLLM's own OpenAI server\n\n"
           f"Tiny MoE model, CPU (2 cores), DP=2{' + EP' if args.expert_parallel else ''}, float32, eager; "
           f"{w.num_prompts} prompts x {w.input_len} in / {w.output_len} out, concurrency {w.max_concurrency}, "
-          f"rate {w.request_rate}; medians over {args.rounds} round(s), servers run one at a time.\n\n"
+          f"rate {w.request_rate}; dpserve CPU binding `{args.cpu_binding}`; medians over {args.rounds} round(s), "
+          f"servers run one at a time, alternating.\n\n"
           + "\n".join(rows) + f"\n\nOutput-throughput ratio dpserve / vLLM: **{ratio:.3f}** (target >= 0.95).\n")  # fmt: skip
     (out / "serving.md").write_text(md)
     print(md)

@@ -53,9 +53,20 @@ def rank_bundles(dp_size: int, platform: Platform | None = None, devices_per_ran
     return [rank_bundle(platform, devices_per_rank, extra) for _ in range(dp_size)]
 
 
-def cpu_cores_for_rank(rank: int, dp_size: int, num_cores: int | None = None) -> list[int]:
-    """Split this machine's cores evenly over the ranks on it (each rank gets at least one)."""
+def cpu_cores_for_rank(
+    rank: int, dp_size: int, num_cores: int | None = None, binding: str = "shared"
+) -> list[int]:
+    """The cores rank `rank`'s engine may use on a CPU host.
+
+    `shared`: every rank may use every core (what vLLM's own DP server does; ranks in lockstep MoE
+    spend much of a step waiting in collectives, so sharing measured faster on 2 cores).
+    `split`: cores are divided evenly over the ranks (each rank gets at least one).
+    """
     num_cores = num_cores or os.cpu_count() or 1
+    if binding == "shared":
+        return list(range(num_cores))
+    if binding != "split":
+        raise ValueError(f"cpu_binding must be 'shared' or 'split', not {binding!r}")
     per_rank = max(1, num_cores // dp_size)
     start = (rank * per_rank) % num_cores
     return [(start + i) % num_cores for i in range(per_rank)]

@@ -26,9 +26,27 @@ def format_status(status: dict) -> str:
             f"{r.get('waiting', 0):>8} {r.get('dispatched', 0):>10} {r.get('kv_cache_usage', 0.0):>7.1%} "
             f"{r.get('step', 0):>8}"
         )
-    for section in ("balance", "eplb"):
-        if status.get(section):
-            lines.append(f"{section}: {json.dumps(status[section])}")
+    balance = status.get("balance")
+    if balance:
+        lines.append(
+            f"gate: policy {balance.get('policy')} {balance.get('params') or ''}  closed "
+            f"{balance.get('closed_steps', 0)}/{balance.get('decided_steps', 0)} steps  "
+            f"live {balance.get('live_ranks')}"
+            if "error" not in balance
+            else f"gate: {balance['error']}"
+        )
+    else:
+        lines.append("gate: off")
+    eplb = status.get("eplb")
+    if eplb:
+        keep = {
+            k: v
+            for k, v in eplb.items()
+            if not isinstance(v, (dict, list)) or k in ("last_plan", "last_error")
+        }
+        lines.append("eplb: " + json.dumps(keep, default=str)[:600])
+    else:
+        lines.append("eplb: off")
     return "\n".join(lines)
 
 

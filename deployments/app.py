@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import openai_protocol as oai
 from deployments.engine_config import EngineSettings
@@ -42,13 +43,17 @@ class AppConfig:
     max_queued_per_rank: int | None = None  # admission bound; None: 4 x max_num_seqs
     rank_start_timeout_s: float = 900.0
     recovery_wait_s: float = 300.0  # how long a new request waits for a re-forming DP group
+    # Streamed tokens are sent in chunks at most this often (0: every token on its own). Each chunk
+    # crosses two Ray hops (rank -> ingress -> proxy); per-token messages cost more CPU than decoding
+    # the tiny model, and at DeepSeek scale tens of thousands of tokens/s pass one ingress.
+    stream_interval_ms: float = 50.0
     ingress_num_cpus: float = 0.1
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> AppConfig:
         args = dict(args or {})
         serving = {k: args.pop(k) for k in list(args) if k in ("placement_strategy", "max_queued_per_rank",
-                                                                "rank_start_timeout_s", "recovery_wait_s",
+                                                                "rank_start_timeout_s", "recovery_wait_s", "stream_interval_ms",
                                                                 "ingress_num_cpus")}  # fmt: skip
         for ignored in ("http_host", "http_port"):  # set in the Serve config's http_options
             args.pop(ignored, None)
@@ -81,6 +86,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     first = errors[0] if errors else {}
     loc = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
     return _error(f"{loc or 'body'}: {first.get('msg', 'invalid request')}", 422, param=loc)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # e.g. a body that is not UTF-8 / cannot be parsed at all, an unknown route, a wrong method.
+    return _error(str(exc.detail), exc.status_code, headers=getattr(exc, "headers", None))
 
 
 class Overloaded(Exception):
@@ -217,7 +228,7 @@ class DPServer:
             self.dispatched[rank] += 1
             actor = self.actors[rank]
             gen = actor.generate.options(num_returns="streaming").remote(
-                request_id, prompt, sampling, messages
+                request_id, prompt, sampling, messages, self.config.stream_interval_ms
             )
             status = "error"
             try:
@@ -282,10 +293,40 @@ class DPServer:
             ],  # fmt: skip
         }
 
+    async def _side_actor_states(self) -> dict[str, Any]:
+        """The balance coordinator's and the EPLB actor's state (None where that part is off)."""
+        import ray
+
+        from deployments.rank_group import get_eplb_actor
+
+        out: dict[str, Any] = {"balance": None, "eplb": None}
+        calls = {}
+        if self.config.engine.balance is not None:
+            from scheduler.coordinator import DEFAULT_NAME, DEFAULT_NAMESPACE
+
+            name = self.config.engine.balance.get("coordinator_name", DEFAULT_NAME)
+            namespace = self.config.engine.balance.get("namespace", DEFAULT_NAMESPACE)
+            try:
+                calls["balance"] = ray.get_actor(name, namespace=namespace).get_stats.remote()
+            except ValueError:
+                out["balance"] = {"error": "coordinator not running"}
+        controller = get_eplb_actor(self.actors)
+        if controller is not None:
+            calls["eplb"] = controller.get_state.remote()
+        for key, ref in calls.items():
+            try:
+                state = await asyncio.wait_for(ref, 5)
+                if key == "eplb":  # the full placement table is too big for a status line
+                    state = {k: v for k, v in state.items() if k not in ("placement", "history")}
+                out[key] = state
+            except Exception as exc:
+                out[key] = {"error": f"{type(exc).__name__}: {exc}"}
+        return out
+
     @app.get("/dpserve/status")
     async def status(self) -> dict[str, Any]:
         """Per-rank state for `dpserve status` and operators."""
-        return {
+        return (await self._side_actor_states()) | {
             "model": self.model_name,
             "data_parallel_size": len(self.actors),
             "expert_parallel": self.config.engine.enable_expert_parallel,

@@ -31,6 +31,7 @@ class EngineSettings:
     dtype: str | None = None  # None: the platform default (float32 on CPU)
     enforce_eager: bool | None = None  # None: the platform default (eager on CPU)
     seed: int = 0
+    cpu_binding: str = "shared"  # CPU only: "shared" (every rank on every core) or "split" (cores divided)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # any other vLLM engine argument
     # Balance scheduling (DP prefill gate), e.g. {"policy": "any_at_cap"}; None: off (plain vLLM).
     # Keys: policy, params, timeout_s (coordinator) and the scheduler's BALANCE_CLIENT_KEYS.
@@ -58,6 +59,8 @@ class EngineSettings:
             raise ValueError("data_parallel_size must be >= 1")
         if self.max_num_seqs < 1 or self.max_model_len < 16:
             raise ValueError("max_num_seqs must be >= 1 and max_model_len >= 16")
+        if self.cpu_binding not in ("shared", "split"):
+            raise ValueError(f"cpu_binding must be 'shared' or 'split', not {self.cpu_binding!r}")
 
     def resolve_model(self) -> str:
         if self.model:

@@ -252,26 +252,40 @@ class DPRank:
         prompt: str | list[int] | None = None,
         sampling: dict[str, Any] | None = None,
         messages: list[dict] | None = None,
+        stream_interval_ms: float = 0.0,
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream one request's output as plain dicts: the first carries `prompt_tokens`, each later
-        one the new text and token ids; the last has `finish_reason` set."""
+        one the new text and token ids; the last has `finish_reason` set.
+
+        With `stream_interval_ms` > 0, tokens after the first are sent in chunks at most that often:
+        every chunk is a Ray message on each hop to the client, and on a busy host per-token
+        messages cost more CPU than the tokens themselves."""
         if self.engine is None:
             raise RuntimeError(f"DP rank {self.rank} is not started")
         request_id = request_id or uuid.uuid4().hex
         ids = self._prompt_token_ids(prompt, messages)
         params = self._sampling_params(sampling or {}, len(ids))
+        interval = stream_interval_ms / 1000.0
         self.stats.in_flight += 1
         finished = False
         try:
             yield {"prompt_tokens": len(ids), "rank": self.rank}
+            text: list[str] = []
+            token_ids: list[int] = []
+            last_sent = None
             async for out in self._engine_outputs(ids, params, request_id):
                 comp = out.outputs[0]
                 finished = out.finished
-                yield {
-                    "text": comp.text,
-                    "token_ids": list(comp.token_ids),
-                    "finish_reason": comp.finish_reason if out.finished else None,
-                }
+                text.append(comp.text)
+                token_ids.extend(comp.token_ids)
+                now = time.monotonic()
+                if finished or last_sent is None or now - last_sent >= interval:
+                    yield {
+                        "text": "".join(text),
+                        "token_ids": token_ids,
+                        "finish_reason": comp.finish_reason if finished else None,
+                    }
+                    text, token_ids, last_sent = [], [], now
         finally:
             self.stats.in_flight -= 1
             if not finished and self.engine is not None:

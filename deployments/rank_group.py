@@ -60,7 +60,7 @@ async def start_rank_group(
         if name_prefix:
             opts["name"] = f"{name_prefix}rank{r}"
             opts["namespace"] = RANK_NAMESPACE
-        cores = cpu_cores_for_rank(r, n) if platform.name == "cpu" else None
+        cores = cpu_cores_for_rank(r, n, binding=settings.cpu_binding) if platform.name == "cpu" else None
         actors.append(actor_cls.options(**opts).remote(settings.to_dict(), r, cores, platform.name))
     dp_address, dp_port = await actors[0].reserve_dp_endpoint.remote()
     starts = [a.start.remote(dp_address, dp_port) for a in actors]

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.slow
 
 MODEL = "dpserve-tiny-moe"
 MAX_MODEL_LEN = 512
+QUEUE_BOUND = 16  # admitted requests per rank before the ingress answers 429
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,8 @@ def base_url(ray_local, tiny_model_dir):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"model": tiny_model_dir, "served_model_name": MODEL, "data_parallel_size": 2,
-                     "enable_expert_parallel": True, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 8})  # fmt: skip
+                     "enable_expert_parallel": True, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 8,
+                     "balance": {"policy": "any_at_cap"}, "max_queued_per_rank": QUEUE_BOUND})  # fmt: skip
     serve.run(app, name="dpserve", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -203,4 +205,87 @@ def test_dpserve_status_cli(base_url, capsys):
     assert main(["status", "--url", base_url]) == 0
     out = capsys.readouterr().out
     assert "DP 2" in out and "EP on" in out
+    assert "gate: policy any_at_cap" in out
     assert len([line for line in out.splitlines() if line.strip().startswith(("0 ", "1 "))]) == 2
+
+
+def test_overload_is_429_with_retry_after_and_bounded(base_url):
+    """A burst of 5x the admission bound: the excess gets 429 + Retry-After, nothing else fails, and
+    no rank ever holds more than the bound."""
+    peak = {"dispatched": 0}
+
+    async def watch(stop: asyncio.Event):
+        async with httpx.AsyncClient(timeout=10) as c:
+            while not stop.is_set():
+                ranks = (await c.get(f"{base_url}/dpserve/status")).json()["ranks"]
+                peak["dispatched"] = max(peak["dispatched"], *(r["dispatched"] for r in ranks))
+                await asyncio.sleep(0.05)
+
+    async def burst():
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch(stop))
+        async with httpx.AsyncClient(timeout=180, limits=httpx.Limits(max_connections=400)) as c:
+            body = {"model": MODEL, "prompt": "burst", "max_tokens": 16, "ignore_eos": True}
+            rs = await asyncio.gather(
+                *[c.post(f"{base_url}/v1/completions", json=body) for _ in range(5 * 2 * QUEUE_BOUND)]
+            )
+        stop.set()
+        await watcher
+        return rs
+
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(429) > 0 and codes.count(200) >= 2 * QUEUE_BOUND
+    for r in responses:
+        if r.status_code == 429:
+            assert r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_error"
+    assert peak["dispatched"] <= QUEUE_BOUND
+
+
+def _bounded(d: dict) -> bytes:
+    """Keep fuzzed requests cheap: at most 8 new tokens (negative and huge negative values stay)."""
+    d = {k: v for k, v in d.items() if k != "max_completion_tokens"}
+    if not (
+        isinstance(d.get("max_tokens"), int)
+        and not isinstance(d["max_tokens"], bool)
+        and d["max_tokens"] <= 8
+    ):
+        d["max_tokens"] = 4
+    return json.dumps(d).encode()
+
+
+def _fuzz_bodies():
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+                        st.text(max_size=40), st.just(MODEL))  # fmt: skip
+    values = st.recursive(
+        scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=8,
+    )  # fmt: skip
+    keys = st.sampled_from(["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "n",
+                            "stream", "stop", "seed", "logprobs", "ignore_eos", "stream_options", "unknown_field"])  # fmt: skip
+    small_valid = st.fixed_dictionaries({"model": st.just(MODEL), "prompt": st.text(max_size=30),
+                                         "max_tokens": st.integers(-5, 8)})  # fmt: skip
+    json_bodies = st.one_of(small_valid, st.dictionaries(keys, values, max_size=6)).map(_bounded)
+    return st.one_of(json_bodies, st.binary(max_size=60))  # raw bytes: bad UTF-8, broken JSON
+
+
+def test_fuzzed_requests_never_5xx(base_url):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    client = httpx.Client(timeout=60)
+
+    @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(body=_fuzz_bodies(), chat=st.booleans())
+    def check(body, chat):
+        route = "/v1/chat/completions" if chat else "/v1/completions"
+        r = client.post(f"{base_url}{route}", content=body, headers={"content-type": "application/json"})
+        assert r.status_code < 500, (body, r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            assert r.json()["error"]["message"]
+
+    check()
+    assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200  # no rank died
