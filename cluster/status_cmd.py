@@ -26,6 +26,9 @@ def format_status(status: dict) -> str:
             f"{r.get('waiting', 0):>8} {r.get('dispatched', 0):>10} {r.get('kv_cache_usage', 0.0):>7.1%} "
             f"{r.get('step', 0):>8}"
         )
+    if status.get("recovering"):
+        lines.append(f"DP group is being re-formed (generation {status.get('group_generation')}); "
+                     f"last error: {status.get('recovery_error') or 'none yet'}")  # fmt: skip
     balance = status.get("balance")
     if balance:
         lines.append(

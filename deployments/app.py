@@ -98,6 +98,15 @@ class Overloaded(Exception):
     pass
 
 
+def _failure_message(exc: BaseException, where: str) -> str:
+    """What a client is told when its request could not be finished (never a bare traceback)."""
+    if isinstance(exc, LookupError):
+        return f"no DP rank is available {where}: {exc.args[0] if exc.args else 'the DP group is being re-formed'}"
+    return (
+        f"the DP rank failed {where} ({type(exc).__name__}); the DP group is being re-formed, retry shortly"
+    )
+
+
 @serve.deployment(max_ongoing_requests=10_000, health_check_period_s=10, graceful_shutdown_timeout_s=30)
 @serve.ingress(app)
 class DPServer:
@@ -111,6 +120,7 @@ class DPServer:
         self.pg = None
         self.generation = 0  # bumped each time the DP group is (re)formed
         self.recoveries = 0
+        self.recovery_error: str | None = None  # why the last re-formation attempt failed
         self.stats: dict[int, dict[str, Any]] = {r: {} for r in range(n)}
         self.dispatched = {r: 0 for r in range(n)}
         self.served = {r: 0 for r in range(n)}
@@ -163,9 +173,11 @@ class DPServer:
             try:
                 await self._form_group()
                 self.recoveries += 1
+                self.recovery_error = None
                 logger.warning("DP group re-formed (generation %d, attempt %d)", self.generation, attempt)
                 return
-            except Exception:
+            except Exception as exc:
+                self.recovery_error = f"attempt {attempt}: {type(exc).__name__}: {exc}"
                 logger.exception("re-forming the DP group failed (attempt %d); retrying", attempt)
                 await asyncio.sleep(min(30, 2**attempt))
 
@@ -334,6 +346,7 @@ class DPServer:
             "group_generation": self.generation,
             "recovering": not self._ready.is_set(),
             "recoveries": self.recoveries,
+            "recovery_error": self.recovery_error,
             "ranks": [
                 dict(self.stats[r], dispatched=self.dispatched[r], served=self.served[r], live=r in self.live)
                 for r in range(len(self.actors))
@@ -380,7 +393,7 @@ class DPServer:
             return _rejected(exc)
         except Exception as exc:  # a rank died before anything was produced
             logger.exception("request %s failed before its first token", request_id)
-            return _error(f"the DP rank failed: {type(exc).__name__}", 503, headers={"Retry-After": "5"})
+            return _error(_failure_message(exc, "before the first token"), 503, headers={"Retry-After": "5"})
         prompt_tokens = first.get("prompt_tokens", 0)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -400,7 +413,7 @@ class DPServer:
             return _rejected(exc)
         except Exception as exc:
             logger.exception("request %s failed", request_id)
-            return _error(f"the DP rank failed mid-request: {type(exc).__name__}", 503)
+            return _error(_failure_message(exc, "mid-request"), 503, headers={"Retry-After": "5"})
         content = "".join(text)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish,
@@ -463,7 +476,7 @@ class DPServer:
             raise
         except Exception as exc:
             logger.exception("stream %s failed", request_id)
-            yield f"data: {json.dumps(oai.error_body(f'the DP rank failed mid-stream: {type(exc).__name__}', 503))}\n\n"
+            yield f"data: {json.dumps(oai.error_body(_failure_message(exc, 'mid-stream'), 503))}\n\n"
 
     async def __del__(self):
         # Serve calls this on shutdown/redeploy: stop the engines so no engine process outlives us.

@@ -37,7 +37,7 @@ KUBERAY = RAY_CONFIGS / "kuberay-rayservice.yaml"
 
 NETWORK_VARS = ("HCCL_IF_IP", "HCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "VLLM_HOST_IP")
 ENV_FILE = "dpserve-node-env.sh"
-VLLM_ASCEND_RELEASE = "v0.11.0"  # vllm-ascend v0.11.0 (vLLM 0.11.0)
+VLLM_ASCEND_RELEASE = "v0.23.0"  # vllm-ascend v0.23.0 (vLLM 0.23.0)
 APP_IMPORT_PATH = "deployments.app:build_app"
 APP_ARGS = {
     "model",
