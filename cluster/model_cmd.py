@@ -20,6 +20,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"building tiny MoE model (seed {spec.seed}, {spec.num_experts} experts, top-{spec.num_experts_per_tok}) ..."
     )
-    path = build_tiny_moe(args.out, spec, force=args.force)
+    path = build_tiny_moe(
+        args.out, spec, force=args.force, progress=lambda msg: print(f"  {msg} ...", flush=True)
+    )
     print(f"model ready at {path} ({time.perf_counter() - t0:.1f} s)")
     return 0

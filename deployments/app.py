@@ -355,10 +355,8 @@ class DPServer:
 
     @app.post("/v1/completions")
     async def completions(self, body: oai.CompletionRequest):
-        if body.model != self.model_name:
-            return _error(
-                f"model {body.model!r} does not exist; this server serves {self.model_name!r}", 404, "model"
-            )
+        if (unknown := self._unknown_model(body.model)) is not None:
+            return unknown
         try:
             prompt = body.single_prompt()
         except ValueError as exc:
@@ -367,15 +365,18 @@ class DPServer:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: oai.ChatCompletionRequest):
-        if body.model != self.model_name:
-            return _error(
-                f"model {body.model!r} does not exist; this server serves {self.model_name!r}", 404, "model"
-            )
+        if (unknown := self._unknown_model(body.model)) is not None:
+            return unknown
         try:
             messages = body.plain_messages()
         except ValueError as exc:
             return _error(str(exc), 400, "messages")
         return await self._respond(body, None, messages, body.limit(), chat=True)
+
+    def _unknown_model(self, model: str) -> JSONResponse | None:
+        if model == self.model_name:
+            return None
+        return _error(f"model {model!r} does not exist; this server serves {self.model_name!r}", 404, "model")
 
     async def _respond(self, body, prompt, messages, max_tokens: int | None, chat: bool):
         request_id = oai.new_id("chatcmpl" if chat else "cmpl")
@@ -387,8 +388,8 @@ class DPServer:
         except Overloaded:
             return _error("all DP ranks are at their admission bound; retry shortly", 429,
                           headers={"Retry-After": "1"})  # fmt: skip
-        except LookupError:
-            return _error("no DP rank is available", 503, headers={"Retry-After": "5"})
+        except LookupError as exc:
+            return _error(_failure_message(exc, "now"), 503, headers={"Retry-After": "5"})
         except RequestRejected as exc:
             return _rejected(exc)
         except Exception as exc:  # a rank died before anything was produced

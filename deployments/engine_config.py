@@ -10,7 +10,15 @@ from npu_runtime.platform import Platform, detect
 DEFAULT_SERVED_NAME = "dpserve-tiny-moe"
 # Balance settings the engine-side scheduler reads (scheduler.balance_scheduler.BalanceConfig);
 # the rest (policy, params, timeout_s) configures the coordinator actor.
-BALANCE_CLIENT_KEYS = ("transport", "coordinator_name", "namespace", "ray_address", "lead", "wait_ms", "horizon")
+BALANCE_CLIENT_KEYS = (
+    "transport",
+    "coordinator_name",
+    "namespace",
+    "ray_address",
+    "lead",
+    "wait_ms",
+    "horizon",
+)
 
 
 @dataclass
@@ -46,7 +54,9 @@ class EngineSettings:
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown engine setting(s) {unknown}; put raw vLLM arguments under engine_kwargs")
+            raise ValueError(
+                f"unknown engine setting(s) {unknown}; put raw vLLM arguments under engine_kwargs"
+            )
         settings = cls(**data)
         settings.validate()
         return settings
@@ -120,7 +130,9 @@ class EngineSettings:
         """`scheduler_cls` + `additional_config` that turn on dpserve's balance scheduler."""
         # Strings, not imports: the scheduler module imports vLLM, which only the engine needs.
         use_async = bool(self.engine_kwargs.get("async_scheduling", args.get("async_scheduling", False)))
-        scheduler_cls = "scheduler.balance_scheduler." + ("BalanceAsyncScheduler" if use_async else "BalanceScheduler")
+        scheduler_cls = "scheduler.balance_scheduler." + (
+            "BalanceAsyncScheduler" if use_async else "BalanceScheduler"
+        )
         client = {k: v for k, v in (self.balance or {}).items() if k in BALANCE_CLIENT_KEYS}
         additional = dict(self.engine_kwargs.get("additional_config") or {})
         additional["dpserve_balance"] = client

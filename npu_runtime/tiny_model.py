@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -107,7 +108,10 @@ def _build_tokenizer(spec: TinyMoESpec, out: Path) -> None:
 
 
 def build_tiny_moe(
-    out: Path | str | None = None, spec: TinyMoESpec | None = None, force: bool = False
+    out: Path | str | None = None,
+    spec: TinyMoESpec | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Build (or reuse) the tiny MoE checkpoint at `out` and return its directory.
 
@@ -129,6 +133,8 @@ def build_tiny_moe(
 
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
+    say = progress or (lambda _msg: None)
+    say("training the byte-level BPE tokenizer")
     _build_tokenizer(spec, tmp)
     from transformers import AutoTokenizer
 
@@ -157,10 +163,12 @@ def build_tiny_moe(
         bos_token_id=None,
         torch_dtype=spec.dtype,
     )
+    say("initialising weights")
     torch.manual_seed(spec.seed)
     model = Qwen3MoeForCausalLM(config).to(getattr(torch, spec.dtype))
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = pad_id
+    say("writing safetensors")
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / MARKER).write_text(json.dumps({"fingerprint": spec.fingerprint(), "spec": asdict(spec)}, indent=2))
 

@@ -197,6 +197,8 @@ def test_prometheus_metrics_match_traffic(client, base_url, metrics_port):
     assert m.get('ray_dpserve_requests_total{rank="1",status="ok"}', 0) > 0
     assert 'ray_dpserve_rank_running{rank="0"}' in m and 'ray_dpserve_rank_waiting{rank="1"}' in m
     assert m.get("ray_dpserve_ttft_ms_count{}", 0) > 0
+    # The balance coordinator's figures (the app runs with balance on): one gather per lockstep step.
+    assert m.get("ray_dpserve_gate_gather_latency_ms_count{}", 0) > 0
 
 
 def test_dpserve_status_cli(base_url, capsys):
