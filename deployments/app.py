@@ -127,6 +127,9 @@ class DPServer:
         self.missed = {r: 0 for r in range(n)}
         self.live: set[int] = set()
         self._ready = asyncio.Event()
+        # request id -> (rank, group generation, queue of its chunks), fed by one pump per rank
+        self._inboxes: dict[str, tuple[int, int, asyncio.Queue]] = {}
+        self._pumps: list[asyncio.Task] = []
         self._recovery: asyncio.Task | None = None
         self._metrics = IngressMetrics()
         await self._form_group()
@@ -144,10 +147,32 @@ class DPServer:
         )
         self.max_model_len = self.start_info[0]["max_model_len"]
         self.generation += 1
+        for task in self._pumps:
+            task.cancel()
+        loop = asyncio.get_running_loop()
+        self._pumps = [loop.create_task(self._pump(r, a, self.generation)) for r, a in enumerate(self.actors)]
         self.missed = {r: 0 for r in self.missed}
         self.dispatched = {r: 0 for r in self.dispatched}  # old generation's requests are gone
         self.live = set(range(len(self.actors)))
         self._ready.set()
+
+    async def _pump(self, rank: int, actor: Any, generation: int) -> None:
+        """Move rank `rank`'s batched output into the requests' inboxes. If the rank's stream breaks,
+        every request waiting on that rank gets the error (and the group is re-formed)."""
+        try:
+            async for ref in actor.output_stream.options(num_returns="streaming").remote():
+                for request_id, chunk in await ref:
+                    entry = self._inboxes.get(request_id)
+                    if entry is not None and entry[1] == generation:
+                        entry[2].put_nowait(chunk)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if generation == self.generation:
+                self._start_recovery(f"rank {rank}'s output stream broke ({type(exc).__name__})")
+            for r, g, inbox in list(self._inboxes.values()):
+                if r == rank and g == generation:
+                    inbox.put_nowait(exc)
 
     def _start_recovery(self, reason: str) -> None:
         """Re-form the whole DP group: in lockstep MoE serving one lost rank breaks every rank's
@@ -239,27 +264,33 @@ class DPServer:
             generation = self.generation
             self.dispatched[rank] += 1
             actor = self.actors[rank]
-            gen = actor.generate.options(num_returns="streaming").remote(
-                request_id, prompt, sampling, messages, self.config.stream_interval_ms
-            )
+            inbox: asyncio.Queue = asyncio.Queue()
+            self._inboxes[request_id] = (rank, generation, inbox)
             status = "error"
             try:
-                async for ref in gen:
-                    chunk = await ref
-                    if attempt == 2 and "prompt_tokens" in chunk:
-                        continue  # already sent by the first attempt
+                first = await actor.submit.remote(
+                    request_id, prompt, sampling, messages, self.config.stream_interval_ms
+                )
+                if attempt == 1:
+                    yield first
+                while True:
+                    chunk = await inbox.get()
+                    if isinstance(chunk, BaseException):
+                        raise chunk
+                    if "error" in chunk:
+                        if chunk.get("status", 500) < 500:
+                            raise RequestRejected(chunk["error"], chunk["status"], chunk.get("param"))
+                        raise RuntimeError(chunk["error"])
                     produced = produced or bool(chunk.get("token_ids"))
                     yield chunk
-                status = "ok"
-                return
+                    if chunk.get("finish_reason"):
+                        status = "ok"
+                        return
             except (asyncio.CancelledError, GeneratorExit):
                 status = "aborted"
                 # Client went away: stop the rank's work for this request.
                 try:
                     actor.abort.remote(request_id)
-                    import ray
-
-                    ray.cancel(gen)
                 except Exception:
                     pass
                 raise
@@ -274,6 +305,7 @@ class DPServer:
                 logger.warning("request %s lost rank %d before its first token; retrying", request_id, rank)
                 status = "retried"
             finally:
+                self._inboxes.pop(request_id, None)
                 if generation == self.generation:
                     self.dispatched[rank] -= 1
                 self.served[rank] += 1
@@ -485,6 +517,8 @@ class DPServer:
 
         if getattr(self, "_poller", None) is not None:
             self._poller.cancel()
+        for task in getattr(self, "_pumps", []):
+            task.cancel()
         if getattr(self, "actors", None):
             await stop_rank_group(self.actors, self.pg)
 

@@ -100,6 +100,10 @@ class DPRank:
         self.engine = None
         self.tokenizer = None
         self._vllm_config = None
+        # Multiplexed output: every request's chunks go into one outbox that the ingress drains
+        # through a single Ray stream (one message per batch instead of one per request and token).
+        self._outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self._tasks: dict[str, asyncio.Task] = {}
         # The rank's environment must be in place before vLLM is imported in this process.
         # The rank's own placement (cores, devices) always wins; user-set defaults are kept.
         placement_keys = {"VLLM_CPU_OMP_THREADS_BIND", self.platform.visible_devices_env}
@@ -255,21 +259,31 @@ class DPRank:
         stream_interval_ms: float = 0.0,
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream one request's output as plain dicts: the first carries `prompt_tokens`, each later
-        one the new text and token ids; the last has `finish_reason` set.
+        one the new text and token ids; the last has `finish_reason` set. (One Ray stream per
+        request: simple, for tools and tests; the ingress uses `submit` + `output_stream`.)"""
+        request_id, ids, params = self._prepare(request_id, prompt, sampling, messages)
+        yield {"prompt_tokens": len(ids), "rank": self.rank}
+        chunks = self._chunks(request_id, ids, params, stream_interval_ms)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()  # at once, so a consumer that leaves frees the engine's slot now
 
-        With `stream_interval_ms` > 0, tokens after the first are sent in chunks at most that often:
-        every chunk is a Ray message on each hop to the client, and on a busy host per-token
-        messages cost more CPU than the tokens themselves."""
+    def _prepare(self, request_id, prompt, sampling, messages):
         if self.engine is None:
             raise RuntimeError(f"DP rank {self.rank} is not started")
-        request_id = request_id or uuid.uuid4().hex
         ids = self._prompt_token_ids(prompt, messages)
-        params = self._sampling_params(sampling or {}, len(ids))
+        return request_id or uuid.uuid4().hex, ids, self._sampling_params(sampling or {}, len(ids))
+
+    async def _chunks(self, request_id: str, ids: list[int], params, stream_interval_ms: float):
+        """The engine's output for one request, coalesced: with `stream_interval_ms` > 0, tokens after
+        the first are sent at most that often (every chunk is a message on each hop to the client,
+        and per-token messages cost more CPU than the tokens themselves on a busy host)."""
         interval = stream_interval_ms / 1000.0
         self.stats.in_flight += 1
         finished = False
         try:
-            yield {"prompt_tokens": len(ids), "rank": self.rank}
             text: list[str] = []
             token_ids: list[int] = []
             last_sent = None
@@ -292,6 +306,53 @@ class DPRank:
                 # The consumer went away (client disconnect) or failed: free the engine's slot.
                 await self.engine.abort(request_id)
 
+    async def submit(
+        self,
+        request_id: str,
+        prompt: str | list[int] | None = None,
+        sampling: dict[str, Any] | None = None,
+        messages: list[dict] | None = None,
+        stream_interval_ms: float = 0.0,
+    ) -> dict[str, Any]:
+        """Start a request whose chunks go to `output_stream`; returns `prompt_tokens` (or raises
+        RequestRejected for a request this model cannot take)."""
+        request_id, ids, params = self._prepare(request_id, prompt, sampling, messages)
+        self._tasks[request_id] = asyncio.get_running_loop().create_task(
+            self._run_to_outbox(request_id, ids, params, stream_interval_ms)
+        )
+        return {"prompt_tokens": len(ids), "rank": self.rank}
+
+    async def _run_to_outbox(
+        self, request_id: str, ids: list[int], params, stream_interval_ms: float
+    ) -> None:
+        try:
+            finished = False
+            async for chunk in self._chunks(request_id, ids, params, stream_interval_ms):
+                self._outbox.put_nowait((request_id, chunk))
+                finished = chunk["finish_reason"] is not None
+            if not finished:  # the engine ended the stream without a final output: say so
+                self._outbox.put_nowait((request_id, {"text": "", "token_ids": [], "finish_reason": "abort"}))
+        except asyncio.CancelledError:
+            pass  # aborted by the ingress: _chunks freed the engine's slot
+        except RequestRejected as exc:
+            self._outbox.put_nowait(
+                (request_id, {"error": str(exc), "status": exc.status, "param": exc.param})
+            )
+        except Exception as exc:
+            logger.exception("request %s failed on rank %d", request_id, self.rank)
+            self._outbox.put_nowait((request_id, {"error": f"{type(exc).__name__}: {exc}", "status": 503}))
+        finally:
+            self._tasks.pop(request_id, None)
+
+    async def output_stream(self) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
+        """Every submitted request's chunks, batched: each item is all that was ready at that moment
+        (typically one engine step's worth for all running requests). One consumer (the ingress)."""
+        while True:
+            batch = [await self._outbox.get()]
+            while not self._outbox.empty():
+                batch.append(self._outbox.get_nowait())
+            yield batch
+
     async def _engine_outputs(self, ids: list[int], params, request_id: str):
         """vLLM's output stream; its input validation errors become RequestRejected (HTTP 400)."""
         from vllm.v1.engine.exceptions import EngineGenerateError
@@ -305,7 +366,10 @@ class DPRank:
             raise
 
     async def abort(self, request_id: str) -> None:
-        if self.engine is not None:
+        task = self._tasks.pop(request_id, None)
+        if task is not None:
+            task.cancel()  # its cleanup aborts the request in the engine
+        elif self.engine is not None:
             await self.engine.abort(request_id)
 
     def get_stats(self) -> dict[str, Any]:
