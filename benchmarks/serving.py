@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from cluster.bench import format_summary, run_workload  # noqa: E402
 from cluster.bench_cmd import add_workload_arguments, workload_from_args  # noqa: E402
+from deployments.app import AppConfig  # noqa: E402
 from deployments.rank import free_port  # noqa: E402
 from npu_runtime.platform import apply_vllm_env  # noqa: E402
 from npu_runtime.tiny_model import build_tiny_moe  # noqa: E402
@@ -158,7 +159,9 @@ def main() -> int:
     md = (f"# Serving: dpserve vs vLLM's own OpenAI server\n\n"
           f"Tiny MoE model, CPU (2 cores), DP=2{' + EP' if args.expert_parallel else ''}, float32, eager; "
           f"{w.num_prompts} prompts x {w.input_len} in / {w.output_len} out, concurrency {w.max_concurrency}, "
-          f"rate {w.request_rate}; dpserve CPU binding `{args.cpu_binding}`; medians over {args.rounds} round(s), "
+          f"rate {w.request_rate}; dpserve CPU binding `{args.cpu_binding}`, streamed chunks >= "
+          f"{AppConfig.stream_interval_ms:g} ms (`stream_interval_ms`); vLLM streams every token; "
+          f"medians over {args.rounds} round(s), "
           f"servers run one at a time, alternating.\n\n"
           + "\n".join(rows) + f"\n\nOutput-throughput ratio dpserve / vLLM: **{ratio:.3f}** (target >= 0.95).\n")  # fmt: skip
     (out / "serving.md").write_text(md)
