@@ -201,9 +201,9 @@ def test_prometheus_metrics_match_traffic(client, base_url, metrics_port):
 
 @pytest.mark.xfail(
     strict=False,
-    reason="known bug: in one clean-clone CI run the named balance coordinator was cleaned up ~25 s after "
-    "the app started (gcs: 'Actor name dpserve_balance_coordinator is cleaned up'); engines then fall back "
-    "to admitting and no gather is recorded. Passes when the coordinator stays up.",
+    reason="known gap: in one clean-clone CI run dpserve_gate_gather_latency_ms stayed at 0 while the "
+    "coordinator was alive for the whole module (cause not found: a gather is recorded only when every live "
+    "rank has reported the same (wave, step)); it passed in the runs before.",
 )
 def test_prometheus_has_coordinator_gate_figures(base_url, metrics_port):
     # The app runs with balance on: the coordinator records one gather per lockstep step.
