@@ -39,7 +39,7 @@ async def start_rank_group(
     platform = detect()
     n = settings.data_parallel_size
     if settings.balance is not None:
-        settings = start_balance_coordinator(settings)
+        settings = await start_balance_coordinator(settings)
     # In a thread: waiting for bundles (up to its timeout, e.g. while a host is down) must not
     # block the caller's event loop (the ingress keeps answering, with 503s, meanwhile).
     pg = await asyncio.to_thread(
@@ -96,7 +96,10 @@ async def start_eplb(actors: list[Any], settings: EngineSettings, name_prefix: s
 
     cfg = dict(settings.eplb or {})
     await asyncio.gather(*[a.eplb_setup.remote() for a in actors])
-    opts: dict[str, Any] = {"num_cpus": 0}
+    # Restartable: it gets the rank handles and config as constructor arguments, so a restarted
+    # actor re-initializes from the ranks and resumes (eplb.actor.EplbActor). Calls made while it is
+    # down fail (nobody waits on it on the serving path); stop_rank_group's ray.kill ends it for good.
+    opts: dict[str, Any] = {"num_cpus": 0, "max_restarts": int(cfg.get("max_restarts", -1))}
     if name_prefix:
         opts["name"] = f"{name_prefix}eplb"
     controller = eplb_actor_class().options(**opts).remote(actors, cfg)
@@ -112,7 +115,7 @@ def get_eplb_actor(actors: list[Any]) -> Any | None:
     return _EPLB_ACTORS.get(_group_key(actors)) if actors else None
 
 
-def start_balance_coordinator(settings: EngineSettings) -> EngineSettings:
+async def start_balance_coordinator(settings: EngineSettings) -> EngineSettings:
     """Start (or reuse, by name) the BalanceCoordinator actor for `settings.balance`, reset it for a
     new group, and return settings whose balance block tells the engines how to reach it."""
     import dataclasses
@@ -126,14 +129,17 @@ def start_balance_coordinator(settings: EngineSettings) -> EngineSettings:
     balance.setdefault("namespace", DEFAULT_NAMESPACE)
     # The engine core is a subprocess of the rank actor, not a Ray worker: it joins by GCS address.
     balance.setdefault("ray_address", ray.get_runtime_context().gcs_address)
-    coordinator = get_or_create_coordinator(
+    # get_or_create_coordinator waits on Ray (actor creation, set_policy): in a thread, so the
+    # caller's event loop (the ingress) keeps serving meanwhile.
+    coordinator = await asyncio.to_thread(
+        get_or_create_coordinator,
         balance["coordinator_name"],
         balance["namespace"],
         balance.get("policy", "any_at_cap"),
         balance.get("params"),
         float(balance.get("timeout_s", 5.0)),
     )
-    ray.get(coordinator.reset.remote())  # a new group starts its waves at 0 again
+    await coordinator.reset.remote()  # a new group starts its waves at 0 again
     return dataclasses.replace(settings, balance=balance)
 
 

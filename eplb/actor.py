@@ -300,8 +300,47 @@ class EplbController:
         return out
 
 
+class EplbActor(EplbController):
+    """EplbController as a restartable Ray actor.
+
+    Everything it needs (the rank handles and the config) is a constructor argument, so when the
+    actor dies and Ray restarts it (`max_restarts`, see deployments.rank_group.start_eplb) the new
+    instance rebuilds itself: it re-reads the placement and plan-id history from the ranks (the
+    ranks, not the actor, hold the truth) and, if `autostart` is on, resumes its cycles. It retries
+    that every `resume_retry_s` until it succeeds or is stopped (a rank may be busy or re-forming).
+    Load counted while it was down stays in the ranks' windows; a plan it had pushed finishes or
+    fails on the ranks without it (the ranks agree among themselves) and is planned around.
+    """
+
+    def __init__(self, ranks: list[Any], config: dict[str, Any] | None = None) -> None:
+        super().__init__(ranks, config)
+        import ray
+
+        self.state["restarted"] = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        self.state["started_at"] = time.time()
+        if self.state["restarted"]:
+            logger.warning("EPLB actor restarted; re-initializing from the ranks")
+            self.state["phase"] = "resuming"
+            threading.Thread(target=self._resume, name="eplb-resume", daemon=True).start()
+
+    def _resume(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._lock:
+                    self.initialize()
+                if self.config.get("autostart", True):
+                    self.start()
+                self.state["resumed_at"] = time.time()
+                self._event("resumed", after_s=round(self.state["resumed_at"] - self.state["started_at"], 3))
+                return
+            except Exception as exc:
+                logger.warning("EPLB actor: resuming failed (%s); retrying", exc)
+                self.state["last_error"] = f"resume: {type(exc).__name__}: {exc}"
+                self._stop.wait(float(self.config.get("resume_retry_s", 2.0)))
+
+
 def eplb_actor_class():
-    """EplbController as a Ray actor (max_concurrency 2: get_state answers while a cycle runs)."""
+    """EplbActor as a Ray actor (max_concurrency 4: get_state answers while a cycle runs)."""
     import ray
 
-    return ray.remote(max_concurrency=4)(EplbController)
+    return ray.remote(max_concurrency=4)(EplbActor)
