@@ -18,6 +18,7 @@ BALANCE_CLIENT_KEYS = (
     "lead",
     "wait_ms",
     "horizon",
+    "dead_after_s",
 )
 
 

@@ -30,16 +30,28 @@ and key every decision by ``(current_wave, step_counter)``.
 
 Pipelining (no round trip on the critical path)
 -----------------------------------------------
-At the lockstep point after step n-1 (counter now n) a rank sends its counts for n and receives, as a
-future, the decision for step ``n + lead``; the coordinator freezes that decision the first time any
-rank asks for it, from one snapshot, so every rank gets the same answer. ``schedule()`` for step m
-uses the future obtained at step ``m - lead``, which has had ``lead`` whole steps to arrive.
+At the lockstep point after step n-1 (counter now n) a rank sends its counts for n and asks for the
+decision for step ``n + lead``; the coordinator freezes that decision the first time any rank asks for
+it, from one snapshot, so every rank gets the same answer. ``schedule()`` for step m uses the answer
+requested at step ``m - lead``, which has had ``lead`` whole steps to arrive.
+
+Transports (``transport``): ``"zmq"`` (default; ``scheduler/gate_transport.py``): one non-blocking
+ZMQ send per report to a socket the coordinator actor serves, the reply read without blocking — tens
+of microseconds per step. ``"ray"`` (:class:`RayGateClient`): a Ray actor call per report and a Ray
+future per decision — milliseconds per step (see ``benchmarks/results/balance_transport.md``).
+``"none"``: no coordinator.
+
 Documented fallbacks (identical on every rank by construction unless noted):
 * steps ``0 .. horizon + lead - 1`` of a wave have no decision yet: admit (as vLLM does after idle);
-* the future is not ready within ``wait_ms``: admit, and count it (``fallback_steps``). Only this case
-  can make ranks differ for one step; it costs balance, never correctness (the gate guards no
-  collective, so it cannot deadlock);
-* the coordinator cannot be reached: admit on every step (plain vLLM), logged once.
+* the decision is not back within ``wait_ms``: admit, and count it (``fallback_steps``). Only this case
+  and the next can make ranks differ for a step; they cost balance, never correctness (the gate guards
+  no collective, so it cannot deadlock);
+* the coordinator is down (zmq: no reply for ``dead_after_s`` after a report): admit on every step
+  without waiting, while the address is looked up again in a background thread (the actor restarts,
+  ``max_restarts=-1``, on a new address); decisions resume with the first reply of the restarted
+  actor, which starts with empty state and its creation-time policy;
+* the coordinator cannot be reached at start-up: admit, and keep looking it up in the background
+  (zmq; the ray transport admits on every step from then on, logged once).
 """
 
 from __future__ import annotations
@@ -55,32 +67,38 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import RequestQueue, create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from scheduler.gate_transport import ZmqGateClient
+
 logger = logging.getLogger("dpserve.balance")
 
 ADDITIONAL_CONFIG_KEY = "dpserve_balance"
 StepKey = tuple[int, int]  # (wave, step) — identical across DP ranks at the same lockstep step
+TRANSPORTS = ("zmq", "ray", "none")
 
 
 @dataclass
 class BalanceConfig:
     """What the scheduler reads from ``additional_config["dpserve_balance"]``.
 
-    ``transport``: ``"ray"`` (talk to the named BalanceCoordinator actor) or ``"none"`` (no
-    coordinator; the gate stays open unless a gate client is installed, e.g. by tests).
+    ``transport``: ``"zmq"`` (ZMQ socket served by the named BalanceCoordinator actor), ``"ray"``
+    (Ray calls to that actor) or ``"none"`` (no coordinator; the gate stays open unless a gate client
+    is installed, e.g. by tests).
     ``lead``: how many steps ahead of use a decision is requested (>= 1).
     ``wait_ms``: how long ``schedule()`` may wait for a late decision before the fallback.
     ``horizon``: report every ``horizon`` steps (at steps that are multiples of it, the same on every
     rank) and receive the decisions of the next ``horizon`` steps in one call: transport cost / horizon,
     decisions up to ``lead + horizon - 1`` steps stale.
+    ``dead_after_s`` (zmq): no reply for this long after a report means the coordinator is down.
     """
 
-    transport: str = "ray"
+    transport: str = "zmq"
     coordinator_name: str = "dpserve_balance_coordinator"
     namespace: str = "dpserve"
     ray_address: str | None = None
     lead: int = 1
     wait_ms: float = 5.0
     horizon: int = 1
+    dead_after_s: float = 1.0
 
     @classmethod
     def from_additional_config(cls, additional: Any) -> BalanceConfig:
@@ -94,8 +112,8 @@ class BalanceConfig:
             raise ValueError(f"{ADDITIONAL_CONFIG_KEY}.horizon must be >= 1 (got {cfg.horizon})")
         if cfg.lead < 1:
             raise ValueError(f"{ADDITIONAL_CONFIG_KEY}.lead must be >= 1 (got {cfg.lead})")
-        if cfg.transport not in ("ray", "none"):
-            raise ValueError(f"{ADDITIONAL_CONFIG_KEY}.transport must be 'ray' or 'none'")
+        if cfg.transport not in TRANSPORTS:
+            raise ValueError(f"{ADDITIONAL_CONFIG_KEY}.transport must be one of {TRANSPORTS}")
         return cfg
 
     def as_dict(self) -> dict[str, Any]:
@@ -140,6 +158,7 @@ class RayGateClient:
         self.rank = rank
         self._actor: Any = None
         self._broken = False
+        self._failing = False  # decisions failing (coordinator dead/restarting): log once per outage
         self._pending: dict[StepKey, tuple[list[Any], int]] = {}
         self.client_s = 0.0  # time spent in this client (submit + wait), for cost-per-step reports
         self.calls = 0
@@ -212,12 +231,31 @@ class RayGateClient:
                 self.late += 1
                 return None
             holder[1] = ray.get(ready[0])
+            if self._failing:
+                logger.info("rank %d: balance coordinator answers again", self.rank)
+                self._failing = False
             return bool(holder[1][index])
         except Exception:
-            logger.exception("rank %d: balance decision for %s failed", self.rank, key)
+            if not self._failing:  # once per outage, not once per step
+                logger.exception("rank %d: balance decision for %s failed; admitting", self.rank, key)
+                self._failing = True
             return None
         finally:
             self.client_s += time.perf_counter() - t0
+
+
+def make_gate_client(cfg: BalanceConfig, rank: int) -> GateClient | None:
+    """The client for ``cfg.transport``, connected. Connecting joins Ray and looks the coordinator up
+    (seconds): done at scheduler start-up, never inside a lockstep step."""
+    if cfg.transport == "zmq":
+        client: ZmqGateClient | RayGateClient = ZmqGateClient(cfg, rank)
+        client.connect()
+        return client
+    if cfg.transport == "ray":
+        client = RayGateClient(cfg, rank)
+        client._connect()
+        return client
+    return None
 
 
 @dataclass
@@ -288,14 +326,7 @@ class BalanceSchedulerMixin:
         self._own_step = 0
         self.gate_stats = GateStats()
         self.last_admit: bool | None = None
-        self.gate_client: GateClient | None = (
-            RayGateClient(self.balance_config, self.dp_rank)
-            if self.balance_config.transport == "ray"
-            else None
-        )
-        if isinstance(self.gate_client, RayGateClient):
-            # Join Ray at start-up, not inside the first lockstep step (ray.init takes seconds).
-            self.gate_client._connect()
+        self.gate_client: GateClient | None = make_gate_client(self.balance_config, self.dp_rank)
         if self._dp_mode:
             install_lockstep_hook()
 
@@ -365,10 +396,12 @@ class BalanceSchedulerMixin:
         """Gate counters of this rank, plus client cost when talking to a coordinator."""
         out: dict[str, Any] = asdict(self.gate_stats)
         client = self.gate_client
-        if isinstance(client, RayGateClient):
+        if isinstance(client, RayGateClient | ZmqGateClient):
             out["client_ms_total"] = client.client_s * 1e3
             out["client_calls"] = client.calls
             out["client_late"] = client.late
+        if isinstance(client, ZmqGateClient):
+            out.update(client.stats())
         return out
 
 

@@ -11,11 +11,20 @@ lockstep step (see ``scheduler/balance_scheduler.py`` for the step key and the p
 * nobody ever waits for a missing rank: a rank whose last report is older than ``timeout_s`` is left
   out of snapshots (logged once, re-admitted when it reports again);
 * the policy can be swapped at run time (``set_policy``); decisions already frozen stay as they are.
+
+Transports: ranks reach the actor either through Ray method calls (``report_span``; transport ``"ray"``)
+or, by default, through a ZMQ ROUTER socket the actor serves from a thread (``zmq_address``; see
+``scheduler/gate_transport.py``). Both paths share one lock around the same ``CoordinatorState``.
+
+Restarts: the actor is created with ``max_restarts=-1``. A restarted actor starts empty (no ranks, no
+frozen decisions, the policy it was *created* with — a run-time ``set_policy`` is lost) on a new ZMQ
+address; ranks notice the silence, admit meanwhile, and look the address up again.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -208,11 +217,33 @@ class BalanceCoordinator:
     """The Ray actor (use :func:`get_or_create_coordinator`). Metrics go to the Ray dashboard."""
 
     def __init__(
-        self, policy: str = "any_at_cap", params: dict[str, Any] | None = None, timeout_s: float = 5.0
+        self,
+        policy: str = "any_at_cap",
+        params: dict[str, Any] | None = None,
+        timeout_s: float = 5.0,
+        serve_zmq: bool = True,
     ):
         self.state = CoordinatorState(policy, params, timeout_s)
         self._metrics = _Metrics()
         self.state.on_exclude = lambda rank, age: self._metrics.excluded(rank)
+        # The ZMQ server thread and the Ray methods both touch the state: one lock for all of it.
+        self._lock = threading.Lock()
+        self._server = None
+        if serve_zmq:
+            from scheduler.gate_transport import GateServer
+
+            self._server = GateServer(self._serve_report, _node_ip())
+
+    def _serve_report(self, r: dict[str, Any]) -> list[bool]:
+        """A report that came over ZMQ (server thread)."""
+        return self.report_span(
+            r["rank"], r["wave"], r["step"], r["running"], r["waiting"], r["max_num_seqs"], r["lead"],
+            r["horizon"], r["client_ms"], r["client_calls"], r["client_late"],
+        )  # fmt: skip
+
+    def zmq_address(self) -> str | None:
+        """Where the ranks' ZMQ gate clients connect (changes when the actor restarts)."""
+        return None if self._server is None else self._server.address
 
     def report(
         self,
@@ -228,16 +259,9 @@ class BalanceCoordinator:
         client_late: int = 0,
     ) -> bool:
         """One rank's counts at lockstep step ``(wave, step)``; returns admit for ``step + lead``."""
-        closed_before = self.state.closed_steps
-        decision, spread = self.state.report(
-            rank, wave, step, running, waiting, max_num_seqs, lead, client_ms, client_calls, client_late
-        )
-        self._metrics.rank(rank, running, waiting)
-        if self.state.closed_steps > closed_before:
-            self._metrics.closed()
-        if spread is not None:
-            self._metrics.gather(spread)
-        return decision.admit
+        return self.report_span(
+            rank, wave, step, running, waiting, max_num_seqs, lead, 1, client_ms, client_calls, client_late
+        )[0]
 
     def report_span(
         self, rank: int, wave: int, step: int, running: int, waiting: int, max_num_seqs: int,
@@ -245,67 +269,66 @@ class BalanceCoordinator:
     ) -> list[bool]:  # fmt: skip
         """One rank's counts at ``(wave, step)``; returns admit for steps ``step + lead`` ..
         ``step + lead + horizon - 1`` (one call per ``horizon`` steps amortizes the transport)."""
-        closed_before = self.state.closed_steps
-        decisions, spread = self.state.report_span(
-            rank,
-            wave,
-            step,
-            running,
-            waiting,
-            max_num_seqs,
-            lead,
-            horizon,
-            client_ms,
-            client_calls,
-            client_late,
-        )
-        self._metrics.rank(rank, running, waiting)
-        for _ in range(self.state.closed_steps - closed_before):
-            self._metrics.closed()
-        if spread is not None:
-            self._metrics.gather(spread)
-        return [d.admit for d in decisions]
+        with self._lock:
+            closed_before = self.state.closed_steps
+            decisions, spread = self.state.report_span(
+                rank, wave, step, running, waiting, max_num_seqs, lead, horizon, client_ms, client_calls, client_late
+            )  # fmt: skip
+            for _ in range(self.state.closed_steps - closed_before):
+                self._metrics.closed()
+            if spread is not None:
+                self._metrics.gather(spread)
+            return [d.admit for d in decisions]
 
     def set_policy(self, name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        self.state.set_policy(name, **(params or {}))
+        with self._lock:
+            self.state.set_policy(name, **(params or {}))
         return {"policy": name, "params": dict(params or {})}
 
     def set_timeout(self, timeout_s: float) -> None:
-        self.state.timeout_s = float(timeout_s)
+        with self._lock:
+            self.state.timeout_s = float(timeout_s)
 
     def reset(self) -> None:
-        self.state.reset()
+        with self._lock:
+            self.state.reset()
 
     def get_decision(self, wave: int, step: int) -> dict[str, Any] | None:
-        d = self.state.decisions.get((wave, step))
+        with self._lock:
+            d = self.state.decisions.get((wave, step))
         return None if d is None else {"step": d.step, "admit": d.admit, "reason": d.reason}
 
     def get_decisions(self) -> dict[StepKey, bool]:
-        return {k: d.admit for k, d in self.state.decisions.items()}
+        with self._lock:
+            return {k: d.admit for k, d in self.state.decisions.items()}
 
     def get_load_scores(self) -> dict[int, float]:
-        return self.state.load_scores()
+        with self._lock:
+            return self.state.load_scores()
 
     def get_stats(self) -> dict[str, Any]:
-        return self.state.stats()
+        with self._lock:
+            out = self.state.stats()
+        out["zmq_address"] = self.zmq_address()
+        out["zmq_served"] = 0 if self._server is None else self._server.served
+        return out
 
     def ping(self) -> bool:
         return True
 
 
 class _Metrics:
-    """ray.util.metrics instruments; a no-op outside Ray (so the class works in plain tests)."""
+    """ray.util.metrics instruments; a no-op outside Ray (so the class works in plain tests).
+
+    Per-rank running/waiting gauges (``dpserve_rank_running`` / ``_waiting``) are exported by the
+    ingress only (``deployments/metrics.py``; it also covers serving without balance): exporting
+    them here as well gave two series per rank.
+    """
 
     def __init__(self) -> None:
         try:
             from ray.util import metrics
 
-            self._running = metrics.Gauge(
-                "dpserve_rank_running", "Requests running on a DP rank", tag_keys=("rank",)
-            )
-            self._waiting = metrics.Gauge(
-                "dpserve_rank_waiting", "Requests waiting on a DP rank", tag_keys=("rank",)
-            )
             self._closed = metrics.Counter(
                 "dpserve_gate_closed_steps", "Lockstep steps with the prefill gate closed"
             )
@@ -322,12 +345,6 @@ class _Metrics:
             self.ok = True
         except Exception:  # pragma: no cover - metrics unavailable
             self.ok = False
-
-    def rank(self, rank: int, running: int, waiting: int) -> None:
-        if self.ok:
-            tags = {"rank": str(rank)}
-            self._running.set(running, tags=tags)
-            self._waiting.set(waiting, tags=tags)
 
     def closed(self) -> None:
         if self.ok:
@@ -352,13 +369,22 @@ def get_or_create_coordinator(
     """The named coordinator actor, created if absent (its policy is then set to ``policy``).
 
     It needs almost no CPU (one small call per rank per step), so it asks for none: it must never
-    keep a rank from being placed.
+    keep a rank from being placed. ``max_restarts=-1``: Ray restarts it whenever it dies (empty state,
+    creation-time policy, new ZMQ address); the ranks admit meanwhile and reconnect by themselves.
+    Blocking (two Ray round trips): call it from a thread in async code.
     """
     import ray
 
     actor = (
         ray.remote(BalanceCoordinator)
-        .options(name=name, namespace=namespace, get_if_exists=True, num_cpus=0, max_concurrency=1)
+        .options(
+            name=name,
+            namespace=namespace,
+            get_if_exists=True,
+            num_cpus=0,
+            max_concurrency=1,
+            max_restarts=-1,
+        )
         .remote(policy, params, timeout_s)
     )
     # get_if_exists returns a running actor unchanged: apply this group's policy and timeout to it.
@@ -381,3 +407,13 @@ def release_coordinator(
 
 
 _HANDLES: dict[tuple[str, str], Any] = {}
+
+
+def _node_ip() -> str:
+    """This node's IP as Ray knows it (what other nodes reach it at); loopback outside Ray."""
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return "127.0.0.1"

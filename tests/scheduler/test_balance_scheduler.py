@@ -46,7 +46,9 @@ def test_restore_waiting_empty_stand_in_keeps_queue() -> None:
 
 
 def test_balance_config_validation() -> None:
-    assert BalanceConfig.from_additional_config({}).transport == "ray"
+    assert BalanceConfig.from_additional_config({}).transport == "zmq"
+    with pytest.raises(ValueError, match="transport"):
+        BalanceConfig.from_additional_config({"dpserve_balance": {"transport": "grpc"}})
     cfg = BalanceConfig.from_additional_config({"dpserve_balance": {"transport": "none", "lead": 2}})
     assert (cfg.transport, cfg.lead) == ("none", 2)
     with pytest.raises(ValueError, match="unknown key"):

@@ -1,0 +1,370 @@
+"""The cheap gate transport: one ZMQ message per report, one per reply (no Ray call on the step path).
+
+The BalanceCoordinator actor stays the one owner of the gate state; besides its Ray methods it serves
+a ZMQ ROUTER socket from a thread (:class:`GateServer`). Each engine core talks to it through a DEALER
+socket (:class:`ZmqGateClient`, a ``GateClient``):
+
+* ``report`` sends the rank's counts for ``(wave, step)`` (one non-blocking ``send`` of a 64-byte
+  struct) and drains whatever replies have arrived;
+* the reply carries the decisions for steps ``step + lead .. step + lead + horizon - 1`` (frozen by the
+  coordinator exactly as for the Ray transport); ``decision`` reads them without blocking, or polls the
+  socket up to ``wait_s`` when one is expected but not there yet.
+
+Coordinator death (the actor has ``max_restarts=-1``; a restarted actor has empty state and a new
+address): when no reply has come for ``dead_after_s`` after a report, the client declares the
+coordinator down. While down, ``decision`` returns ``None`` at once (the scheduler then admits: plain
+vLLM, the documented fallback) instead of polling ``wait_s`` every step, and a background thread looks
+the actor up again through Ray (``ray.get_actor`` + ``zmq_address``) — never a Ray call on the step
+thread. When it has an address the step thread reconnects at its next report; the first reply ends
+the outage. Reports keep being sent while down, so a coordinator that was only slow is picked up
+again without a new address.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+if TYPE_CHECKING:
+    from scheduler.balance_scheduler import BalanceConfig
+
+logger = logging.getLogger("dpserve.balance")
+
+StepKey = tuple[int, int]
+
+# Wire format (little endian). Request: kind 'R', rank, wave, step, running, waiting, max_num_seqs,
+# lead, horizon, client_ms, client_calls, client_late. Reply: kind 'D', wave, first step, then one
+# byte per step (1 = admit). Fixed structs: no msgpack/pickle cost on the engine-core thread.
+_REQ = struct.Struct("<ciqqiiiiidqq")
+_REP_HEAD = struct.Struct("<cqq")
+_KEEP = 256  # decisions / requested keys kept per client (a wave can end early: never-used keys)
+
+
+def encode_report(
+    rank: int, wave: int, step: int, running: int, waiting: int, max_num_seqs: int, lead: int,
+    horizon: int, client_ms: float, client_calls: int, client_late: int,
+) -> bytes:  # fmt: skip
+    return _REQ.pack(
+        b"R",
+        rank,
+        wave,
+        step,
+        running,
+        waiting,
+        max_num_seqs,
+        lead,
+        horizon,
+        client_ms,
+        client_calls,
+        client_late,
+    )
+
+
+def decode_report(payload: bytes) -> dict[str, Any]:
+    kind, *vals = _REQ.unpack(payload)
+    if kind != b"R":
+        raise ValueError(f"unknown gate message kind {kind!r}")
+    names = ("rank", "wave", "step", "running", "waiting", "max_num_seqs", "lead", "horizon")
+    out: dict[str, Any] = dict(zip(names, vals[:8], strict=True))
+    out.update(client_ms=vals[8], client_calls=vals[9], client_late=vals[10])
+    return out
+
+
+def encode_decisions(wave: int, first_step: int, admits: list[bool]) -> bytes:
+    return _REP_HEAD.pack(b"D", wave, first_step) + bytes(1 if a else 0 for a in admits)
+
+
+def decode_decisions(payload: bytes) -> tuple[int, int, bytes]:
+    kind, wave, first = _REP_HEAD.unpack_from(payload)
+    if kind != b"D":
+        raise ValueError(f"unknown gate message kind {kind!r}")
+    return wave, first, payload[_REP_HEAD.size :]
+
+
+class GateServer:
+    """The coordinator side: a ROUTER socket served by a daemon thread.
+
+    ``handle(report_fields) -> list[bool]`` is called for each report (the caller holds its own lock
+    around its state); replies go back to the reporting rank only.
+    """
+
+    def __init__(self, handle: Callable[[dict[str, Any]], list[bool]], host: str) -> None:
+        self._handle = handle
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        port = self._sock.bind_to_random_port(f"tcp://{host}")
+        self.address = f"tcp://{host}:{port}"
+        self.served = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="dpserve-gate-server", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        sock = self._sock
+        while not self._stop.is_set():
+            if not sock.poll(200):  # wake up now and then to notice close()
+                continue
+            # Drain everything queued: one wake-up can serve both ranks. (poll(0) is ~5x cheaper
+            # than a recv that raises zmq.Again.)
+            while sock.poll(0):
+                try:
+                    ident, payload = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    if self._stop.is_set():
+                        return
+                    raise
+                try:
+                    req = decode_report(payload)
+                    admits = self._handle(req)
+                    reply = encode_decisions(req["wave"], req["step"] + req["lead"], admits)
+                except Exception:  # a bad message must not kill the server
+                    logger.exception("balance gate server: cannot serve a %d-byte message", len(payload))
+                    continue
+                try:
+                    sock.send_multipart([ident, reply], zmq.NOBLOCK)
+                except zmq.Again:  # that rank's queue is full (it is gone): drop
+                    pass
+                self.served += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close(0)
+        self._ctx.term()
+
+
+class ZmqGateClient:
+    """Engine-core side of the ZMQ transport (one per rank; used from the engine-core thread only).
+
+    ``resolve`` returns the coordinator's current address (it may block and raise); by default it
+    looks the named actor up through Ray. It runs once in ``connect`` (start-up) and afterwards only
+    in a background thread.
+    """
+
+    def __init__(
+        self,
+        cfg: BalanceConfig,
+        rank: int,
+        resolve: Callable[[], str] | None = None,
+        retry_s: float = 1.0,
+    ) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.dead_after_s = float(cfg.dead_after_s)
+        self.retry_s = retry_s
+        self._resolve = resolve or self._resolve_via_ray
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock: zmq.Socket | None = None
+        self.address: str | None = None
+        self._decisions: dict[StepKey, bool] = {}  # received, not yet used
+        self._asked: dict[StepKey, None] = {}  # keys a reply is expected for (ordered set)
+        self._unanswered_since: float | None = None  # first report sent after the last reply
+        # Outage state, and what the resolver thread hands over (plain attribute writes).
+        self.down = False
+        self._down_since = 0.0
+        self._resolved: str | None = None
+        self._resolver: threading.Thread | None = None
+        self._last_resolve = 0.0
+        # Figures (cost per step, fallbacks, outages).
+        self.client_s = 0.0  # time spent in report() + decision() on the engine-core thread
+        self.calls = 0
+        self.late = 0  # decision expected but not back within wait_s (fallback applied)
+        self.down_decisions = 0  # decisions skipped because the coordinator was down (fallback)
+        self.outages = 0
+        self.reconnects = 0
+        self.last_outage_s: float | None = None  # how long the last outage lasted
+
+    # ---- connection ----------------------------------------------------------------------------
+    def _resolve_via_ray(self) -> str:
+        import ray
+
+        if not ray.is_initialized():
+            # The engine core is a subprocess of the rank actor, not a Ray worker: join as a driver.
+            ray.init(
+                address=self.cfg.ray_address or "auto",
+                namespace=self.cfg.namespace,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+            )
+        actor = ray.get_actor(self.cfg.coordinator_name, namespace=self.cfg.namespace)
+        return str(ray.get(actor.zmq_address.remote(), timeout=10))
+
+    def connect(self) -> bool:
+        """Resolve and connect now (start-up; blocking). On failure the gate stays open and the
+        address is looked up again in the background."""
+        try:
+            self._attach(self._resolve(), wait_s=2.0)
+            logger.info("rank %d: balance coordinator at %s (zmq)", self.rank, self.address)
+            return True
+        except Exception:
+            logger.warning(
+                "rank %d: cannot reach the balance coordinator; gate open until it is found",
+                self.rank,
+                exc_info=True,
+            )
+            self._go_down(time.monotonic())
+            return False
+
+    def _attach(self, address: str, wait_s: float = 0.0) -> None:
+        """Connect a fresh DEALER to ``address``; ``wait_s`` > 0 (start-up only) waits for the TCP
+        connection, so that the first reports are not dropped."""
+        if self._sock is not None:
+            self._sock.close(0)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Queue only to a live connection and only a few messages: reports to a dead coordinator
+        # are dropped, not replayed to its successor later.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDHWM, 64)
+        sock.connect(address)
+        if wait_s > 0:
+            sock.poll(int(wait_s * 1e3), zmq.POLLOUT)  # writable once connected (IMMEDIATE)
+        self._sock, self.address = sock, address
+        self._unanswered_since = None
+
+    def _resolve_in_background(self) -> None:
+        def run() -> None:
+            try:
+                self._resolved = self._resolve()
+            except Exception as e:  # retried after retry_s by the step thread
+                logger.debug("rank %d: coordinator lookup failed: %s", self.rank, e)
+
+        self._last_resolve = time.monotonic()
+        self._resolver = threading.Thread(target=run, name="dpserve-gate-resolve", daemon=True)
+        self._resolver.start()
+
+    def _go_down(self, now: float) -> None:
+        if not self.down:
+            self.down, self._down_since = True, now
+            self.outages += 1
+        self._decisions.clear()
+        self._asked.clear()
+
+    def _check(self, now: float) -> None:
+        """Outage detection and recovery bookkeeping; cheap, runs on every report."""
+        resolved = self._resolved
+        if resolved is not None:
+            self._resolved = None
+            if resolved != self.address:
+                logger.info("rank %d: balance coordinator moved to %s; reconnecting", self.rank, resolved)
+                self._attach(resolved)
+                self.reconnects += 1
+        if (
+            not self.down
+            and self._unanswered_since is not None
+            and now - self._unanswered_since > self.dead_after_s
+        ):
+            logger.warning(
+                "rank %d: balance coordinator silent for %.1f s; gate open (admit) until it is back",
+                self.rank,
+                now - self._unanswered_since,
+            )
+            self._go_down(self._unanswered_since)  # the outage began with the first unanswered report
+        if (
+            self.down
+            and (self._resolver is None or not self._resolver.is_alive())
+            and now - self._last_resolve >= self.retry_s
+        ):
+            self._resolve_in_background()
+
+    def _drain(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        # poll(0) costs ~4 us; a recv that raises zmq.Again ~25 us (this runs twice per step).
+        while sock.poll(0):
+            payload = sock.recv(zmq.NOBLOCK)
+            wave, first, admits = decode_decisions(payload)
+            self._unanswered_since = None
+            if self.down:
+                self.down = False
+                self.last_outage_s = time.monotonic() - self._down_since
+                logger.info(
+                    "rank %d: balance coordinator answers again after %.2f s", self.rank, self.last_outage_s
+                )
+            for i, a in enumerate(admits):
+                self._decisions[(wave, first + i)] = bool(a)
+            while len(self._decisions) > _KEEP:
+                del self._decisions[next(iter(self._decisions))]
+
+    # ---- GateClient ------------------------------------------------------------------------------
+    def report(self, key: StepKey, running: int, waiting: int, max_num_seqs: int, lead: int) -> None:
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        self._drain()  # first: a reply that came while the engine was idle is not an outage
+        self._check(now)
+        sock = self._sock
+        if sock is not None:
+            wave, step = key
+            horizon = self.cfg.horizon
+            msg = encode_report(
+                self.rank, wave, step, running, waiting, max_num_seqs, lead, horizon,
+                self.client_s * 1e3, self.calls, self.late,
+            )  # fmt: skip
+            try:
+                sock.send(msg, zmq.NOBLOCK)
+                if not self.down:  # while down, decisions are not waited for
+                    for i in range(horizon):
+                        self._asked[(wave, step + lead + i)] = None
+                    while len(self._asked) > _KEEP:
+                        del self._asked[next(iter(self._asked))]
+                if self._unanswered_since is None:
+                    self._unanswered_since = now
+            except zmq.Again:  # no live connection (coordinator gone or not up yet)
+                if self._unanswered_since is None:
+                    self._unanswered_since = now
+        self.calls += 1
+        self.client_s += time.perf_counter() - t0
+
+    def decision(self, key: StepKey, wait_s: float) -> bool | None:
+        t0 = time.perf_counter()
+        try:
+            self._drain()
+            admit = self._decisions.pop(key, None)
+            if admit is not None:
+                self._asked.pop(key, None)
+                return admit
+            if key not in self._asked:
+                if self.down:
+                    self.down_decisions += 1
+                return None  # none was asked for this step (wave start, or coordinator down)
+            del self._asked[key]
+            sock = self._sock
+            deadline = t0 + wait_s
+            while sock is not None:
+                left = deadline - time.perf_counter()
+                # poll() takes whole ms: round up so a sub-ms wait still waits.
+                if left <= 0 or not sock.poll(max(1, int(left * 1e3 + 0.999))):
+                    break
+                self._drain()
+                admit = self._decisions.pop(key, None)
+                if admit is not None:
+                    return admit
+            self.late += 1
+            return None
+        finally:
+            self.client_s += time.perf_counter() - t0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "transport": "zmq",
+            "address": self.address,
+            "down": self.down,
+            "outages": self.outages,
+            "reconnects": self.reconnects,
+            "down_decisions": self.down_decisions,
+            "last_outage_s": self.last_outage_s,
+        }
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+        self._ctx.term()

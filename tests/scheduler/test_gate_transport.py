@@ -1,0 +1,249 @@
+"""The ZMQ gate transport: wire format, pipelined decisions, coordinator death and restart.
+
+The socket tests run a real ``GateServer`` around a real ``CoordinatorState`` (no Ray); the restart
+test kills the real BalanceCoordinator actor (``max_restarts=-1``) while two clients report in
+lockstep, and checks they admit meanwhile and take decisions from the restarted actor afterwards.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from scheduler.balance_scheduler import BalanceConfig
+from scheduler.coordinator import CoordinatorState
+from scheduler.gate_transport import (
+    GateServer,
+    ZmqGateClient,
+    decode_decisions,
+    decode_report,
+    encode_decisions,
+    encode_report,
+)
+
+
+def _server(state: CoordinatorState) -> GateServer:
+    lock = threading.Lock()
+
+    def handle(r: dict[str, Any]) -> list[bool]:
+        with lock:
+            ds, _ = state.report_span(
+                r["rank"], r["wave"], r["step"], r["running"], r["waiting"], r["max_num_seqs"], r["lead"],
+                r["horizon"], r["client_ms"], r["client_calls"], r["client_late"],
+            )  # fmt: skip
+        return [d.admit for d in ds]
+
+    return GateServer(handle, "127.0.0.1")
+
+
+def test_wire_roundtrip() -> None:
+    r = decode_report(encode_report(1, 3, 77, 4, 9, 8, 2, 4, 12.5, 100, 3))
+    assert r == {
+        "rank": 1, "wave": 3, "step": 77, "running": 4, "waiting": 9, "max_num_seqs": 8, "lead": 2,
+        "horizon": 4, "client_ms": 12.5, "client_calls": 100, "client_late": 3,
+    }  # fmt: skip
+    wave, first, admits = decode_decisions(encode_decisions(3, 79, [True, False, True]))
+    assert (wave, first, list(admits)) == (3, 79, [1, 0, 1])
+    with pytest.raises(ValueError):
+        decode_report(b"X" + encode_report(0, 0, 0, 0, 0, 1, 1, 1, 0.0, 0, 0)[1:])
+
+
+def test_zmq_clients_get_the_frozen_decisions() -> None:
+    state = CoordinatorState("any_at_cap", timeout_s=5)
+    srv = _server(state)
+    cfg = BalanceConfig(lead=1)
+    clients = [ZmqGateClient(cfg, r, resolve=lambda: srv.address) for r in (0, 1)]
+    try:
+        assert all(c.connect() for c in clients)
+        got: dict[int, list[bool | None]] = {0: [], 1: []}
+        for step in range(1, 41):
+            for c in clients:
+                running = 4 if c.rank == 0 and (step // 5) % 2 else 1  # rank 0 at its cap at times
+                c.report((0, step), running=running, waiting=2, max_num_seqs=4, lead=1)
+            for c in clients:
+                got[c.rank].append(c.decision((0, step + 1), 2.0))
+        assert got[0] == got[1]
+        assert got[0] == [state.decisions[(0, s + 1)].admit for s in range(1, 41)]
+        assert True in got[0] and False in got[0]
+        # Nothing was asked for a step: None at once (no wait), not counted late.
+        t0 = time.perf_counter()
+        assert clients[0].decision((0, 500), 1.0) is None
+        assert time.perf_counter() - t0 < 0.1 and clients[0].late == 0
+        assert clients[0].calls == 40 and srv.served == 80
+    finally:
+        for c in clients:
+            c.close()
+        srv.close()
+
+
+def test_zmq_client_horizon() -> None:
+    state = CoordinatorState("cadence", params={"interval": 2}, timeout_s=5)
+    srv = _server(state)
+    c = ZmqGateClient(BalanceConfig(lead=1, horizon=4), 0, resolve=lambda: srv.address)
+    try:
+        c.connect()
+        c.report((0, 4), running=0, waiting=1, max_num_seqs=4, lead=1)
+        assert [c.decision((0, s), 2.0) for s in (5, 6, 7, 8)] == [False, True, False, True]
+        assert c.decision((0, 9), 0.0) is None
+    finally:
+        c.close()
+        srv.close()
+
+
+def test_zmq_client_outage_falls_back_without_waiting_then_reconnects() -> None:
+    """The server goes away: the client declares it down after ``dead_after_s`` and stops waiting
+    ``wait_s`` per step; a new server (new address, empty state) is found by the background lookup."""
+    srv = _server(CoordinatorState("any_at_cap"))
+    where = {"address": srv.address}
+    c = ZmqGateClient(BalanceConfig(dead_after_s=0.3), 0, resolve=lambda: where["address"], retry_s=0.05)
+    step = 0
+
+    def one_step() -> bool | None:
+        nonlocal step
+        step += 1
+        c.report((0, step), running=4, waiting=1, max_num_seqs=4, lead=1)  # at cap: gate closed
+        return c.decision((0, step + 1), 0.05)
+
+    try:
+        c.connect()
+        assert [one_step() for _ in range(5)] == [False] * 5
+        srv.close()
+        t_dead = time.monotonic()
+        while not c.down:
+            assert one_step() is None  # fallback: the scheduler admits
+            assert time.monotonic() - t_dead < 2.0, "outage not noticed"
+        assert c.outages == 1 and 0.3 <= time.monotonic() - t_dead < 1.0
+        # Down: decisions come back at once instead of after wait_s.
+        t0 = time.perf_counter()
+        assert one_step() is None
+        assert time.perf_counter() - t0 < 0.02
+        # A successor on a new address, with its own (empty) state.
+        state2 = CoordinatorState("any_at_cap")
+        srv = _server(state2)
+        where["address"] = srv.address
+        t_new = time.monotonic()
+        decisions = []
+        while not decisions or decisions[-1] is None:
+            decisions.append(one_step())
+            time.sleep(0.005)
+            assert time.monotonic() - t_new < 3.0, "did not reconnect"
+        assert decisions[-1] is False and not c.down
+        assert c.reconnects == 1 and c.address == srv.address and c.last_outage_s is not None
+        assert 0 in state2.ranks
+    finally:
+        c.close()
+        srv.close()
+
+
+def test_zmq_client_unreachable_at_start_keeps_looking() -> None:
+    """No coordinator at start-up: the gate is open, and the client connects once it exists."""
+    where: dict[str, str | None] = {"address": None}
+
+    def resolve() -> str:
+        if where["address"] is None:
+            raise LookupError("no coordinator yet")
+        return where["address"]
+
+    c = ZmqGateClient(BalanceConfig(), 0, resolve=resolve, retry_s=0.05)
+    srv = None
+    try:
+        assert c.connect() is False and c.down
+        c.report((0, 1), running=0, waiting=1, max_num_seqs=4, lead=1)
+        assert c.decision((0, 2), 0.05) is None
+        srv = _server(CoordinatorState("any_at_cap"))
+        where["address"] = srv.address
+        deadline = time.monotonic() + 3
+        got = None
+        step = 1
+        while got is None and time.monotonic() < deadline:
+            step += 1
+            c.report((0, step), running=0, waiting=1, max_num_seqs=4, lead=1)
+            got = c.decision((0, step + 1), 0.05)
+            time.sleep(0.01)
+        assert got is True and not c.down
+    finally:
+        c.close()
+        if srv is not None:
+            srv.close()
+
+
+# ---- real Ray actors ---------------------------------------------------------------------------------
+
+
+def test_coordinator_killed_ranks_admit_then_resume_from_restarted_actor(ray_local) -> None:
+    """Two ranks (threads in lockstep, like two engine cores) report every ~5 ms; rank 0 is at its cap,
+    so the coordinator's decisions close the gate. The actor is killed (Ray restarts it): decisions
+    fall back to admit (None), then come from the restarted actor, on a new address, again."""
+    from scheduler.coordinator import get_or_create_coordinator, release_coordinator
+
+    name = f"test_restart_{time.monotonic_ns()}"
+    actor = get_or_create_coordinator(name, "dpserve_test", "any_at_cap", None, timeout_s=2.0)
+    old_address = ray_local.get(actor.zmq_address.remote())
+    cfg = BalanceConfig(coordinator_name=name, namespace="dpserve_test", dead_after_s=0.5)
+    clients = [ZmqGateClient(cfg, r) for r in (0, 1)]
+    assert all(c.connect() for c in clients)
+    barrier = threading.Barrier(2)
+    stop = threading.Event()
+    # Per rank: (monotonic time, step, decision) for every step.
+    log: dict[int, list[tuple[float, int, bool | None]]] = {0: [], 1: []}
+
+    def rank_loop(c: ZmqGateClient) -> None:
+        step = 0
+        while not stop.is_set():
+            step += 1
+            barrier.wait(5)  # lockstep: both ranks reach step s together
+            c.report((0, step), running=4 if c.rank == 0 else 0, waiting=1, max_num_seqs=4, lead=1)
+            time.sleep(0.005)  # the "model step"
+            log[c.rank].append((time.monotonic(), step + 1, c.decision((0, step + 1), 0.02)))
+
+    threads = [threading.Thread(target=rank_loop, args=(c,), daemon=True) for c in clients]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        t_kill = time.monotonic()
+        ray_local.kill(actor, no_restart=False)
+        deadline = t_kill + 60
+        # Wait for both ranks to have taken a gate-closing decision from the restarted actor.
+        while time.monotonic() < deadline and not all(
+            c.reconnects and any(t > t_kill and d is False and not c.down for t, _, d in log[c.rank][-20:])
+            for c in clients
+        ):
+            time.sleep(0.1)
+        stop.set()
+        barrier.abort()
+        for t in threads:
+            t.join(5)
+        new_address = ray_local.get(actor.zmq_address.remote())
+        stats = ray_local.get(actor.get_stats.remote())
+    finally:
+        stop.set()
+        for c in clients:
+            c.close()
+        release_coordinator(name, "dpserve_test")
+        ray_local.kill(actor)
+
+    figures = {}
+    for r, c in enumerate(clients):
+        before = [d for t, s, d in log[r] if t < t_kill and s > 2]
+        after = [(t, d) for t, s, d in log[r] if t >= t_kill]
+        assert before and all(d is False for d in before), f"rank {r}: gate not closed before the kill"
+        first_fallback = next(t for t, d in after if d is None)
+        resumed = next(t for t, d in after if t > first_fallback and d is not None)
+        assert c.outages >= 1 and c.reconnects >= 1 and c.address == new_address
+        figures[r] = {
+            "first_fallback_ms": round((first_fallback - t_kill) * 1e3, 1),
+            "resume_ms": round((resumed - t_kill) * 1e3, 1),
+            "outage_s": c.last_outage_s,
+            "fallback_steps": sum(1 for _, d in after if d is None),
+        }
+    assert new_address != old_address
+    # The restarted actor's state holds both ranks again; the ranks agree on every step both decided.
+    assert sorted(stats["ranks"]) == [0, 1], stats
+    by_step = [{s: d for _, s, d in log[r] if d is not None} for r in (0, 1)]
+    common = set(by_step[0]) & set(by_step[1])
+    assert len(common) > 50 and all(by_step[0][s] == by_step[1][s] for s in common)
+    print("coordinator restart figures:", figures)
