@@ -90,7 +90,9 @@ def _mean(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
 
 
-async def _run_group(args: argparse.Namespace, balance: bool, horizon: int = 1) -> dict[str, dict[str, Any]]:
+async def _run_group(
+    args: argparse.Namespace, balance: bool, horizon: int = 1, transport: str = "zmq"
+) -> dict[str, dict[str, Any]]:
     import ray
 
     from deployments.rank_group import start_rank_group, stop_rank_group
@@ -102,11 +104,14 @@ async def _run_group(args: argparse.Namespace, balance: bool, horizon: int = 1) 
             "lead": args.lead,
             "wait_ms": args.wait_ms,
             "horizon": horizon,
+            "transport": transport,
         }
         if balance
         else None
     )
     suffix = f" h{horizon}" if horizon > 1 else ""
+    if len(args.transports.split(",")) > 1:  # name the transport only when comparing them
+        suffix += f" {transport}"
     actors, pg, infos = await start_rank_group(_settings(args, cfg))
     out: dict[str, dict[str, Any]] = {}
     try:
@@ -116,7 +121,8 @@ async def _run_group(args: argparse.Namespace, balance: bool, horizon: int = 1) 
             print("vllm", out["vllm"], flush=True)
             return out
         coord = ray.get_actor(COORD, namespace="dpserve")
-        for name, params in POLICIES:
+        wanted = args.policies.split(",") if args.policies else [n for n, _ in POLICIES]
+        for name, params in [(n, p) for n, p in POLICIES if n in wanted]:
             await coord.set_policy.remote(name, params)
             before = await coord.get_stats.remote()
             m = _mean([await _workload(actors, args, seed=r) for r in range(args.rounds)])
@@ -191,6 +197,9 @@ def main() -> int:
     p.add_argument("--wait-ms", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=2, help="workload repetitions per configuration (mean)")
     p.add_argument("--horizons", default="1,4", help="balance groups to start, one per report horizon")
+    p.add_argument("--transports", default="zmq", help="gate transports, one balance group each (zmq,ray)")
+    p.add_argument("--policies", default="", help="comma list of policies to run (default: all)")
+    p.add_argument("--out", default="balance", help="result file names: OUT.json / OUT.md")
     p.add_argument("--table-only", action="store_true", help="rewrite balance.md from balance.json")
     args = p.parse_args()
     if args.table_only:
@@ -206,13 +215,14 @@ def main() -> int:
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         results = asyncio.run(_run_group(args, balance=False))
-        for h in [int(x) for x in args.horizons.split(",")]:
-            results.update(asyncio.run(_run_group(args, balance=True, horizon=h)))
+        for transport in args.transports.split(","):
+            for h in [int(x) for x in args.horizons.split(",")]:
+                results.update(asyncio.run(_run_group(args, balance=True, horizon=h, transport=transport)))
     finally:
         ray.shutdown()
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "balance.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    (OUT / "balance.md").write_text(_table(results, args))
+    (OUT / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    (OUT / f"{args.out}.md").write_text(_table(results, args))
     print(_table(results, args))
     return 0
 
