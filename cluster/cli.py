@@ -17,6 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "cluster.serve_cmd",
         "start the local default: tiny MoE model, 2 DP ranks, OpenAI API on 127.0.0.1:8000",
     ),
+    "shutdown": (
+        "cluster.shutdown_cmd",
+        "drain requests in flight (new ones get 503), then shut Serve down (use instead of `serve shutdown`)",
+    ),
     "status": ("cluster.status_cmd", "show ranks, gate state and EPLB state of the running cluster"),
     "make-model": ("cluster.model_cmd", "build the tiny MoE checkpoint (random weights, local tokenizer)"),
     "bench": ("cluster.bench_cmd", "run the serving benchmark against an OpenAI-compatible endpoint"),

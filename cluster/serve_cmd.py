@@ -1,12 +1,19 @@
-"""`dpserve serve`: run a Serve config (the local default unless told otherwise) with `serve run`."""
+"""`dpserve serve`: run a Serve config (the local default unless told otherwise) with `serve run`.
+
+`serve run` runs in this process, with one difference: SIGTERM and the first Ctrl-C shut down
+gracefully. The dpserve applications are drained first (new API requests get 503 + Retry-After,
+requests in flight finish, up to the config's `drain_timeout_s` or `--drain-timeout`), then
+`serve run`'s own Ctrl-C path shuts Serve down. Plain `serve run` kills the HTTP proxies at once on
+Ctrl-C (streams in flight are cut) and does nothing on SIGTERM. A second signal stops at once.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "ray_configs" / "serve-local.yaml"
 
@@ -15,6 +22,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
                         help="Serve config YAML (default: ray_configs/serve-local.yaml: tiny model, 2 DP ranks, "
                              "127.0.0.1:8000)")  # fmt: skip
+    parser.add_argument("--drain-timeout", type=float, default=None,
+                        help="on SIGTERM/Ctrl-C, let requests in flight finish for at most this many seconds "
+                             "(default: each application's drain_timeout_s, 30 s)")  # fmt: skip
+
+
+def install_graceful_signals(drain_timeout_s: float | None) -> None:
+    """SIGTERM / first SIGINT: drain the dpserve applications, then raise KeyboardInterrupt in the
+    main thread (where `serve run` waits), whose handler shuts Serve down. A second signal: at once."""
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        name = signal.Signals(signum).name
+        print(f"dpserve: {name}: draining requests in flight before shutting down", flush=True)
+        try:
+            import ray
+
+            if ray.is_initialized():
+                from deployments.shutdown import drain_apps
+
+                print(f"dpserve: drained: {drain_apps(None, drain_timeout_s)}", flush=True)
+        except Exception as exc:  # never block the shutdown itself
+            print(f"dpserve: drain failed ({type(exc).__name__}: {exc}); shutting down", flush=True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,16 +59,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"dpserve serve: no such config file: {config}", file=sys.stderr)
         return 2
     apply_vllm_env()  # inherited by the local Ray that `serve run` starts, hence by every rank
-    serve_bin = shutil.which("serve", path=os.path.dirname(sys.executable)) or shutil.which("serve")
-    if serve_bin is None:
-        print(
-            "dpserve serve: Ray Serve's `serve` command is not installed (pip install 'ray[serve]')",
-            file=sys.stderr,
-        )
+    try:
+        from ray.serve.scripts import cli as serve_cli
+    except ImportError:
+        print("dpserve serve: Ray Serve is not installed (pip install 'ray[serve]')", file=sys.stderr)
         return 2
     print(
         f"dpserve: serve run {config} (first start builds the tiny model and takes about a minute)",
         flush=True,
     )
-    os.execv(serve_bin, [serve_bin, "run", str(config)])
-    return 0  # not reached
+    install_graceful_signals(args.drain_timeout)
+    try:
+        serve_cli.main(["run", str(config)], prog_name="serve")  # exits through SystemExit
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    return 0

@@ -48,13 +48,17 @@ class AppConfig:
     # the tiny model, and at DeepSeek scale tens of thousands of tokens/s pass one ingress.
     stream_interval_ms: float = 50.0
     ingress_num_cpus: float = 0.1
+    # Graceful shutdown (`dpserve shutdown`, SIGTERM/Ctrl-C to `dpserve serve`): new API requests get
+    # 503 + Retry-After, those in flight may finish for up to this long, then Serve is shut down.
+    # Serve's own drain on `serve.delete`/redeploy is `graceful_shutdown_timeout_s` (ray_configs).
+    drain_timeout_s: float = 30.0
 
     @classmethod
     def from_args(cls, args: dict[str, Any] | None) -> AppConfig:
         args = dict(args or {})
         serving = {k: args.pop(k) for k in list(args) if k in ("placement_strategy", "max_queued_per_rank",
                                                                 "rank_start_timeout_s", "recovery_wait_s", "stream_interval_ms",
-                                                                "ingress_num_cpus")}  # fmt: skip
+                                                                "ingress_num_cpus", "drain_timeout_s")}  # fmt: skip
         for ignored in ("http_host", "http_port"):  # set in the Serve config's http_options
             args.pop(ignored, None)
         return cls(engine=EngineSettings.from_dict(args), **serving)
@@ -65,6 +69,44 @@ class AppConfig:
 
 
 app = FastAPI(title="dpserve", description="OpenAI-compatible API over data-parallel vLLM ranks")
+
+
+class _Admission:
+    """API requests in flight in this process (one ingress replica per process) and the drain flag.
+
+    Class attributes, not a module-level instance: Serve pickles the ingress class by value (with
+    copies of the globals it uses), while this class is pickled by reference, so both the ingress
+    and the middleware reach this one object in the replica."""
+
+    draining: bool = False
+    in_flight: int = 0
+
+
+class _AdmissionMiddleware:
+    """Pure ASGI, so a streamed response counts as in flight until its last byte is sent. While the
+    ingress drains, new API requests (POST /v1/...) are answered 503 + Retry-After at once."""
+
+    def __init__(self, asgi_app: Any) -> None:
+        self.app = asgi_app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if (
+            scope.get("type") != "http"
+            or scope.get("method") != "POST"
+            or "/v1/" not in scope.get("path", "")
+        ):
+            return await self.app(scope, receive, send)
+        if _Admission.draining:
+            response = _error("the server is shutting down; retry shortly", 503, headers={"Retry-After": "5"})
+            return await response(scope, receive, send)
+        _Admission.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _Admission.in_flight -= 1
+
+
+app.add_middleware(_AdmissionMiddleware)
 
 
 def _error(message: str, status: int, param: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -316,11 +358,11 @@ class DPServer:
     async def health(self) -> JSONResponse:
         ok = bool(self.live) and all(self.stats[r].get("ready") for r in self.live)
         body = {
-            "status": "ok" if ok else "degraded",
+            "status": "draining" if _Admission.draining else ("ok" if ok else "degraded"),
             "live_ranks": sorted(self.live),
             "ranks": len(self.actors),
         }
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return JSONResponse(body, status_code=200 if ok and not _Admission.draining else 503)
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
@@ -511,10 +553,38 @@ class DPServer:
             logger.exception("stream %s failed", request_id)
             yield f"data: {json.dumps(oai.error_body(_failure_message(exc, 'mid-stream'), 503))}\n\n"
 
+    async def drain(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """Stop admitting API requests (503 + Retry-After) and wait until those in flight have sent
+        their last byte, at most `timeout_s` (default `drain_timeout_s`). Called through a Serve
+        handle by `dpserve shutdown` and `dpserve serve`'s SIGTERM/SIGINT handler before Serve is shut
+        down (`serve.shutdown` alone kills the HTTP proxies at once, cutting streams)."""
+        timeout = self.config.drain_timeout_s if timeout_s is None else float(timeout_s)
+        _Admission.draining = True
+        t0 = time.monotonic()
+        at_start = _Admission.in_flight
+        logger.warning("draining: %d API requests in flight, waiting up to %.0f s", at_start, timeout)
+        while _Admission.in_flight and time.monotonic() - t0 < timeout:
+            await asyncio.sleep(0.05)
+        left = _Admission.in_flight
+        waited = time.monotonic() - t0
+        logger.warning("drained in %.2f s: %d requests left", waited, left)
+        return {
+            "drained": left == 0,
+            "in_flight_at_start": at_start,
+            "in_flight_left": left,
+            "waited_s": waited,
+        }
+
+    async def resume(self) -> None:
+        """Admit API requests again (undo `drain`, e.g. a shutdown that was called off)."""
+        _Admission.draining = False
+
     async def __del__(self):
-        # Serve calls this on shutdown/redeploy: stop the engines so no engine process outlives us.
+        # Serve calls this on shutdown/redeploy after its own drain (graceful_shutdown_timeout_s):
+        # stop the engines so no engine process outlives us.
         from deployments.rank_group import stop_rank_group
 
+        _Admission.draining = True
         if getattr(self, "_poller", None) is not None:
             self._poller.cancel()
         for task in getattr(self, "_pumps", []):
