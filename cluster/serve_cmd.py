@@ -10,6 +10,7 @@ Ctrl-C (streams in flight are cut) and does nothing on SIGTERM. A second signal 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -68,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
         f"dpserve: serve run {config} (first start builds the tiny model and takes about a minute)",
         flush=True,
     )
+    import ray
+
+    # Connect (or start a local Ray) the way `serve run` would, before installing the handlers:
+    # ray.init installs its own SIGTERM handler (exit at once), which ours must replace.
+    ray.init(address=os.environ.get("RAY_ADDRESS"), namespace="serve")
     install_graceful_signals(args.drain_timeout)
     try:
         serve_cli.main(["run", str(config)], prog_name="serve")  # exits through SystemExit

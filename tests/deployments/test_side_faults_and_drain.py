@@ -275,8 +275,12 @@ def test_serve_delete_with_streams_in_flight(served, ray_local):
 @pytest.mark.timeout(420)
 def test_sigterm_to_dpserve_serve_drains_then_shuts_down(served, ray_local, tmp_path: Path):
     """`dpserve serve` (serve run in that process) on this Ray; SIGTERM while streams are in flight."""
+    from ray import serve
+
     ray = ray_local
     port = served["port"]  # the Serve instance (and its proxy) this module started
+    if APP in serve.status().applications:  # run on its own: free the cores for the new app
+        serve.delete(APP)
     config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
               "applications": [{"name": "dpserve_sigterm", "route_prefix": "/", "import_path": "deployments.app:build_app",
                                 "args": _app_args(served["model"], drain_timeout_s=60)}]}  # fmt: skip
