@@ -376,6 +376,19 @@ class DPRank:
         self.stats.errored = self.engine is not None and self.engine.errored
         return self.stats.as_dict()
 
+    async def balance_stats(self, trace_from: int | None = None) -> dict[str, Any] | None:
+        """The balance scheduler's gate counters in this rank's engine core (``None`` without balance);
+        with ``trace_from``, its per-step trace rows from that sequence number on
+        (``scheduler/step_trace.py``)."""
+        if self.engine is None:
+            raise RuntimeError(f"DP rank {self.rank} is not started")
+        try:
+            return await self.engine.engine_core.call_utility_async("dpserve_balance_stats", trace_from)
+        except Exception as e:  # no balance scheduler in this engine: the utility does not exist
+            if "dpserve_balance_stats" in str(e):
+                return None
+            raise
+
     async def check_health(self) -> bool:
         if self.engine is None or self.engine.errored:
             return False

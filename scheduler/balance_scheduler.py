@@ -68,6 +68,7 @@ from vllm.v1.core.sched.request_queue import RequestQueue, create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from scheduler.gate_transport import ZmqGateClient
+from scheduler.step_trace import StepTrace
 
 logger = logging.getLogger("dpserve.balance")
 
@@ -304,6 +305,22 @@ def install_lockstep_hook() -> bool:
     return True
 
 
+def install_stats_utility() -> None:
+    """Give vLLM's ``EngineCore`` a utility method ``dpserve_balance_stats(trace_from)`` (once per
+    process) so the engine's client can read ``balance_stats()`` from the engine-core process
+    (``engine_core.call_utility_async("dpserve_balance_stats", ...)``)."""
+    from vllm.v1.engine.core import EngineCore
+
+    if hasattr(EngineCore, "dpserve_balance_stats"):
+        return
+
+    def dpserve_balance_stats(self: Any, trace_from: int | None = None) -> dict[str, Any] | None:
+        scheduler = getattr(self, "scheduler", None)
+        return scheduler.balance_stats(trace_from) if isinstance(scheduler, BalanceSchedulerMixin) else None
+
+    EngineCore.dpserve_balance_stats = dpserve_balance_stats  # type: ignore[attr-defined]
+
+
 class BalanceSchedulerMixin:
     """Gates waiting-request admission around ``super().schedule()``; see the module docstring."""
 
@@ -326,6 +343,8 @@ class BalanceSchedulerMixin:
         self._own_step = 0
         self.gate_stats = GateStats()
         self.last_admit: bool | None = None
+        self.step_trace = StepTrace()  # one row per schedule(): see scheduler/step_trace.py
+        install_stats_utility()
         self.gate_client: GateClient | None = make_gate_client(self.balance_config, self.dp_rank)
         if self._dp_mode:
             install_lockstep_hook()
@@ -370,7 +389,18 @@ class BalanceSchedulerMixin:
 
     # ---- the gate ------------------------------------------------------------------------------
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
-        """vLLM's schedule(), with the waiting queue hidden on steps whose gate is closed."""
+        """vLLM's schedule(), with the waiting queue hidden on steps whose gate is closed; each call
+        leaves one row in ``self.step_trace``."""
+        t0 = time.perf_counter()
+        key = self._current_key()
+        running, waiting = len(self.running), len(self.waiting)
+        out = self._gated_schedule(*args, **kwargs)
+        self.step_trace.record_step(
+            key, t0, bool(self.last_admit), running, waiting, out, len(self.running), len(self.waiting)
+        )
+        return out
+
+    def _gated_schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         if not self._dp_mode and self._own_step % self.balance_config.horizon == 0:
             self._report((0, self._own_step))
         key = self._current_key()
@@ -392,9 +422,17 @@ class BalanceSchedulerMixin:
             stand_in, self.waiting = self.waiting, hidden
             _restore_waiting(hidden, stand_in)
 
-    def balance_stats(self) -> dict[str, Any]:
-        """Gate counters of this rank, plus client cost when talking to a coordinator."""
+    def balance_stats(self, trace_from: int | None = None) -> dict[str, Any]:
+        """Gate counters of this rank, plus client cost when talking to a coordinator.
+
+        ``trace_seq`` is the number of steps traced so far; with ``trace_from`` the answer also holds
+        the trace rows with ``seq >= trace_from`` (``trace``; fields: ``scheduler.step_trace.FIELDS``).
+        From the engine's client: the engine-core utility ``dpserve_balance_stats`` (``DPRank``).
+        """
         out: dict[str, Any] = asdict(self.gate_stats)
+        out["trace_seq"] = self.step_trace.seq
+        if trace_from is not None:
+            out["trace"] = self.step_trace.rows(trace_from)
         client = self.gate_client
         if isinstance(client, RayGateClient | ZmqGateClient):
             out["client_ms_total"] = client.client_s * 1e3

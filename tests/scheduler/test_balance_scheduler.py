@@ -112,6 +112,7 @@ def test_engine_gate_holds_waiting_and_keeps_running(engine) -> None:
     llm_engine = engine.llm_engine
     sched = _scheduler(engine)
     assert isinstance(sched, BalanceScheduler)
+    trace_from = sched.step_trace.seq
     gate = ManualGate(admit=True)
     sched.gate_client = gate
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -149,6 +150,20 @@ def test_engine_gate_holds_waiting_and_keeps_running(engine) -> None:
     assert all(len(t) == 8 for t in finished.values())
     assert finished["r2"] == finished["r0"]
     assert len(sched.waiting) == 0
+
+    # The step trace saw it all, and the engine-core utility (what DPRank.balance_stats calls) serves it.
+    from scheduler.step_trace import IDX, step_kind
+
+    stats = engine.llm_engine.engine_core.engine_core.dpserve_balance_stats(trace_from)
+    rows = stats["trace"]
+    assert rows == sched.step_trace.rows(trace_from) and stats["trace_seq"] == trace_from + len(rows)
+    first = rows[0]
+    assert (first[IDX["admit"]], first[IDX["new_reqs"]], first[IDX["prefill_tokens"]]) == (1, 2, 12)
+    held = [r for r in rows if not r[IDX["admit"]] and r[IDX["waiting"]] == 2]
+    assert held and all(r[IDX["new_reqs"]] == 0 and r[IDX["waiting_after"]] == 2 for r in held)
+    assert any(step_kind(r) == "decode" and r[IDX["decode_tokens"]] == 2 for r in rows)
+    # 4 requests x 8 tokens: each prefill step yields one token per new request, decode steps the rest.
+    assert sum(r[IDX["new_reqs"]] + r[IDX["decode_tokens"]] for r in rows) == 4 * 8
 
 
 @pytest.mark.slow
