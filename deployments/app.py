@@ -149,7 +149,8 @@ def _failure_message(exc: BaseException, where: str) -> str:
     )
 
 
-@serve.deployment(max_ongoing_requests=10_000, health_check_period_s=10, graceful_shutdown_timeout_s=30)
+@serve.deployment(max_ongoing_requests=10_000, health_check_period_s=10, graceful_shutdown_timeout_s=30,
+                  graceful_shutdown_wait_loop_s=1)  # fmt: skip
 @serve.ingress(app)
 class DPServer:
     async def __init__(self, config: dict[str, Any]):

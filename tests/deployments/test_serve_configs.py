@@ -38,3 +38,13 @@ def test_unknown_setting_is_rejected():
         AppConfig.from_args({"data_parallel_sise": 2})
     with pytest.raises(ValueError):
         AppConfig.from_args({"data_parallel_size": 0})
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shutdown_timeouts_are_set(path):
+    """Every config states its drain budget, and Serve's own drain outlasts the ingress's."""
+    (app,) = yaml.safe_load(path.read_text())["applications"]
+    (ingress,) = [d for d in app["deployments"] if d["name"] == "DPServer"]
+    drain = AppConfig.from_args(app["args"]).drain_timeout_s
+    assert "drain_timeout_s" in app["args"] and ingress["graceful_shutdown_wait_loop_s"] <= 2
+    assert ingress["graceful_shutdown_timeout_s"] >= drain
