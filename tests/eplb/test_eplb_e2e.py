@@ -190,3 +190,39 @@ def test_actor_driven_rebalance_under_traffic(group):
         assert state["last_error"] is None
 
     loop.run_until_complete(go())
+
+
+def test_policy_that_raises_is_skipped_on_real_ranks(group):
+    """A policy that raises while planning (hierarchical with 16 experts in 3 groups) on the real ranks:
+    logged, counted, skipped, the actor keeps cycling, nothing is pushed, outputs stay identical."""
+    from eplb.actor import eplb_actor_class
+
+    loop, actors, reference = group
+
+    async def go():
+        before = [await a.eplb_call.remote("eplb_placement") for a in actors]
+        histories = [len((await a.eplb_call.remote("eplb_status"))["history"]) for a in actors]
+        cfg = {"policy": "deepseek_hierarchical", "params": {"num_groups": 3}, "num_redundant": NUM_REDUNDANT,
+               "window_steps": 20, "interval_s": 0.3, "threshold": 0.99}  # fmt: skip
+        ctl = eplb_actor_class().remote(actors, cfg)
+        await ctl.start.remote()
+        deadline = time.monotonic() + 120
+        try:
+            while (await ctl.get_state.remote())["policy_failures"] < 2:  # it keeps going after a failure
+                assert time.monotonic() < deadline, await ctl.get_state.remote()
+                assert await _generate(actors) == reference
+            state = await ctl.get_state.remote()
+        finally:
+            await ctl.stop.remote()
+        assert state["alive"] and state["rebalances"] == 0 and state["plan_failures"] == 0
+        assert "deepseek_hierarchical" in state["last_error"] and "ValueError" in state["last_error"]
+        failed = [e for e in state["history"] if e["event"] == "policy_failed"]
+        assert len(failed) >= 2 and "Traceback" in failed[0]["trace"]
+        for a, b, n in zip(actors, before, histories, strict=True):
+            assert await a.eplb_call.remote("eplb_placement") == b  # nothing was pushed
+            assert len((await a.eplb_call.remote("eplb_status"))["history"]) == n
+        assert await _generate(actors) == reference
+        print(f"\npolicy raising on real ranks: {state['policy_failures']} failures over {state['cycles']} cycles, "
+              f"last error: {state['last_error']}")  # fmt: skip
+
+    loop.run_until_complete(go())
