@@ -14,9 +14,12 @@ CPU numbers are for relative comparison only (2 shared cores; see DESIGN.md).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -25,7 +28,6 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results"
 NUM_REDUNDANT = 4
 PROMPTS = [f"Prompt number {i}: experts and ranks" for i in range(8)]
-SAMPLING = {"max_tokens": 96, "temperature": 0.0, "ignore_eos": True}
 
 
 def hook_cost(repeats: int = 300) -> list[dict]:
@@ -59,11 +61,32 @@ def hook_cost(repeats: int = 300) -> list[dict]:
     return rows
 
 
-async def _stream_gaps(actor, prompt: str, request_id: str) -> list[tuple[float, float]]:
+# Plan variants compared side by side in the same engine run (pushed alternately, same-sized plans).
+VARIANTS: dict[str, dict] = {
+    # The default: one message per weight per layer and peer, staging thread at nice 19 with one
+    # OpenMP thread, one layer's transfer started per engine step.
+    "async": {},
+    "async_unpaced": {"transfer": {"paced": False}},  # the same, every layer at once
+    # The first implementation's staging: one message and torch.cat per moved slot, normal priority.
+    "async_v1": {"transfer": {"per_slot": True, "nice": 0, "omp_threads": 0, "paced": False}},
+    "stop_the_world": {"blocking": True},  # transfers and every layer's commit inside one agreed step
+}
+DESCRIBE = {
+    "async": "default: background staging, one message per weight per layer and peer, staging thread at nice 19 "
+    "with 1 OpenMP thread, one layer's transfer started per engine step; commit one layer per step",
+    "async_unpaced": "as async, but every layer's transfer at once",
+    "async_v1": "the first implementation's staging (one message + torch.cat per moved slot, normal priority, "
+    "all layers at once), today's commit",
+    "stop_the_world": "every transfer and every layer's commit inside one agreed step",
+}
+STEADY_REQS = len(PROMPTS) // 2  # requests per rank in a full decode batch
+
+
+async def _stream(actor, prompt: str, request_id: str, sampling: dict) -> list[tuple[float, float]]:
     """[(t_end, gap_s)] between successive token chunks of one greedy request."""
     last, gaps = None, []
     async for ref in actor.generate.options(num_returns="streaming").remote(
-        request_id, prompt, SAMPLING, None
+        request_id, prompt, sampling, None
     ):
         chunk = await ref
         now = time.perf_counter()
@@ -74,28 +97,39 @@ async def _stream_gaps(actor, prompt: str, request_id: str) -> list[tuple[float,
     return gaps
 
 
-async def _wave(actors, tag: str, during=None) -> tuple[list[tuple[float, float]], dict | None]:
-    """Run the prompt set; `during` (a coroutine factory) starts 0.5 s in; returns gaps and its result."""
-    tasks = [
-        asyncio.ensure_future(_stream_gaps(actors[i % 2], p, f"{tag}-{i}")) for i, p in enumerate(PROMPTS)
-    ]
-    result = None
-    if during is not None:
-        await asyncio.sleep(0.5)
-        result = await during()
-    gaps = [g for lst in await asyncio.gather(*tasks) for g in lst]
-    return gaps, result
-
-
-def _summary(gaps_s: list[float]) -> dict:
-    if not gaps_s:
+def _stats(ms: list[float]) -> dict:
+    if not ms:
         return {"n": 0}
-    ms = np.asarray(gaps_s) * 1e3
-    return {"n": int(ms.size), "median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
-            "max_ms": float(ms.max()), "mean_ms": float(ms.mean())}  # fmt: skip
+    a = np.asarray(ms, dtype=float)
+    return {"n": int(a.size), "median_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)),
+            "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()), "mean_ms": float(a.mean())}  # fmt: skip
 
 
-async def engine_phases() -> dict:
+def _window_max_baseline(seq: list[float], n: int, rng: np.random.Generator, k: int = 400) -> dict:
+    """Max over n consecutive steady steps, at k random places: what 'worst step of an n-step window'
+    looks like without any plan (the fair reference for a rebalance window's worst step)."""
+    if len(seq) <= n or n <= 0:
+        return {"n_windows": 0}
+    a = np.asarray(seq, dtype=float)
+    starts = rng.integers(0, a.size - n, k)
+    maxes = np.asarray([a[s : s + n].max() for s in starts])
+    return {"n_windows": k, "window_steps": n, "median_of_max_ms": float(np.median(maxes)),
+            "p90_of_max_ms": float(np.percentile(maxes, 90))}  # fmt: skip
+
+
+def _cpu_delta(before: dict, after: dict, labels: dict[int, str]) -> dict[str, float]:
+    """CPU ms per thread class between two eplb_thread_cpu snapshots of one worker."""
+    out: dict[str, float] = {}
+    for tid, a in after.items():
+        b = before.get(tid, {"cpu_ms": 0.0})
+        label = labels.get(int(tid), "other")
+        out[label] = out.get(label, 0.0) + a["cpu_ms"] - b["cpu_ms"]
+    return out
+
+
+async def engine_phases(
+    rounds: int, max_tokens: int, variants: dict[str, dict], pyspy_dir: str | None
+) -> dict:
     from deployments.engine_config import EngineSettings
     from deployments.rank_group import start_rank_group, stop_rank_group
     from npu_runtime.tiny_model import build_tiny_moe
@@ -104,62 +138,98 @@ async def engine_phases() -> dict:
     settings = EngineSettings(model=str(build_tiny_moe()), data_parallel_size=2, enable_expert_parallel=True,
                               max_model_len=256, max_num_seqs=8, eplb=eplb)  # fmt: skip
     actors, pg, infos = await start_rank_group(settings)
-    out: dict = {"startup_s": [i["startup_s"] for i in infos]}
+    out: dict = {"startup_s": [i["startup_s"] for i in infos], "max_tokens": max_tokens, "rounds": rounds}
+    sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    rng = np.random.default_rng(0)
+    plan_id = [100]
+    windows: list[dict] = []
+    cpu: list[dict] = []
+
+    async def call_all(method: str, *args):
+        return await asyncio.gather(*[a.eplb_call.remote(method, *args) for a in actors])
+
+    async def labels() -> list[dict[int, str]]:
+        states = await call_all("eplb_status")
+        res = []
+        for s in states:
+            lab = {s["main_tid"]: "main"}
+            lab.update({t: "transfer" for t in s["transfer_tids"]})
+            res.append(lab)
+        return res
+
+    async def push(variant: str) -> dict:
+        old = np.asarray(await actors[0].eplb_call.remote("eplb_placement"))
+        new = np.stack([rng.permutation(np.concatenate([np.arange(16), rng.integers(0, 16, NUM_REDUNDANT)]))
+                        for _ in range(old.shape[0])])  # fmt: skip
+        plan_id[0] += 1
+        pid = plan_id[0]
+        msg = {"plan_id": pid, "old": old.tolist(), "new": new.tolist(), "num_ranks": 2, **variants[variant]}
+        cpu0 = await call_all("eplb_thread_cpu")
+        t_cpu0 = time.perf_counter()
+        spies = []
+        if pyspy_dir:
+            for r, s in enumerate(await call_all("eplb_status")):
+                spies.append(subprocess.Popen(
+                    [os.environ.get("PYSPY", "py-spy"), "record", "--pid", str(s["pid"]), "--rate", "200", "--threads", "--idle",
+                     "--nonblocking", "--duration", "2", "--format", "raw",
+                     "--output", f"{pyspy_dir}/{variant}-{pid}-rank{r}.txt"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+            await asyncio.sleep(0.3)
+        replies = await call_all("eplb_stage", msg)
+        assert all(r["accepted"] for r in replies), replies
+        while True:
+            states = await call_all("eplb_status")
+            found = [next((h for h in s["history"] if h["plan_id"] == pid), None) for s in states]
+            if all(found):
+                break
+            await asyncio.sleep(0.01)
+        cpu1 = await call_all("eplb_thread_cpu")
+        t_cpu1 = time.perf_counter()
+        for sp in spies:
+            sp.wait()
+        lab = await labels()
+        assert all(h["outcome"] == "committed" for h in found), found
+        w = {"variant": variant, "plan_id": pid, "moved_slots": int((old != new).sum()),
+             "t_lo": min(h["t_received"] for h in found), "t_hi": max(h["t_finished"] for h in found),
+             "ranks": [{k: h.get(k) for k in ("stage_ms", "stage_cpu_ms", "commit_ms_total", "commit_ms_max_step", "commit_steps",
+                                              "steps_waited", "remote_bytes", "total_ms", "transfer_layers")}
+                       for h in found]}  # fmt: skip
+        deltas = [_cpu_delta(a, b, lab[r]) for r, (a, b) in enumerate(zip(cpu0, cpu1, strict=True))]
+        for d, h in zip(deltas, found, strict=True):
+            if not h.get("blocking"):  # the staging thread has exited: its own clock, from the history
+                d["transfer"] = h["stage_cpu_ms"]
+        cpu.append({"variant": variant, "plan_id": pid, "wall_ms": (t_cpu1 - t_cpu0) * 1e3,
+                    "ranks": deltas})  # fmt: skip
+        windows.append(w)
+        return w
+
+    async def steady_cpu(seconds: float) -> None:
+        lab = await labels()
+        cpu0 = await call_all("eplb_thread_cpu")
+        t0 = time.perf_counter()
+        await asyncio.sleep(seconds)
+        cpu1 = await call_all("eplb_thread_cpu")
+        cpu.append({"variant": "steady", "plan_id": 0, "wall_ms": (time.perf_counter() - t0) * 1e3,
+                    "ranks": [_cpu_delta(a, b, lab[r]) for r, (a, b) in enumerate(zip(cpu0, cpu1, strict=True))]})  # fmt: skip
+
     try:
-        await _wave(actors, "warmup")
-        steady = []
-        for k in range(2):
-            gaps, _ = await _wave(actors, f"steady{k}")
-            steady += [g for _, g in gaps]
-        out["steady"] = _summary(steady)
-
-        rng = np.random.default_rng(0)
-        plan_id = [100]
-
-        async def push(blocking: bool) -> dict:
-            old = np.asarray(await actors[0].eplb_call.remote("eplb_placement"))
-            new = np.stack([rng.permutation(np.concatenate([np.arange(16), rng.integers(0, 16, NUM_REDUNDANT)]))
-                            for _ in range(old.shape[0])])  # fmt: skip
-            plan_id[0] += 1
-            msg = {"plan_id": plan_id[0], "old": old.tolist(), "new": new.tolist(), "num_ranks": 2,
-                   "blocking": blocking}  # fmt: skip
-            t0 = time.perf_counter()
-            replies = await asyncio.gather(*[a.eplb_call.remote("eplb_stage", msg) for a in actors])
-            assert all(r["accepted"] for r in replies), replies
-            while True:
-                states = await asyncio.gather(*[a.eplb_call.remote("eplb_status") for a in actors])
-                found = [next((h for h in s["history"] if h["plan_id"] == plan_id[0]), None) for s in states]
-                if all(found):
-                    break
-                await asyncio.sleep(0.01)
-            t1 = time.perf_counter()
-            return {"t0": t0, "t1": t1, "ranks": found, "moved_slots": int((old != new).sum())}
-
-        for label, blocking in (("async_rebalance", False), ("stop_the_world", True)):
-            gaps, res = await _wave(actors, label, during=lambda b=blocking: push(b))
-            inside = [g for t, g in gaps if res["t0"] <= t <= res["t1"] + 0.05]
-            outside = [g for t, g in gaps if not res["t0"] <= t <= res["t1"] + 0.05]
-            out[label] = {
-                "window": _summary(inside),
-                "rest_of_wave": _summary(outside),
-                "client_apply_ms": (res["t1"] - res["t0"]) * 1e3,
-                "moved_slots": res["moved_slots"],
-                "ranks": [
-                    {
-                        k: r.get(k)
-                        for k in (
-                            "outcome",
-                            "stage_ms",
-                            "commit_ms_total",
-                            "commit_ms_max_step",
-                            "commit_steps",
-                            "steps_waited",
-                            "remote_bytes",
-                        )
-                    }
-                    for r in res["ranks"]
-                ],  # fmt: skip
-            }
+        await _wave(actors, "warmup", {"max_tokens": 16, "temperature": 0.0, "ignore_eos": True})
+        t_bench = time.perf_counter()
+        waves: list[tuple[float, float]] = []
+        order = list(variants)
+        for rnd in range(rounds):
+            tasks = [asyncio.ensure_future(_stream(actors[i % 2], p, f"r{rnd}-{i}", sampling))
+                     for i, p in enumerate(PROMPTS)]  # fmt: skip
+            t_wave = time.perf_counter()
+            await asyncio.sleep(1.5)  # past the prefill
+            # Alternate the variants (rotated each round), a steady stretch between plans.
+            for v in order[rnd % len(order) :] + order[: rnd % len(order)]:
+                await push(v)
+                await steady_cpu(0.8)
+            gaps = [g for lst in await asyncio.gather(*tasks) for g in lst]
+            waves.append((t_wave, time.perf_counter()))
+            out.setdefault("_gaps", []).extend(gaps)
+        logs = await call_all("eplb_step_log", t_bench)
         status = await actors[0].eplb_call.remote("eplb_status")
         out["sync_us_per_step"] = status["sync_us_per_step"]
         out["bytes_per_expert"] = status["bytes_per_expert"]
@@ -167,71 +237,206 @@ async def engine_phases() -> dict:
         out["record_us_per_call_in_engine"] = taken["record_us_per_call"]
     finally:
         await stop_rank_group(actors, pg)
+    out.update(_analyse(windows, logs, out.pop("_gaps"), cpu, waves))
     return out
+
+
+async def _wave(actors, tag: str, sampling: dict) -> None:
+    await asyncio.gather(*[_stream(actors[i % 2], p, f"{tag}-{i}", sampling) for i, p in enumerate(PROMPTS)])
+
+
+def _analyse(windows: list[dict], logs: list[list[list[float]]], gaps: list[tuple[float, float]],
+             cpu: list[dict], waves: list[tuple[float, float]]) -> dict:  # fmt: skip
+    """Engine-side and client-side step times per phase; see _md for the definitions."""
+    residue = 0.3  # s after a plan during which steps count neither as steady nor as the plan's
+
+    def where(t: float, slack: float = 0.0) -> dict | None | str:
+        """The plan window holding time t (slack: a token sent by the window's last step arrives a
+        little after it), "residue" right after one, else None."""
+        for w in windows:
+            if w["t_lo"] <= t <= w["t_hi"] + slack:
+                return w
+            if w["t_hi"] < t <= w["t_hi"] + slack + residue:
+                return "residue"
+        return None
+
+    def in_wave(t: float) -> bool:
+        return any(a + 1.0 <= t <= b - 1.0 for a, b in waves)
+
+    rng = np.random.default_rng(1)
+    res: dict = {"windows": windows, "engine": {}, "client": {}, "cpu": cpu}
+    # Engine side, per rank. Only full decode steps (4 requests, 1 token each), like for like.
+    per_plan: dict[int, dict] = {}
+    steady_all: list[float] = []
+    steady_seq: list[list[float]] = []
+    for rank, log in enumerate(logs):
+        steady: list[float] = []
+        for t, _exec_ms, step_ms, tokens, reqs, state, _pid, stall in log:
+            if reqs != STEADY_REQS or tokens != reqs:
+                continue
+            w = where(t)
+            if w is None:
+                if state == 0 and in_wave(t):  # eplb.applier.STEP_IDLE
+                    steady.append(step_ms)
+            elif isinstance(w, dict):
+                d = per_plan.setdefault(
+                    w["plan_id"], {"variant": w["variant"], "steps": [[], []], "stall": [[], []]}
+                )
+                d["steps"][rank].append(step_ms)
+                d["stall"][rank].append(stall)
+                w.setdefault("steps", []).append(
+                    [rank, round((t - w["t_lo"]) * 1e3, 1), round(step_ms, 1), round(_exec_ms, 1), state,
+                     round(stall, 1)]
+                )  # fmt: skip
+        steady_seq.append(steady)
+        steady_all += steady
+        res["engine"][f"steady_rank{rank}"] = _stats(steady)
+    res["engine"]["steady"] = _stats(steady_all)
+    res["engine"]["steady_exec_note"] = "step_ms: execute_model start -> sample_tokens end, in the worker"
+    for variant in {w["variant"] for w in windows}:
+        plans = [d for d in per_plan.values() if d["variant"] == variant]
+        steps = [x for d in plans for r in d["steps"] for x in r]
+        worst = [max(max(r, default=0.0) for r in d["steps"]) for d in plans]
+        medians = [float(np.median([x for r in d["steps"] for x in r])) for d in plans if any(d["steps"])]
+        n_win = int(np.median([max(len(r) for r in d["steps"]) for d in plans])) if plans else 0
+        res["engine"][variant] = {
+            "all_steps": _stats(steps),
+            "plans": len(plans),
+            "per_plan_worst_ms": worst,
+            "per_plan_median_ms": medians,
+            "per_plan_steps": [max(len(r) for r in d["steps"]) for d in plans],
+            "median_of_worst_ms": float(np.median(worst)) if worst else None,
+            "max_stall_ms": max((x for d in plans for r in d["stall"] for x in r), default=0.0),
+            "steady_reference": _window_max_baseline(steady_seq[0], n_win, rng),
+        }
+    # Client side: gaps between streamed tokens, windows by the gap's end time.
+    steady_g: list[float] = []
+    by_variant: dict[str, list[float]] = {}
+    for t, g in gaps:
+        w = where(t, slack=0.06)
+        if w is None:
+            if in_wave(t):
+                steady_g.append(g * 1e3)
+        elif isinstance(w, dict):
+            by_variant.setdefault(w["variant"], []).append(g * 1e3)
+    res["client"]["steady"] = _stats(steady_g)
+    for v, lst in by_variant.items():
+        res["client"][v] = _stats(lst)
+    return res
 
 
 def _md(res: dict) -> str:
     lines = ["# Online EPLB on CPU (DP=2 + EP, tiny Qwen3-MoE, float32, 16 experts + 4 redundant slots)", "",
-             "Relative numbers only: 2 shared cores, other engineers' jobs running.", "",
+             "Relative numbers only: 2 shared cores, other engineers' jobs may run. Variants are compared side by "
+             "side in one engine run (plans pushed alternately into the same decode waves).", "",
              "## Router hook cost per layer call (median µs, 1 thread)", "",
              "| tokens | record + map | map only |", "| ---: | ---: | ---: |"]  # fmt: skip
     for r in res["hook"]:
         lines.append(f"| {r['tokens']} | {r['record_and_map_us']:.1f} | {r['map_only_us']:.1f} |")
     eng = res.get("engine")
-    if eng:
-        lines += ["", f"In-engine record cost: {eng['record_us_per_call_in_engine']:.1f} µs per layer call; per-step "
-                  f"agreement bookkeeping on steps without a plan (its rows ride on vLLM's own DP all-reduce, no extra "
-                  f"collective): {eng['sync_us_per_step']:.1f} µs per step.", "",
-                  "## Decode step time (client-side gap between streamed tokens, 8 concurrent requests)", "",
-                  "| phase | n | median ms | p90 ms | max ms |", "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
-        rows = [("steady state", eng["steady"])]
-        for label in ("async_rebalance", "stop_the_world"):
-            rows.append((f"{label}: during apply", eng[label]["window"]))
-            rows.append((f"{label}: rest of wave", eng[label]["rest_of_wave"]))
-        for name, s in rows:
-            if s.get("n"):
-                lines.append(
-                    f"| {name} | {s['n']} | {s['median_ms']:.1f} | {s['p90_ms']:.1f} | {s['max_ms']:.1f} |"
-                )
-        lines += ["", "## Worker-side cost of the same-sized plan (random placement, "
-                  f"{eng['async_rebalance']['moved_slots']} / {eng['stop_the_world']['moved_slots']} slots moved)", "",
-                  "| mode | rank | transfer ms | commit ms total | commit steps | steps waited | MB received "
-                  "| longest step stall ms |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
-        for label in ("async_rebalance", "stop_the_world"):
-            for r, h in enumerate(eng[label]["ranks"]):
-                # Async: transfers run beside the steps, a step only pays one layer's commit.
-                # Stop-the-world: one step pays every transfer and every layer's commit.
-                stall = h["commit_ms_max_step"] + (h["stage_ms"] if label == "stop_the_world" else 0.0)
-                lines.append(f"| {label} | {r} | {h['stage_ms']:.1f} | {h['commit_ms_total']:.2f} | "
-                             f"{h['commit_steps']} | {h['steps_waited']} | {h['remote_bytes'] / 1e6:.2f} | "
-                             f"{stall:.1f} |")  # fmt: skip
-        lines += ["", "Longest step stall: what the engine step that applies the plan waits for inside the worker. "
-                  "Stop-the-world runs every transfer and every layer's commit inside one agreed step; async stages "
-                  "in a background thread (the step path only pays the agreement rows) and commits one layer per "
-                  "step. On 2 shared cores the background thread still competes with the forward pass for CPU, "
-                  "which the client-side gaps above show; on a device the copies run on their own stream/link."]  # fmt: skip
+    if not eng:
+        return "\n".join(lines) + "\n"
+    variants = [v for v in eng["variants"] if v in eng["engine"]]
+    lines += ["", f"In-engine record cost: {eng['record_us_per_call_in_engine']:.1f} µs per layer call; per-step "
+              f"agreement bookkeeping on steps without a plan (rows ride on vLLM's own DP all-reduce): "
+              f"{eng['sync_us_per_step']:.1f} µs per step.", "",
+              f"{eng['rounds']} decode waves of 8 greedy requests ({eng['max_tokens']} tokens each, 4 per rank); in "
+              f"each wave one plan per variant (random placement, ~75 of 80 slots moved, ~7 MB received per rank), "
+              "0.8 s of steady decode between plans.", "",
+              "Variants:", "", *[f"- `{v}`: {DESCRIBE.get(v, v)}" for v in variants], "",
+              "## Engine-side step time (in the worker: execute_model start to sample_tokens end; both ranks, full "
+              "decode steps only)", "",
+              "| phase | steps | median ms | p90 ms | p99 ms | max ms |", "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+
+    def row(name: str, s: dict) -> str:
+        return (f"| {name} | {s['n']} | {s['median_ms']:.1f} | {s['p90_ms']:.1f} | {s['p99_ms']:.1f} | "
+                f"{s['max_ms']:.1f} |")  # fmt: skip
+
+    e = eng["engine"]
+    lines.append(row("steady state", e["steady"]))
+    for v in variants:
+        lines.append(row(f"{v}: during apply", e[v]["all_steps"]))
+    lines += ["", "Worst step per plan window (max over both ranks' steps in the window) against the same-length "
+              "steady reference (max over n consecutive steady steps, median over 400 random places):", "",
+              "| variant | plans | steps per window | worst step per plan ms | median worst ms | steady n-step max "
+              "(median) ms | median worst / steady median | longest EPLB stall in a step ms |",
+              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    steady_med = e["steady"]["median_ms"]
+    for v in variants:
+        d = e[v]
+        ref = d["steady_reference"].get("median_of_max_ms", float("nan"))
+        worst = ", ".join(f"{x:.0f}" for x in d["per_plan_worst_ms"])
+        nsteps = ", ".join(str(x) for x in d["per_plan_steps"])
+        lines.append(f"| {v} | {d['plans']} | {nsteps} | {worst} | {d['median_of_worst_ms']:.1f} | {ref:.1f} | "
+                     f"{d['median_of_worst_ms'] / steady_med:.2f} | {d['max_stall_ms']:.1f} |")  # fmt: skip
+    c = eng["client"]
+    lines += ["", "## Client-side gap between streamed tokens (8 concurrent requests)", "",
+              "| phase | gaps | median ms | p90 ms | p99 ms | max ms |", "| --- | ---: | ---: | ---: | ---: | ---: |",
+              row("steady state", c["steady"])]  # fmt: skip
+    for v in variants:
+        if c.get(v, {}).get("n"):
+            lines.append(row(f"{v}: during apply", c[v]))
+    lines += ["", "## Where the CPU goes (worker process threads, ms of CPU per second of wall time, both ranks "
+              "summed; median over plans)", "", "| phase | wall ms | main | transfer | other threads |",
+              "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for v in ["steady", *variants]:
+        rows = [x for x in eng["cpu"] if x["variant"] == v]
+        if not rows:
+            continue
+
+        def rate(x: dict, k: str) -> float:
+            return sum(r.get(k, 0.0) for r in x["ranks"]) / x["wall_ms"] * 1e3
+
+        med = {k: float(np.median([rate(x, k) for x in rows])) for k in ("main", "transfer", "other")}
+        wall = float(np.median([x["wall_ms"] for x in rows]))
+        lines.append(f"| {v} | {wall:.0f} | {med['main']:.0f} | {med['transfer']:.0f} | {med['other']:.0f} |")
+    lines += ["", "## Worker-side cost per plan (median over plans, rank 0 / rank 1)", "",
+              "| variant | transfer ms (wall) | transfer CPU ms | commit ms total | commit steps | steps waited "
+              "| MB received | total ms |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for v in variants:
+        ws = [w for w in eng["windows"] if w["variant"] == v]
+
+        def med2(k: str, scale: float = 1.0, ws: list = ws) -> str:
+            return " / ".join(f"{np.median([w['ranks'][r][k] for w in ws]) * scale:.1f}" for r in range(2))
+
+        lines.append(f"| {v} | {med2('stage_ms')} | {med2('stage_cpu_ms')} | {med2('commit_ms_total')} | {med2('commit_steps')} | "
+                     f"{med2('steps_waited')} | {med2('remote_bytes', 1e-6)} | {med2('total_ms')} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    import os
 
     from npu_runtime.platform import apply_vllm_env
 
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=6, help="decode waves; one plan per variant in each")
+    ap.add_argument("--max-tokens", type=int, default=200)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
+    ap.add_argument("--pyspy", metavar="DIR", help="diagnosis: py-spy record each worker around each plan (skews "
+                    "timings; results are then not written to benchmarks/results)")  # fmt: skip
+    ap.add_argument("--out", default=str(RESULTS / "eplb_online"), help="results path without suffix")
+    args = ap.parse_args()
     apply_vllm_env()
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     res: dict = {"hook": hook_cost()}
     print(json.dumps(res["hook"], indent=1))
     import ray
 
+    variants = {v: VARIANTS[v] for v in args.variants.split(",")}
+    if args.pyspy:
+        Path(args.pyspy).mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
-        res["engine"] = asyncio.run(engine_phases())
+        res["engine"] = asyncio.run(engine_phases(args.rounds, args.max_tokens, variants, args.pyspy))
+        res["engine"]["variants"] = list(variants)
     finally:
         ray.shutdown()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "eplb_online.json").write_text(json.dumps(res, indent=1) + "\n")
-    (RESULTS / "eplb_online.md").write_text(_md(res))
+    out = Path(args.out)
+    if args.pyspy:
+        out = Path(args.pyspy) / "eplb_online"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(_md(res))
     print(_md(res))
 
 

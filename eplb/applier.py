@@ -32,8 +32,10 @@ With DP == 1 there is nobody to agree with: stage and commit happen inside the R
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -81,21 +83,187 @@ class _Layer:
     routing: LayerRouting
 
 
+# How a plan is staged; a plan message may override any of these under "transfer".
+TRANSFER_DEFAULTS: dict[str, Any] = {
+    "nice": 19,  # OS priority of the staging thread (Linux: per thread); 0 leaves it alone
+    "omp_threads": 1,  # OpenMP threads of the staging thread's own copies; 0 leaves it alone
+    "paced": True,  # at most one layer's transfer started per engine step, right after the step
+    "timeout_s": 30.0,  # staging gives up after this (a peer that never got the plan)
+    "per_slot": False,  # the first implementation's data path: one message per moved slot (baseline)
+}
+PACE_WAIT_S = 0.25  # a paced layer starts at the latest this long after the previous one
+
+
+class _Dropped(Exception):
+    """The plan was dropped (abort, or a peer's failure) while this rank was still staging it."""
+
+
+@dataclass
+class _Staged:
+    """One layer, ready to commit: rows of this rank to overwrite and their new weights, new tables."""
+
+    rows: torch.Tensor  # int64 [n] local rows
+    w13: torch.Tensor  # [n, 2I, H]
+    w2: torch.Tensor  # [n, H, I]
+    table: torch.Tensor  # log2phy int64 [E, cap]
+    replica_count: torch.Tensor  # int64 [E]
+    new_row: np.ndarray  # phy2log of the layer
+
+
 @dataclass
 class _Pending:
     plan_id: int
     plan: TransferPlan
     blocking: bool  # stop-the-world: transfer at the agreed step instead of in the background
+    opts: dict[str, Any] = field(default_factory=lambda: dict(TRANSFER_DEFAULTS))
     t_received: float = field(default_factory=time.perf_counter)
-    staged: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)  # layer -> [(row, flat)]
+    staged: dict[int, _Staged] = field(default_factory=dict)
+    step_done: threading.Event = field(default_factory=threading.Event)  # set after each engine step
+    slot_seq: int = 0
     ready: bool = False
     failed: str | None = None
     aborted: bool = False
     stage_ms: float = 0.0
+    stage_cpu_ms: float = 0.0  # CPU time of the staging thread (or of the step, stop-the-world)
     remote_bytes: int = 0
     commit_layers: list[int] = field(default_factory=list)
     commit_ms: list[float] = field(default_factory=list)
     steps_waited: int = 0
+    t_ready: float = 0.0  # perf_counter when staging finished (0: not yet)
+    layer_ms: list[tuple[int, float, float]] = field(default_factory=list)  # (layer, t_start, t_end)
+
+
+# Codes of StepLog.state: what the step-sync hook did at this step.
+STEP_IDLE, STEP_STAGING, STEP_READY, STEP_COMMIT, STEP_STW, STEP_DROP = 0, 1, 2, 3, 4, 5
+
+
+class StepLog:
+    """Engine-side step times in the worker: one entry per engine step (real or DP dummy).
+
+    Entry: (t_start, exec_ms, step_ms, tokens, reqs, state, plan_id, stall_ms) with t_start a
+    perf_counter (CLOCK_MONOTONIC: comparable across processes of one host), exec_ms the
+    execute_model call (forward incl. the DP all-reduce and any EPLB work at the agreement point),
+    step_ms from execute_model start to the end of sample_tokens (or of execute_model when the
+    step samples nothing), state a STEP_* code and stall_ms the EPLB work done in the step path.
+    """
+
+    def __init__(self, maxlen: int = 20000) -> None:
+        self.entries: deque[tuple[float, float, float, int, int, int, int, float]] = deque(maxlen=maxlen)
+        self._t0 = 0.0
+        self._exec_ms = 0.0
+        self._tokens = 0
+        self._reqs = 0
+        self._open = False
+        self.on_end: list[Any] = []  # callables run after every step (the EPLB pacing signal)
+        self.state = STEP_IDLE
+        self.plan_id = 0
+        self.stall_ms = 0.0
+
+    def begin(self, tokens: int, reqs: int) -> None:
+        self._close(None)
+        self._t0 = time.perf_counter()
+        self._tokens, self._reqs = tokens, reqs
+        self.state, self.plan_id, self.stall_ms = STEP_IDLE, 0, 0.0
+        self._exec_ms = 0.0
+        self._open = True
+
+    def end_exec(self) -> None:
+        if self._open:
+            self._exec_ms = (time.perf_counter() - self._t0) * 1e3
+
+    def end_sample(self) -> None:
+        self._close(time.perf_counter())
+
+    def _close(self, t_end: float | None) -> None:
+        if not self._open:
+            return
+        self._open = False
+        step_ms = (t_end - self._t0) * 1e3 if t_end is not None else self._exec_ms
+        self.entries.append((self._t0, self._exec_ms, step_ms, self._tokens, self._reqs, self.state,
+                             self.plan_id, self.stall_ms))  # fmt: skip
+        for fn in self.on_end:
+            fn()
+
+    def since(self, t: float) -> list[tuple[float, float, float, int, int, int, int, float]]:
+        return [e for e in list(self.entries) if e[0] >= t]
+
+    def install(self, worker: Any) -> None:
+        """Wrap the worker's step entry points (instance attributes: the executor looks them up by
+        name on the worker)."""
+        execute_model, sample_tokens = worker.execute_model, worker.sample_tokens
+        dummy = worker.execute_dummy_batch
+
+        def timed_execute_model(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+            n = getattr(scheduler_output, "num_scheduled_tokens", None) or {}
+            self.begin(int(getattr(scheduler_output, "total_num_scheduled_tokens", 0)), len(n))
+            try:
+                return execute_model(scheduler_output, *args, **kwargs)
+            finally:
+                self.end_exec()
+
+        def timed_sample_tokens(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return sample_tokens(*args, **kwargs)
+            finally:
+                self.end_sample()
+
+        def timed_dummy(*args: Any, **kwargs: Any) -> Any:
+            self.begin(0, 0)
+            try:
+                return dummy(*args, **kwargs)
+            finally:
+                self.end_exec()
+                self._close(time.perf_counter())
+
+        worker.execute_model = timed_execute_model
+        worker.sample_tokens = timed_sample_tokens
+        worker.execute_dummy_batch = timed_dummy
+
+
+_OMP: Any = None
+
+
+def _tune_staging_thread(nice: int, omp_threads: int) -> None:
+    """Make the calling (staging) thread yield to the forward pass: lower OS priority, and few
+    OpenMP threads for its copies (a second thread's torch ops otherwise start their own OpenMP team,
+    which competes with the forward's). Both per thread; best effort."""
+    global _OMP
+    if nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:
+            logger.debug("EPLB: could not renice the staging thread", exc_info=True)
+    if not omp_threads:
+        return
+    if _OMP is None:
+        _OMP = False
+        try:
+            import ctypes
+
+            with open("/proc/self/maps") as f:
+                libs = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
+            if libs:
+                _OMP = ctypes.CDLL(sorted(libs)[0])
+        except Exception:
+            logger.debug("EPLB: no OpenMP runtime found", exc_info=True)
+    if _OMP:
+        _OMP.omp_set_num_threads(omp_threads)  # this thread's ICV only: the forward's keep theirs
+
+
+def thread_cpu_ms() -> dict[int, dict]:
+    """CPU time (user + system, ms) of every thread of this process: {tid: {"name", "cpu_ms"}}."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, dict] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
+        out[int(tid)] = {"name": name, "cpu_ms": (int(fields[11]) + int(fields[12])) * 1e3 / tick}
+    return out
 
 
 class EplbWorkerState:
@@ -179,8 +347,15 @@ class EplbWorkerState:
             # Collective over the default group: every worker calls setup at the same time (idle).
             self.group_ranks = list(get_ep_group().ranks)
             self.group = dist.new_group(
-                ranks=self.group_ranks, backend="gloo", timeout=timedelta(seconds=120)
+                ranks=self.group_ranks,
+                backend="gloo",
+                timeout=timedelta(seconds=TRANSFER_DEFAULTS["timeout_s"]),
             )
+        self.steplog = StepLog()
+        self.steplog.install(worker)
+        self.steplog.on_end.append(self._on_step_end)
+        self.main_tid = threading.get_native_id()
+        self.transfer_tids: list[int] = []
         self.lock = threading.Lock()
         self.pending: _Pending | None = None
         self.history: list[dict] = []
@@ -226,7 +401,13 @@ class EplbWorkerState:
             except (PlanError, ValueError, KeyError) as exc:
                 self._record(plan_id, "rejected", error=str(exc))
                 return {"accepted": False, "error": str(exc)}
-            pending = _Pending(plan_id, plan, blocking=bool(msg.get("blocking", False)))
+            opts = dict(TRANSFER_DEFAULTS)
+            unknown = set(msg.get("transfer") or {}) - set(opts)
+            if unknown:
+                self._record(plan_id, "rejected", error=f"unknown transfer options {sorted(unknown)}")
+                return {"accepted": False, "error": f"unknown transfer options {sorted(unknown)}"}
+            opts.update(msg.get("transfer") or {})
+            pending = _Pending(plan_id, plan, blocking=bool(msg.get("blocking", False)), opts=opts)
             self.pending = pending
         if self.dp_size == 1:
             # Single engine: this RPC runs between steps, so apply everything right here.
@@ -249,79 +430,185 @@ class EplbWorkerState:
     def _global(self, ep_rank: int) -> int:
         return self.group_ranks[ep_rank]
 
-    def _transfer(self, p: _Pending) -> None:
-        """Fill p.staged layer by layer from the OLD placement; sets p.ready or p.failed."""
-        import torch.distributed as dist
+    def _on_step_end(self) -> None:
+        """After every engine step: let a paced staging thread start its next layer."""
+        p = self.pending
+        if p is not None and not p.ready:
+            p.step_done.set()
 
+    def _transfer(self, p: _Pending) -> None:
+        """Stage every layer of p from the OLD placement (p.staged); sets p.ready or p.failed.
+
+        Runs in the staging thread (async) or inside the agreed step (stop-the-world). Per layer and
+        rank pair one message per weight (rows gathered with one index_select), so the thread takes the
+        GIL a few times per layer instead of a few times per expert: every torch call releases and
+        re-takes the GIL, and each re-take waits for the forward pass's thread to let go of it. Waits
+        poll with a deadline instead of blocking in gloo: a timed-out gloo wait closes the pair and
+        leaves the group unusable for every later plan, and polling lets `abort` end the thread at once.
+        """
         t0 = time.perf_counter()
-        me = self.ep_rank
+        cpu0 = time.thread_time()
+        background = threading.current_thread() is not threading.main_thread()
+        opts = p.opts
+        if background:
+            self.transfer_tids = [*self.transfer_tids[-7:], threading.get_native_id()]
+            _tune_staging_thread(int(opts["nice"]), int(opts["omp_threads"]))
         try:
             if self.fail_next_transfer:  # fault injection for tests (eplb_fail_next_transfer)
                 self.fail_next_transfer = False
                 raise RuntimeError("injected transfer failure")
-            # Tags unique per plan: a dropped plan's transfers may still be waiting on the group (until
-            # its timeout) and must never match a later plan's messages.
-            k = (p.plan_id % 1000) * 1_000_000
-            for layer in p.plan.layers():
-                routed = self.layers[layer].routed
-                w13, w2 = routed.w13_weight.data, routed.w2_weight.data
-                n13 = w13[0].numel()
-                reqs, rows = [], []
-                for op in p.plan.ops_by_layer[layer]:
-                    k += 1
-                    if op.dst_rank == me:
-                        if op.src_rank == me:
-                            src = op.src_slot - me * self.spr
-                            buf = torch.cat([w13[src].reshape(-1), w2[src].reshape(-1)])
-                        else:
-                            buf = torch.empty(n13 + w2[0].numel(), dtype=w13.dtype)
-                            reqs.append(
-                                dist.irecv(buf, src=self._global(op.src_rank), group=self.group, tag=k)
-                            )
-                            p.remote_bytes += buf.numel() * buf.element_size()
-                        rows.append((op.dst_slot - me * self.spr, buf))
-                    elif op.src_rank == me:
-                        src = op.src_slot - me * self.spr
-                        buf = torch.cat([w13[src].reshape(-1), w2[src].reshape(-1)])
-                        reqs.append(dist.isend(buf, dst=self._global(op.dst_rank), group=self.group, tag=k))
-                for r in reqs:
-                    r.wait()
-                p.staged[layer] = rows
+            deadline = t0 + float(opts["timeout_s"])
+            stage_layer = self._stage_layer_per_slot if opts["per_slot"] else self._stage_layer
+            for i, layer in enumerate(p.plan.layers()):
+                if background and opts["paced"] and i > 0:
+                    # At most one layer per engine step, started when a step ends; soft (an idle
+                    # group does not step): after PACE_WAIT_S it goes on regardless.
+                    p.step_done.clear()
+                    p.step_done.wait(PACE_WAIT_S)
                 if p.aborted:
-                    return
+                    raise _Dropped("plan dropped")
+                t_layer = time.perf_counter()
+                p.staged[layer] = stage_layer(p, layer, deadline)
+                p.layer_ms.append((layer, t_layer, time.perf_counter()))
+            p.t_ready = time.perf_counter()
             p.ready = True
         except Exception as exc:  # reported through the step sync: every rank drops the plan
-            if p.aborted:  # already dropped everywhere (a peer failed): this is the late echo
+            if p.aborted:  # already dropped everywhere (a peer failed, or abort): the late echo
                 logger.info("EPLB plan %d: dropped plan's transfer ended: %s", p.plan_id, exc)
                 return
             logger.exception("EPLB plan %d: transfer failed", p.plan_id)
             p.failed = f"{type(exc).__name__}: {exc}"
         finally:
             p.stage_ms += (time.perf_counter() - t0) * 1e3
+            p.stage_cpu_ms += (time.thread_time() - cpu0) * 1e3
 
-    def _commit_layer(self, p: _Pending, layer: int) -> None:
-        """Staged rows -> weights (in place), then new tables (in place)."""
-        lay = self.layers[layer]
-        w13, w2 = lay.routed.w13_weight.data, lay.routed.w2_weight.data
+    def _tag(self, p: _Pending, layer: int) -> int:
+        # Unique for the worker's life (plan ids only grow, < 40000; layers < 16384): a dropped plan's
+        # messages may stay posted on the group and must never match a later plan's.
+        return p.plan_id * 32768 + layer * 2
+
+    def _wait(self, works: list[Any], p: _Pending, deadline: float) -> None:
+        """Wait for gloo works without a gloo timeout (see _transfer): poll, backing off to 20 ms."""
+        delay = 0.0005
+        while not all(w.is_completed() for w in works):
+            if p.aborted:
+                raise _Dropped("plan dropped")
+            if time.perf_counter() > deadline:
+                raise TimeoutError(
+                    f"transfer not done after {p.opts['timeout_s']} s (a peer without the plan?)"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        for w in works:
+            w.wait()  # completed: returns at once, or raises the transport's error
+
+    def _stage_layer(self, p: _Pending, layer: int, deadline: float) -> _Staged:
+        import torch.distributed as dist
+
+        me, spr = self.ep_rank, self.spr
+        w13, w2 = self.layers[layer].routed.w13_weight.data, self.layers[layer].routed.w2_weight.data
+        incoming: dict[int, list[Any]] = {}  # source rank -> ops writing a slot of this rank, plan order
+        outgoing: dict[int, list[int]] = {}  # destination rank -> rows this rank sends, plan order
+        for op in p.plan.ops_by_layer[layer]:
+            if op.dst_rank == me:
+                incoming.setdefault(op.src_rank, []).append(op)
+            elif op.src_rank == me:
+                outgoing.setdefault(op.dst_rank, []).append(op.src_slot - me * spr)
+        n = sum(len(v) for v in incoming.values())
+        buf13 = w13.new_empty((n, *w13.shape[1:]))
+        buf2 = w2.new_empty((n, *w2.shape[1:]))
+        rows: list[int] = []
+        works: list[Any] = []
+        keep: list[torch.Tensor] = []  # send buffers stay alive until their works complete
+        tag = self._tag(p, layer)
+        at = 0
+        for src_rank in sorted(incoming):
+            ops = incoming[src_rank]
+            k = len(ops)
+            rows += [op.dst_slot - me * spr for op in ops]
+            if src_rank == me:
+                idx = torch.tensor([op.src_slot - me * spr for op in ops], dtype=torch.int64)
+                torch.index_select(w13, 0, idx, out=buf13[at : at + k])
+                torch.index_select(w2, 0, idx, out=buf2[at : at + k])
+            else:
+                peer = self._global(src_rank)
+                works.append(dist.irecv(buf13[at : at + k], src=peer, group=self.group, tag=tag))
+                works.append(dist.irecv(buf2[at : at + k], src=peer, group=self.group, tag=tag + 1))
+                p.remote_bytes += k * self.bytes_per_expert
+            at += k
+        for dst_rank in sorted(outgoing):
+            idx = torch.tensor(outgoing[dst_rank], dtype=torch.int64)
+            keep += [w13.index_select(0, idx), w2.index_select(0, idx)]
+            peer = self._global(dst_rank)
+            works.append(dist.isend(keep[-2], dst=peer, group=self.group, tag=tag))
+            works.append(dist.isend(keep[-1], dst=peer, group=self.group, tag=tag + 1))
+        staged = self._staged(p, layer, rows, buf13, buf2)
+        self._wait(works, p, deadline)
+        return staged
+
+    def _stage_layer_per_slot(self, p: _Pending, layer: int, deadline: float) -> _Staged:
+        """The first implementation's data path (one message and a few torch calls per moved slot),
+        kept as a baseline for benchmarks/eplb_online.py (plan option transfer.per_slot)."""
+        import torch.distributed as dist
+
+        me, spr = self.ep_rank, self.spr
+        w13, w2 = self.layers[layer].routed.w13_weight.data, self.layers[layer].routed.w2_weight.data
         n13 = w13[0].numel()
-        for row, buf in p.staged.get(layer, []):
-            w13[row].copy_(buf[:n13].view(w13[row].shape))
-            w2[row].copy_(buf[n13:].view(w2[row].shape))
+        works, rows, mine, keep = [], [], [], []
+        for op in p.plan.ops_by_layer[layer]:
+            p.slot_seq += 1
+            k = self._tag(p, 0) + 16384 + p.slot_seq  # within the plan's tag range while < 16k ops
+            if op.dst_rank == me:
+                if op.src_rank == me:
+                    src = op.src_slot - me * spr
+                    buf = torch.cat([w13[src].reshape(-1), w2[src].reshape(-1)])
+                else:
+                    buf = torch.empty(n13 + w2[0].numel(), dtype=w13.dtype)
+                    works.append(dist.irecv(buf, src=self._global(op.src_rank), group=self.group, tag=k))
+                    p.remote_bytes += buf.numel() * buf.element_size()
+                rows.append(op.dst_slot - me * spr)
+                mine.append(buf)
+            elif op.src_rank == me:
+                src = op.src_slot - me * spr
+                keep.append(torch.cat([w13[src].reshape(-1), w2[src].reshape(-1)]))
+                works.append(dist.isend(keep[-1], dst=self._global(op.dst_rank), group=self.group, tag=k))
+        self._wait(works, p, deadline)
+        buf13 = torch.stack([b[:n13].view(w13.shape[1:]) for b in mine]) if mine else w13[:0].clone()
+        buf2 = torch.stack([b[n13:].view(w2.shape[1:]) for b in mine]) if mine else w2[:0].clone()
+        return self._staged(p, layer, rows, buf13, buf2)
+
+    def _staged(
+        self, p: _Pending, layer: int, rows: list[int], buf13: torch.Tensor, buf2: torch.Tensor
+    ) -> _Staged:
+        """Everything the commit of `layer` needs, prepared off the step path."""
         new_row = p.plan.new_phy2log[layer : layer + 1]
         place = placement_from_phy2log(new_row, self.num_logical)
         table = torch.full((self.num_logical, self.cap), -1, dtype=torch.int64)
         table[:, : place.log2phy.shape[2]] = torch.from_numpy(place.log2phy[0])
-        lay.routing.log2phy.copy_(table)
-        lay.routing.replica_count.copy_(torch.from_numpy(place.replica_count[0]))
-        self.phy2log[layer] = new_row[0]
+        rc = torch.from_numpy(place.replica_count[0].copy())
+        return _Staged(torch.tensor(rows, dtype=torch.int64), buf13, buf2, table, rc, new_row[0].copy())
+
+    def _commit_layer(self, p: _Pending, layer: int) -> None:
+        """Staged rows -> weights (one index_copy_ per weight, in place), then the new tables (in
+        place). Everything else was prepared while staging."""
+        s = p.staged[layer]
+        lay = self.layers[layer]
+        if s.rows.numel():
+            lay.routed.w13_weight.data.index_copy_(0, s.rows, s.w13)
+            lay.routed.w2_weight.data.index_copy_(0, s.rows, s.w2)
+        lay.routing.log2phy.copy_(s.table)
+        lay.routing.replica_count.copy_(s.replica_count)
+        self.phy2log[layer] = s.new_row
 
     def _finish(self, p: _Pending, outcome: str) -> None:
         self._record(
-            p.plan_id, outcome, error=p.failed, stage_ms=p.stage_ms, commit_ms_total=sum(p.commit_ms),
+            p.plan_id, outcome, error=p.failed, stage_ms=p.stage_ms, stage_cpu_ms=p.stage_cpu_ms, commit_ms_total=sum(p.commit_ms),
             commit_ms_max_step=max(p.commit_ms, default=0.0), commit_steps=len(p.commit_ms),
             steps_waited=p.steps_waited, remote_bytes=p.remote_bytes, layers=len(p.plan.layers()),
             moved_slots=sum(len(v) for v in p.plan.ops_by_layer.values()),
-            total_ms=(time.perf_counter() - p.t_received) * 1e3,
+            total_ms=(time.perf_counter() - p.t_received) * 1e3, blocking=p.blocking,
+            t_received=p.t_received, t_ready=p.t_ready, t_finished=time.perf_counter(),
+            transfer_layers=[[lay, (a - p.t_received) * 1e3, (b - a) * 1e3] for lay, a, b in p.layer_ms],
         )  # fmt: skip
         with self.lock:
             if self.pending is p:
@@ -356,23 +643,30 @@ class EplbWorkerState:
         t0 = time.perf_counter()
         self.sync_steps += 1
         p = self.pending
+        log = self.steplog
         try:
             if p is None:
                 return
+            log.plan_id = p.plan_id
             if p.commit_layers:  # agreed earlier: continue committing, same layers on every rank
+                log.state = STEP_COMMIT
                 self._commit_step(p)
                 return
             p.steps_waited += 1
+            log.state = STEP_READY if p.ready else STEP_STAGING
             s_id, s_sq, s_fail = sums
             if s_fail > 0:
                 # Some rank failed to stage: every rank sees it at this step and keeps the old placement.
+                log.state = STEP_DROP
                 p.aborted = True
                 p.failed = p.failed or "another rank failed to stage the plan"
                 self._finish(p, "failed")
                 return
             # All ranks ready with the same id: sum == n*id and n*sum(id^2) == sum(id)^2.
             if p.ready and s_id == dp_size * p.plan_id and s_sq * dp_size == s_id * s_id:
+                log.state = STEP_COMMIT
                 if p.blocking:  # stop-the-world: every rank is here, so the p2p pairs match
+                    log.state = STEP_STW
                     p.ready = False
                     self._transfer(p)
                     if p.failed:  # cannot agree any more this step; the others' transfer failed too
@@ -384,6 +678,8 @@ class EplbWorkerState:
             if p is None:  # the steady-state cost of the agreement (plan steps cost their commit)
                 self.sync_us += (time.perf_counter() - t0) * 1e6
                 self.sync_steps_idle += 1
+            else:
+                log.stall_ms = (time.perf_counter() - t0) * 1e3
 
     def _commit_step(self, p: _Pending, all_layers: bool = False) -> None:
         t0 = time.perf_counter()
@@ -400,6 +696,9 @@ class EplbWorkerState:
     def status(self) -> dict:
         p = self.pending
         return {
+            "pid": os.getpid(),
+            "main_tid": self.main_tid,
+            "transfer_tids": list(self.transfer_tids),
             "ep_rank": self.ep_rank,
             "ep_size": self.ep_size,
             "dp_size": self.dp_size,
@@ -416,6 +715,7 @@ class EplbWorkerState:
                 "committing": len(p.commit_layers),
             },
             "history": list(self.history),
+            "staging_threads": sum(1 for t in threading.enumerate() if t.name == "eplb-stage"),
             "sync_steps": self.sync_steps,
             "sync_us_per_step": self.sync_us / self.sync_steps_idle if self.sync_steps_idle else 0.0,
         }
@@ -458,6 +758,15 @@ class EplbWorkerExtension:
 
     def eplb_status(self) -> dict:
         return _STATE.status() if _STATE is not None else {"enabled": False}
+
+    def eplb_step_log(self, since: float = 0.0) -> list[list[float]]:
+        """Engine-side step times since perf_counter `since` (see StepLog for the fields)."""
+        assert _STATE is not None, "eplb_setup first"
+        return [list(e) for e in _STATE.steplog.since(float(since))]
+
+    def eplb_thread_cpu(self) -> dict[str, dict]:
+        """CPU time of every thread of this worker process (see thread_cpu_ms); keys are tids."""
+        return {str(k): v for k, v in thread_cpu_ms().items()}
 
     def eplb_fail_next_transfer(self) -> bool:
         """Fault injection (tests): this rank's next staging raises, as a broken peer link would."""
