@@ -26,7 +26,7 @@ model: install
 	$(BIN)/dpserve make-model
 
 serve: model
-	$(BIN)/serve run ray_configs/serve-local.yaml
+	$(BIN)/dpserve serve --config ray_configs/serve-local.yaml
 
 test: model
 	$(BIN)/python -m pytest
