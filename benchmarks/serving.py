@@ -1,9 +1,11 @@
 """dpserve versus vLLM's own OpenAI server, same engine settings, DP=2, same workload, one run.
 
-    .venv/bin/python benchmarks/serving.py [--rounds 2] [--num-prompts 64 ...]
+    .venv/bin/python benchmarks/serving.py [--rounds 2] [--variants default,proxy ...] [--num-prompts 64 ...]
 
 Starts each server in turn on loopback (never both at once: they would share the same 2 cores),
 runs the workload, stops it; with --rounds > 1 the order alternates and medians are reported.
+`--variants` runs dpserve several ways in the same rounds (Ray Serve options, app arguments; see
+VARIANTS), each in its own process so Serve reads its environment at import as `serve run` would.
 Writes benchmarks/results/serving.json and serving.md.
 """
 
@@ -16,8 +18,10 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -32,6 +36,23 @@ from npu_runtime.platform import apply_vllm_env  # noqa: E402
 from npu_runtime.tiny_model import build_tiny_moe  # noqa: E402
 
 MODEL = "dpserve-tiny-moe"
+
+# dpserve run variants: Ray Serve environment (set before Ray starts, as for `serve run`) and app
+# arguments on top of the defaults. "default" is what `serve run ray_configs/serve-local.yaml` uses.
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {"env": {}, "app": {}},
+    # Serve's HTTP proxy in front of the ingress replica (no Serve throughput options).
+    "proxy": {"env": {}, "app": {}},
+    # The ingress replica serves HTTP itself (no proxy hop per streamed chunk).
+    "direct": {"env": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}, "app": {}},
+    # User code and router on the replica's main event loop (no thread hop per message).
+    "same_loop": {"env": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                          "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}, "app": {}},
+    # Serve's bundle: direct ingress, same loop, gRPC handles, no stderr logs, frozen GC.
+    "throughput": {"env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}, "app": {}},
+}  # fmt: skip
 
 
 def wait_ready(url: str, timeout_s: float = 600) -> None:
@@ -55,7 +76,29 @@ def dpserve_settings(args) -> dict:
     return engine_settings(args) | {"cpu_binding": args.cpu_binding}
 
 
-def run_dpserve(args, model_dir: str, workload) -> dict:
+def serve_url(proxy_port: int, app_name: str = "dpserve", timeout_s: float = 120) -> str:
+    """Where clients reach the app: the ingress replica's own port with direct ingress
+    (RAY_SERVE_ENABLE_DIRECT_INGRESS=1), else Serve's HTTP proxy."""
+    from ray.serve._private.constants import RAY_SERVE_ENABLE_DIRECT_INGRESS
+
+    if not RAY_SERVE_ENABLE_DIRECT_INGRESS:
+        return f"http://127.0.0.1:{proxy_port}"
+    import ray
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        for group in ray.get(controller.get_target_groups.remote(app_name)):
+            ports = [t.port for t in group.targets if t.port != proxy_port]
+            if str(group.protocol).upper().endswith("HTTP") and ports:
+                return f"http://127.0.0.1:{ports[0]}"
+        time.sleep(1)
+    raise TimeoutError("no direct-ingress port for the app")
+
+
+def run_dpserve_child(args, model_dir: str, workload, variant: str) -> dict:
+    """One dpserve run in this process (started by run_dpserve with the variant's environment)."""
     import ray
     from ray import serve
 
@@ -67,15 +110,29 @@ def run_dpserve(args, model_dir: str, workload) -> dict:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         t0 = time.perf_counter()
         serve.run(build_app({"model": model_dir, "served_model_name": MODEL, "data_parallel_size": 2,
-                             **dpserve_settings(args)}), name="dpserve", route_prefix="/")  # fmt: skip
+                             **dpserve_settings(args), **VARIANTS[variant]["app"]}),
+                  name="dpserve", route_prefix="/")  # fmt: skip
+        url = serve_url(port)
+        wait_ready(url)
         startup = time.perf_counter() - t0
-        url = f"http://127.0.0.1:{port}"
         summary = asyncio.run(run_workload(url, MODEL, workload))
         summary["startup_s"] = startup
+        summary["url"] = url
         return summary
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def run_dpserve(args, model_dir: str, workload, variant: str = "default") -> dict:
+    env = os.environ.copy() | VARIANTS[variant]["env"]
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, __file__, "--child-variant", variant, "--child-out", out.name,
+               *sys.argv[1:]]  # fmt: skip
+        subprocess.run(cmd, env=env, check=True)
+        summary = json.loads(Path(out.name).read_text())
+    summary["variant"] = {"name": variant} | VARIANTS[variant]
+    return summary
 
 
 def run_vllm(args, model_dir: str, workload) -> dict:
@@ -112,6 +169,10 @@ def main() -> int:
     )
     add_workload_arguments(parser)
     parser.add_argument("--rounds", type=int, default=1, help="alternate dpserve/vLLM this many times")
+    parser.add_argument("--variants", default="default",
+                        help=f"comma-separated dpserve variants to run each round ({', '.join(VARIANTS)}); "
+                             "the first is the one the ratio is given for")  # fmt: skip
+    parser.add_argument("--no-vllm", action="store_true", help="skip vLLM's server (variants only)")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--expert-parallel", action=argparse.BooleanOptionalAction, default=True)
@@ -122,16 +183,30 @@ def main() -> int:
         help="dpserve's CPU core binding (vLLM's own DP server shares all cores)",
     )
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--child-variant", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     apply_vllm_env()
     model_dir = str(build_tiny_moe())
     workload = workload_from_args(args)
-    runs: dict[str, list[dict]] = {"dpserve": [], "vllm": []}
+    if args.child_variant:
+        summary = run_dpserve_child(args, model_dir, workload, args.child_variant)
+        Path(args.child_out).write_text(json.dumps(summary))
+        return 0
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    names = [f"dpserve:{v}" for v in variants] + ([] if args.no_vllm else ["vllm"])
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     for i in range(args.rounds):
-        order = ["dpserve", "vllm"] if i % 2 == 0 else ["vllm", "dpserve"]
+        order = names if i % 2 == 0 else names[::-1]
         for name in order:
             print(f"round {i + 1}: {name} ...", flush=True)
-            summary = (run_dpserve if name == "dpserve" else run_vllm)(args, model_dir, workload)
+            if name == "vllm":
+                summary = run_vllm(args, model_dir, workload)
+            else:
+                summary = run_dpserve(args, model_dir, workload, name.split(":", 1)[1])
             print(format_summary(name, summary), flush=True)
             runs[name].append(summary)
 
@@ -139,18 +214,30 @@ def main() -> int:
         vals = [r[key][sub] if sub else r[key] for r in runs[name]]
         return statistics.median(vals)
 
-    ratio = med("dpserve", "output_token_throughput") / med("vllm", "output_token_throughput")
-    result = {"workload": runs["dpserve"][0]["workload"], "engine": engine_settings(args) | {"dp": 2},
-              "dpserve_cpu_binding": args.cpu_binding,
-              "runs": runs, "output_throughput_ratio_dpserve_over_vllm": ratio}  # fmt: skip
+    main_name = names[0]
+    ratios = {}
+    if "vllm" in runs:
+        vllm_tput = med("vllm", "output_token_throughput")
+        ratios = {n: med(n, "output_token_throughput") / vllm_tput for n in names if n != "vllm"}
+        # Per round as well (the box is noisy; each round's runs are side by side).
+        per_round = {n: [a["output_token_throughput"] / b["output_token_throughput"]
+                         for a, b in zip(runs[n], runs["vllm"], strict=True)] for n in names if n != "vllm"}  # fmt: skip
+    else:
+        per_round = {}
+    result = {"workload": runs[main_name][0]["workload"], "engine": engine_settings(args) | {"dp": 2},
+              "dpserve_cpu_binding": args.cpu_binding, "variants": {v: VARIANTS[v] for v in variants},
+              "runs": runs, "output_throughput_ratio_over_vllm": ratios,
+              "output_throughput_ratio_per_round": per_round,
+              "output_throughput_ratio_dpserve_over_vllm": ratios.get(main_name)}  # fmt: skip
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving.json").write_text(json.dumps(result, indent=2))
-    rows = ["| server | out tok/s | req/s | TTFT mean ms | TTFT p99 ms | TPOT mean ms | ITL p50 ms | ITL p99 ms | failed |",
-            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name in ("dpserve", "vllm"):
+    rows = ["| server | out tok/s | ratio to vLLM | req/s | TTFT mean ms | TTFT p99 ms | TPOT mean ms | ITL p50 ms | ITL p99 ms | failed |",
+            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in names:
+        ratio = f"{ratios[name]:.3f}" if name in ratios else ("1" if name == "vllm" else "-")
         rows.append(
-            f"| {name} | {med(name, 'output_token_throughput'):.1f} | {med(name, 'request_throughput'):.2f} | "
+            f"| {name} | {med(name, 'output_token_throughput'):.1f} | {ratio} | {med(name, 'request_throughput'):.2f} | "
             f"{med(name, 'ttft_ms', 'mean'):.0f} | {med(name, 'ttft_ms', 'p99'):.0f} | "
             f"{med(name, 'tpot_ms', 'mean'):.1f} | {med(name, 'itl_ms', 'p50'):.1f} | {med(name, 'itl_ms', 'p99'):.1f} | "
             f"{sum(r['failed'] for r in runs[name])} |"
@@ -162,8 +249,10 @@ def main() -> int:
           f"rate {w.request_rate}; dpserve CPU binding `{args.cpu_binding}`, streamed chunks >= "
           f"{AppConfig.stream_interval_ms:g} ms (`stream_interval_ms`); vLLM streams every token; "
           f"medians over {args.rounds} round(s), "
-          f"servers run one at a time, alternating.\n\n"
-          + "\n".join(rows) + f"\n\nOutput-throughput ratio dpserve / vLLM: **{ratio:.3f}** (target >= 0.95).\n")  # fmt: skip
+          f"servers run one at a time, order alternating between rounds.\n\n"
+          + "\n".join(rows) + "\n")  # fmt: skip
+    if main_name in ratios:
+        md += f"\nOutput-throughput ratio dpserve / vLLM: **{ratios[main_name]:.3f}** (target >= 0.95).\n"
     (out / "serving.md").write_text(md)
     print(md)
     return 0
