@@ -31,6 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scheduler.step_trace import FIELDS, summarize  # noqa: E402  (pure module: no Ray/vLLM import)
+
 OUT = ROOT / "benchmarks" / "results"
 POLICIES: list[tuple[str, dict[str, Any]]] = [
     ("off", {}),
@@ -39,6 +41,7 @@ POLICIES: list[tuple[str, dict[str, Any]]] = [
     ("cadence", {"interval": 4}),
 ]
 COORD = "bench_balance_coordinator"
+raw_traces: dict[str, dict[str, list[Any]]] = {}  # config -> rank -> step-trace rows (for *_trace.json)
 
 
 async def _one(actor: Any, ids: list[int], sampling: dict[str, Any]) -> dict[str, float]:
@@ -122,28 +125,51 @@ async def _run_group(
             return out
         coord = ray.get_actor(COORD, namespace="dpserve")
         wanted = args.policies.split(",") if args.policies else [n for n, _ in POLICIES]
-        for name, params in [(n, p) for n, p in POLICIES if n in wanted]:
-            await coord.set_policy.remote(name, params)
-            before = await coord.get_stats.remote()
-            m = _mean([await _workload(actors, args, seed=r) for r in range(args.rounds)])
-            await asyncio.sleep(0.5)  # let the last reports land
-            after = await coord.get_stats.remote()
-            steps = [after["ranks"][r]["client_calls"] - before["ranks"][r]["client_calls"] for r in (0, 1)]
-            ms = [after["ranks"][r]["client_ms"] - before["ranks"][r]["client_ms"] for r in (0, 1)]
-            late = [after["ranks"][r]["client_late"] - before["ranks"][r]["client_late"] for r in (0, 1)]
-            mean_steps = sum(steps) / 2
+        chosen = [(n, p) for n, p in POLICIES if n in wanted]
+        runs: dict[str, list[dict[str, Any]]] = {n: [] for n, _ in chosen}
+        cost = {n: {"calls": [0, 0], "ms": [0.0, 0.0], "late": [0, 0], "closed": 0} for n, _ in chosen}
+        traces: dict[str, dict[int, list[Any]]] = {n: {0: [], 1: []} for n, _ in chosen}
+        # Rounds interleave the policies (off, any_at_cap, ..., off, any_at_cap, ...): the box's noise
+        # drifts over minutes, so each round compares the policies under the same conditions.
+        for r in range(args.rounds):
+            for name, params in chosen:
+                await coord.set_policy.remote(name, params)
+                before = await coord.get_stats.remote()
+                seq = [
+                    s["trace_seq"] for s in await asyncio.gather(*[a.balance_stats.remote() for a in actors])
+                ]
+                runs[name].append(await _workload(actors, args, seed=r))
+                await asyncio.sleep(0.5)  # let the last reports land
+                after = await coord.get_stats.remote()
+                got = await asyncio.gather(*[a.balance_stats.remote(seq[i]) for i, a in enumerate(actors)])
+                for i, st in enumerate(got):
+                    traces[name][i].extend(st["trace"])
+                c = cost[name]
+                for i in (0, 1):
+                    c["calls"][i] += after["ranks"][i]["client_calls"] - before["ranks"][i]["client_calls"]
+                    c["ms"][i] += after["ranks"][i]["client_ms"] - before["ranks"][i]["client_ms"]
+                    c["late"][i] += after["ranks"][i]["client_late"] - before["ranks"][i]["client_late"]
+                c["closed"] += after["closed_steps"] - before["closed_steps"]
+                print(name + suffix, f"round {r}", runs[name][-1], flush=True)
+        for name, _ in chosen:
+            m = _mean(runs[name])
+            m["rounds_output_tok_s"] = [x["output_tok_s"] for x in runs[name]]
+            c = cost[name]
             # client_calls counts reports (one per `horizon` lockstep steps); steps are per round.
-            lock_steps = mean_steps * horizon
+            lock_steps = sum(c["calls"]) / 2 * horizon
             m.update(
                 steps=lock_steps / args.rounds,
-                closed_steps=(after["closed_steps"] - before["closed_steps"]) / args.rounds,
-                late_decisions=sum(late),
+                closed_steps=c["closed"] / args.rounds,
+                late_decisions=sum(c["late"]),
                 step_ms=1e3 * m["duration_s"] * args.rounds / max(1, lock_steps),
-                coord_ms_per_step=sum(ms) / 2 / max(1, lock_steps),
+                coord_ms_per_step=sum(c["ms"]) / 2 / max(1, lock_steps),
             )
             m["coord_share"] = m["coord_ms_per_step"] / m["step_ms"]
+            m["trace"] = summarize(traces[name], args.max_num_seqs)
+            m["trace"]["rows"] = sum(len(v) for v in traces[name].values())
             out[name + suffix] = m
-            print(name + suffix, m, flush=True)
+            raw_traces[name + suffix] = {str(k): v for k, v in traces[name].items()}
+            print(name + suffix, {k: v for k, v in m.items() if k != "trace"}, flush=True)
     finally:
         await stop_rank_group(actors, pg)
         if balance:
@@ -184,7 +210,116 @@ def _table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         "(submit the report, read the decision); coord share: that over the step time. `hN`: ranks report "
         "every N steps and get N decisions per call. steps/closed: per round.",
     ]
+    return "\n".join(lines) + "\n" + _trace_table(results, args)
+
+
+def _ms(st: dict[str, Any], key: str = "median_ms") -> str:
+    return f"{st[key]:.1f}" if st.get("n") else "-"
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0%}"
+
+
+def _trace_table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    """Second table: what the per-step traces (scheduler/step_trace.py) say, per balance configuration."""
+    traced = {n: m for n, m in results.items() if "trace" in m}
+    if not traced:
+        return ""
+    lines = [
+        "",
+        "## Why: per-step traces of both ranks",
+        "",
+        "One row per `schedule()` on each rank (`scheduler/step_trace.py`), joined across ranks by lockstep "
+        "step. steps/round: all lockstep steps (counted by the coordinator; the patterns are shares of the "
+        "traced ones, from the first to the last `schedule()` of a run). Pattern of a lockstep step: **all-decode** (both ranks decode only), **stall** (one rank "
+        "prefills — prefill or prefill+decode — while the other only decodes: what the gate is meant to "
+        "prevent), **all-prefill** (both ranks prefill), **idle** (a rank has nothing: `empty` or a dummy "
+        "batch). ms mean: duration / steps. Step ms by pattern: median wall time from one `schedule()` to the next (forward, output, lockstep sync), "
+        "the max of the two ranks. tok/step: output tokens per lockstep step (both ranks). idle slots: "
+        "slot-steps left free (`running < max_num_seqs`) while requests waited, share of all slot-steps. "
+        "held: steps the gate was closed while requests waited (sum of ranks, per round).",
+        "",
+        "| config | steps/round | all-decode | stall | all-prefill | idle | ms all-decode | ms stall |"
+        " ms all-prefill | ms mean | tok/step | mean running | idle slots | held/round |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, m in traced.items():
+        t = m["trace"]
+        share = t["pattern_share"]
+        pst = t["pattern_step_time"]
+        ranks = list(t["ranks"].values())
+        idle = sum(v for k, v in share.items() if k not in ("all_decode", "stall", "all_prefill"))
+        steps = m["steps"]  # every lockstep step (coordinator reports), idle ones included; per round
+        lines.append(
+            f"| {name} | {steps:.0f} | {_pct(share.get('all_decode', 0))} | {_pct(share.get('stall', 0))} | "
+            f"{_pct(share.get('all_prefill', 0))} | {_pct(idle)} | {_ms(pst.get('all_decode', {}))} | "
+            f"{_ms(pst.get('stall', {}))} | {_ms(pst.get('all_prefill', {}))} | "
+            f"{1e3 * m['duration_s'] / max(1, steps):.1f} | {m['output_tokens'] / max(1, steps):.2f} | "
+            f"{sum(r['mean_running'] for r in ranks) / len(ranks):.2f} | "
+            f"{_pct(sum(r['idle_slot_share'] for r in ranks) / len(ranks))} | "
+            f"{sum(r['held_steps'] for r in ranks) / args.rounds:.0f} |"
+        )
+    lines += ["", *_explain(traced, args)]
     return "\n".join(lines) + "\n"
+
+
+def _explain(traced: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """Measured decomposition of each policy's throughput against `off` of the same group:
+    out tok/s = (tokens per lockstep step) / (time per lockstep step)."""
+    out = []
+    for name, m in traced.items():
+        if name.split(" ")[0] != "off":
+            continue
+        ranks = m["trace"]["ranks"].values()
+        dec = [r["step_time"]["decode"].get("median_ms") for r in ranks]
+        pre = [
+            r["step_time"]["mixed"].get("median_ms") or r["step_time"]["prefill"].get("median_ms")
+            for r in ranks
+        ]
+        if all(dec) and all(pre):
+            d, p_ = sum(dec) / len(dec), sum(pre) / len(pre)
+            pst = m["trace"]["pattern_step_time"]
+            stall = m["trace"]["pattern_share"].get("stall", 0.0)
+            gain = 0.0
+            if stall and pst.get("stall", {}).get("n") and pst.get("all_decode", {}).get("n"):
+                gain = (
+                    stall
+                    * (pst["stall"]["median_ms"] - pst["all_decode"]["median_ms"])
+                    / (1e3 * m["duration_s"] / max(1, m["steps"]))
+                )
+            out.append(
+                f"Step cost with the gate open (**{name}**, median of the ranks' own steps): a step with a prefill "
+                f"{p_:.1f} ms vs a decode-only step {d:.1f} ms ({p_ / d:.1f}x). Stall steps (one rank prefills, "
+                f"the other only decodes): {stall:.0%} of traced steps; removing every one of them at the "
+                f"all-decode step time would save at most {gain:.1%} of the run time — the whole upside a gate "
+                "has in this workload."
+            )
+            out.append("")
+    out += ["Throughput = tokens per lockstep step / time per lockstep step, each policy against `off`:", ""]
+    for name, m in traced.items():
+        base = traced.get("off" + name[len(name.split(" ")[0]) :])
+        if base is None or base is m:
+            continue
+        steps, bsteps = m["steps"], base["steps"]
+        tps, btps = m["output_tokens"] / max(1, steps), base["output_tokens"] / max(1, bsteps)
+        ms, bms = m["duration_s"] / max(1, steps), base["duration_s"] / max(1, bsteps)
+        ratio = m["output_tok_s"] / base["output_tok_s"]
+        rounds = [a / b for a, b in zip(m["rounds_output_tok_s"], base["rounds_output_tok_s"], strict=False)]
+        rounds_txt = ", ".join(f"{x - 1:+.0%}" for x in rounds)
+        out.append(
+            f"- **{name}**: {ratio - 1:+.1%} output tok/s (rounds: {rounds_txt}) = tokens/step "
+            f"{tps / btps - 1:+.1%} ({tps:.2f} vs {btps:.2f}) and time/step {ms / bms - 1:+.1%} "
+            f"({1e3 * ms:.1f} vs {1e3 * bms:.1f} ms)."
+        )
+    return out
+
+
+def _note(out: str) -> str:
+    """The hand-written interpretation (benchmarks/results/OUT_note.md), appended when present: it
+    reads the numbers of one run, so it is kept apart from what the script regenerates."""
+    note = OUT / f"{out}_note.md"
+    return "\n" + note.read_text() if note.exists() else ""
 
 
 def main() -> int:
@@ -203,8 +338,10 @@ def main() -> int:
     p.add_argument("--table-only", action="store_true", help="rewrite balance.md from balance.json")
     args = p.parse_args()
     if args.table_only:
-        saved = json.loads((OUT / "balance.json").read_text())
-        (OUT / "balance.md").write_text(_table(saved["results"], argparse.Namespace(**saved["args"])))
+        saved = json.loads((OUT / f"{args.out}.json").read_text())
+        (OUT / f"{args.out}.md").write_text(
+            _table(saved["results"], argparse.Namespace(**saved["args"])) + _note(args.out)
+        )
         return 0
 
     import ray
@@ -222,7 +359,8 @@ def main() -> int:
         ray.shutdown()
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    (OUT / f"{args.out}.md").write_text(_table(results, args))
+    (OUT / f"{args.out}_trace.json").write_text(json.dumps({"fields": FIELDS, "traces": raw_traces}))
+    (OUT / f"{args.out}.md").write_text(_table(results, args) + _note(args.out))
     print(_table(results, args))
     return 0
 
