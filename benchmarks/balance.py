@@ -10,7 +10,16 @@ runs — ``off`` there measures the cost of the machinery with the gate always o
 
 Reported per configuration: output throughput, mean TTFT, mean TPOT, duration, lockstep steps, gate
 closed steps, and the coordinator cost per step as a share of step time (time the engine core spends
-in the gate client — submit + any wait — over wall time, mean of the ranks).
+in the gate client — submit + any wait — over wall time, mean of the ranks). Rounds interleave the
+policies (off, any_at_cap, ..., off, ...) so each round compares them under the same machine load.
+
+Why a policy wins or loses: every rank's balance scheduler keeps a per-step trace
+(``scheduler/step_trace.py``; read through ``DPRank.balance_stats``). A second table gives, per
+configuration, the pattern of lockstep steps (both ranks decode / one prefills while the other decodes
+— the stall the gate targets / both prefill / a rank idle), step time per pattern, tokens per step,
+batch occupancy, idle slots while requests waited and closed-gate steps that held requests; below it,
+each policy's throughput against ``off`` split into tokens/step and time/step. Raw rows:
+``OUT_trace.json``. A hand-written reading of one run goes in ``OUT_note.md`` (appended to OUT.md).
 
 Run: .venv/bin/python benchmarks/balance.py [--requests 48 --input-len 96 --output-len 32]
 Writes benchmarks/results/balance.json and balance.md. CPU numbers are for relative comparison only
@@ -273,8 +282,9 @@ def _explain(traced: dict[str, dict[str, Any]], args: argparse.Namespace) -> lis
             continue
         ranks = m["trace"]["ranks"].values()
         dec = [r["step_time"]["decode"].get("median_ms") for r in ranks]
+        # Prefill steps are "prefill" (whole cohort admitted) or "mixed": the kind with more samples.
         pre = [
-            r["step_time"]["mixed"].get("median_ms") or r["step_time"]["prefill"].get("median_ms")
+            max((r["step_time"][k] for k in ("mixed", "prefill")), key=lambda st: st["n"]).get("median_ms")
             for r in ranks
         ]
         if all(dec) and all(pre):
