@@ -488,7 +488,13 @@ class EplbWorkerState:
         return p.plan_id * 32768 + layer * 2
 
     def _wait(self, works: list[Any], p: _Pending, deadline: float) -> None:
-        """Wait for gloo works without a gloo timeout (see _transfer): poll, backing off to 20 ms."""
+        """Wait for gloo works. Staging thread: without a gloo timeout (see _transfer), polling with a
+        back-off to 20 ms. Inside the agreed step (stop-the-world) every rank is there, so the pairs
+        match: block (the group's timeout bounds it)."""
+        if threading.current_thread() is threading.main_thread():
+            for w in works:
+                w.wait()
+            return
         delay = 0.0005
         while not all(w.is_completed() for w in works):
             if p.aborted:
