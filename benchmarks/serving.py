@@ -32,15 +32,17 @@ from cluster.bench import format_summary, run_workload  # noqa: E402
 from cluster.bench_cmd import add_workload_arguments, workload_from_args  # noqa: E402
 from deployments.app import AppConfig  # noqa: E402
 from deployments.rank import free_port  # noqa: E402
+from deployments.serve_env import SERVE_ENV  # noqa: E402
 from npu_runtime.platform import apply_vllm_env  # noqa: E402
 from npu_runtime.tiny_model import build_tiny_moe  # noqa: E402
 
 MODEL = "dpserve-tiny-moe"
 
 # dpserve run variants: Ray Serve environment (set before Ray starts, as for `serve run`) and app
-# arguments on top of the defaults. "default" is what `serve run ray_configs/serve-local.yaml` uses.
+# arguments on top of the defaults. "default" is what `dpserve serve` / `make serve` run with
+# (deployments/serve_env.py: direct ingress).
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
-    "default": {"env": {}, "app": {}},
+    "default": {"env": dict(SERVE_ENV), "app": {}},
     # Serve's HTTP proxy in front of the ingress replica (no Serve throughput options).
     "proxy": {"env": {}, "app": {}},
     # The ingress replica serves HTTP itself (no proxy hop per streamed chunk).
@@ -49,6 +51,11 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     # User code and router on the replica's main event loop (no thread hop per message).
     "same_loop": {"env": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
                           "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}, "app": {}},
+    # Direct ingress plus user code on the replica's main loop (the HTTP server's loop).
+    "direct_same_loop": {"env": dict(SERVE_ENV) | {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                                                   "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}, "app": {}},
+    # Direct ingress, streamed chunks at most every 100 ms (fewer messages per token under load).
+    "direct_chunks_100ms": {"env": dict(SERVE_ENV), "app": {"stream_interval_ms": 100.0}},
     # Serve's bundle: direct ingress, same loop, gRPC handles, no stderr logs, frozen GC.
     "throughput": {"env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
                            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}, "app": {}},

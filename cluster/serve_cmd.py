@@ -53,6 +53,7 @@ def install_graceful_signals(drain_timeout_s: float | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from deployments.serve_env import apply_serve_env, direct_ingress_url
     from npu_runtime.platform import apply_vllm_env
 
     config = Path(args.config)
@@ -60,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"dpserve serve: no such config file: {config}", file=sys.stderr)
         return 2
     apply_vllm_env()  # inherited by the local Ray that `serve run` starts, hence by every rank
+    # Ray Serve's options (direct ingress): read at import by Serve's controller and replicas, which
+    # inherit them from the Ray started below; also before this process imports Serve.
+    apply_serve_env()
     try:
         from ray.serve.scripts import cli as serve_cli
     except ImportError:
@@ -69,6 +73,12 @@ def run(args: argparse.Namespace) -> int:
         f"dpserve: serve run {config} (first start builds the tiny model and takes about a minute)",
         flush=True,
     )
+    if (direct := direct_ingress_url()) is not None:
+        print(
+            f"dpserve: the ingress replica also serves {direct} itself (direct ingress, no proxy hop; "
+            "when this command starts Ray)",
+            flush=True,
+        )
     import ray
 
     # Connect (or start a local Ray) the way `serve run` would, before installing the handlers:

@@ -1,0 +1,44 @@
+"""Ray Serve options dpserve runs with by default (`dpserve serve`, `make serve`, the benchmark).
+
+Ray Serve reads these environment variables once, at import, in its controller, proxy and replica
+processes, which inherit them from the process that starts Ray. So they must be in the environment
+of `serve run` (which starts a local Ray) or of `ray start` on each node; `runtime_env.env_vars` in a
+Serve config reaches only the replicas, not the controller that decides whether direct ingress is on.
+
+Measured with benchmarks/serving.py (see benchmarks/results/serving.md): with direct ingress the
+ingress replica serves HTTP itself, so each streamed chunk no longer crosses a Ray hop to Serve's
+HTTP proxy. Serve's proxy keeps running on the configured `http_options.port` (8000 in the local
+config) and still works; the ingress replica's own port is allocated from
+`RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT` upwards (30000 for the first replica).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Serve's documented defaults are kept for anything not listed.
+SERVE_ENV: dict[str, str] = {
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    # Direct ingress otherwise holds a stopping ingress replica open for 30 s so an external load
+    # balancer can deregister it; a local server has none (set it back on a cluster behind an LB).
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+}
+
+DIRECT_INGRESS_FIRST_PORT = 30000
+
+
+def apply_serve_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Put SERVE_ENV into `env` (default os.environ) where the operator has not set a value;
+    returns what is in effect."""
+    target = os.environ if env is None else env
+    for key, value in SERVE_ENV.items():
+        target.setdefault(key, value)
+    return {k: target[k] for k in SERVE_ENV}
+
+
+def direct_ingress_url(host: str = "127.0.0.1") -> str | None:
+    """Where the first ingress replica listens itself when direct ingress is on, else None."""
+    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0") != "1":
+        return None
+    port = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", DIRECT_INGRESS_FIRST_PORT))
+    return f"http://{host}:{port}"
