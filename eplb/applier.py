@@ -88,14 +88,10 @@ TRANSFER_DEFAULTS: dict[str, Any] = {
     "nice": 19,  # OS priority of the staging thread (Linux: per thread); 0 leaves it alone
     "omp_threads": 1,  # OpenMP threads of the staging thread's own copies; 0 leaves it alone
     "paced": True,  # at most one layer's transfer started per engine step, right after the step
-    "timeout_s": 30.0,  # staging gives up after this (a peer that never got the plan)
+    "timeout_s": 30.0,  # a plan not accepted by every rank by then is dropped (a peer never got it)
     "per_slot": False,  # the first implementation's data path: one message per moved slot (baseline)
 }
 PACE_WAIT_S = 0.25  # a paced layer starts at the latest this long after the previous one
-
-
-class _Dropped(Exception):
-    """The plan was dropped (abort, or a peer's failure) while this rank was still staging it."""
 
 
 @dataclass
@@ -120,6 +116,7 @@ class _Pending:
     staged: dict[int, _Staged] = field(default_factory=dict)
     step_done: threading.Event = field(default_factory=threading.Event)  # set after each engine step
     slot_seq: int = 0
+    started: bool = False  # every rank accepted it and the staging thread runs (no abort from here)
     ready: bool = False
     failed: str | None = None
     aborted: bool = False
@@ -357,6 +354,7 @@ class EplbWorkerState:
         self.main_tid = threading.get_native_id()
         self.transfer_tids: list[int] = []
         self.lock = threading.Lock()
+        self.group_error: str | None = None  # a gloo error closed the transfer group's pair
         self.pending: _Pending | None = None
         self.history: list[dict] = []
         self.last_plan_id = 0
@@ -421,10 +419,14 @@ class EplbWorkerState:
             pending.commit_ms.append((time.perf_counter() - t0) * 1e3)
             self._finish(pending, "committed")
             return {"accepted": True, "committed": True}
+        if self.group_error:
+            self._finish(pending, "rejected")
+            return {"accepted": False, "error": f"transfer group unusable since: {self.group_error}"}
         if pending.blocking:
             pending.ready = True  # transfers happen at the agreed step, all ranks together
-        else:
-            threading.Thread(target=self._transfer, args=(pending,), name="eplb-stage", daemon=True).start()
+        # Async: staging starts only once every rank has accepted the plan (see on_sums), so every
+        # p2p op posted has its peer: an unmatched gloo op can only end in the group's timeout, and
+        # a timed-out gloo wait closes the pair for every later plan.
         return {"accepted": True, "committed": False}
 
     def _global(self, ep_rank: int) -> int:
@@ -442,9 +444,9 @@ class EplbWorkerState:
         Runs in the staging thread (async) or inside the agreed step (stop-the-world). Per layer and
         rank pair one message per weight (rows gathered with one index_select), so the thread takes the
         GIL a few times per layer instead of a few times per expert: every torch call releases and
-        re-takes the GIL, and each re-take waits for the forward pass's thread to let go of it. Waits
-        poll with a deadline instead of blocking in gloo: a timed-out gloo wait closes the pair and
-        leaves the group unusable for every later plan, and polling lets `abort` end the thread at once.
+        re-takes the GIL, and each re-take waits for the forward pass's thread to let go of it. Async
+        staging starts on every rank at one agreed step (on_sums), so every op has its peer; once
+        started, the exchange always runs to its end (a dropped plan's results are discarded).
         """
         t0 = time.perf_counter()
         cpu0 = time.thread_time()
@@ -453,10 +455,9 @@ class EplbWorkerState:
         if background:
             self.transfer_tids = [*self.transfer_tids[-7:], threading.get_native_id()]
             _tune_staging_thread(int(opts["nice"]), int(opts["omp_threads"]))
+        injected = self.fail_next_transfer  # fault injection for tests (eplb_fail_next_transfer)
+        self.fail_next_transfer = False
         try:
-            if self.fail_next_transfer:  # fault injection for tests (eplb_fail_next_transfer)
-                self.fail_next_transfer = False
-                raise RuntimeError("injected transfer failure")
             deadline = t0 + float(opts["timeout_s"])
             stage_layer = self._stage_layer_per_slot if opts["per_slot"] else self._stage_layer
             for i, layer in enumerate(p.plan.layers()):
@@ -465,11 +466,13 @@ class EplbWorkerState:
                     # group does not step): after PACE_WAIT_S it goes on regardless.
                     p.step_done.clear()
                     p.step_done.wait(PACE_WAIT_S)
-                if p.aborted:
-                    raise _Dropped("plan dropped")
+                # Dropped meanwhile (a peer failed)? The exchange still runs to its end: the peers
+                # posted their side of it, and an op left without its peer would hang until timeout.
                 t_layer = time.perf_counter()
                 p.staged[layer] = stage_layer(p, layer, deadline)
                 p.layer_ms.append((layer, t_layer, time.perf_counter()))
+            if injected:
+                raise RuntimeError("injected transfer failure")
             p.t_ready = time.perf_counter()
             p.ready = True
         except Exception as exc:  # reported through the step sync: every rank drops the plan
@@ -478,6 +481,8 @@ class EplbWorkerState:
                 return
             logger.exception("EPLB plan %d: transfer failed", p.plan_id)
             p.failed = f"{type(exc).__name__}: {exc}"
+            if not injected and self.group is not None:  # a gloo error leaves the pair closed
+                self.group_error = p.failed
         finally:
             p.stage_ms += (time.perf_counter() - t0) * 1e3
             p.stage_cpu_ms += (time.thread_time() - cpu0) * 1e3
@@ -488,25 +493,11 @@ class EplbWorkerState:
         return p.plan_id * 32768 + layer * 2
 
     def _wait(self, works: list[Any], p: _Pending, deadline: float) -> None:
-        """Wait for gloo works. Staging thread: without a gloo timeout (see _transfer), polling with a
-        back-off to 20 ms. Inside the agreed step (stop-the-world) every rank is there, so the pairs
-        match: block (the group's timeout bounds it)."""
-        if threading.current_thread() is threading.main_thread():
-            for w in works:
-                w.wait()
-            return
-        delay = 0.0005
-        while not all(w.is_completed() for w in works):
-            if p.aborted:
-                raise _Dropped("plan dropped")
-            if time.perf_counter() > deadline:
-                raise TimeoutError(
-                    f"transfer not done after {p.opts['timeout_s']} s (a peer without the plan?)"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+        """Block on the works (GIL released; gloo's `is_completed` stays false until `wait`). Every
+        op has its peer (staging starts on every rank at one agreed step), the group's timeout
+        bounds a hung peer."""
         for w in works:
-            w.wait()  # completed: returns at once, or raises the transport's error
+            w.wait()
 
     def _stage_layer(self, p: _Pending, layer: int, deadline: float) -> _Staged:
         import torch.distributed as dist
@@ -628,7 +619,7 @@ class EplbWorkerState:
         """Drop pending plan `plan_id` unless it is already committing. Safe only when agreement is
         impossible (some rank rejected the plan): the EPLB actor calls it in exactly that case."""
         p = self.pending
-        if p is None or p.plan_id != plan_id or p.commit_layers:
+        if p is None or p.plan_id != plan_id or p.commit_layers or p.started:
             return False
         p.aborted = True
         p.failed = p.failed or "aborted"
@@ -636,14 +627,15 @@ class EplbWorkerState:
         return True
 
     # ---- per-step agreement (npu_runtime.eplb_hooks step-sync participant) ------------------------
-    num_rows = 3
+    num_rows = 5  # accepted id, its square, ready id, its square, failed
 
     def contribute(self) -> list[int]:
         p = self.pending
         if p is None or p.commit_layers:
-            return [0, 0, 0]
+            return [0] * self.num_rows
+        acc = p.plan_id if not (p.blocking or p.started) else 0
         ready = p.plan_id if p.ready else 0
-        return [ready, ready * ready, 1 if p.failed else 0]
+        return [acc, acc * acc, ready, ready * ready, 1 if p.failed else 0]
 
     def on_sums(self, sums: list[int], dp_size: int) -> None:
         t0 = time.perf_counter()
@@ -660,13 +652,25 @@ class EplbWorkerState:
                 return
             p.steps_waited += 1
             log.state = STEP_READY if p.ready else STEP_STAGING
-            s_id, s_sq, s_fail = sums
+            s_acc, s_acc_sq, s_id, s_sq, s_fail = sums
             if s_fail > 0:
                 # Some rank failed to stage: every rank sees it at this step and keeps the old placement.
                 log.state = STEP_DROP
                 p.aborted = True
                 p.failed = p.failed or "another rank failed to stage the plan"
                 self._finish(p, "failed")
+                return
+            if not (p.blocking or p.started):
+                # All ranks accepted the same id (sum == n*id and n*sum(id^2) == sum(id)^2): staging
+                # starts on every rank at this step; paced, its first layer when this step ends.
+                if s_acc == dp_size * p.plan_id and s_acc_sq * dp_size == s_acc * s_acc:
+                    p.started = True
+                    threading.Thread(target=self._transfer, args=(p,), name="eplb-stage", daemon=True).start()
+                elif time.perf_counter() - p.t_received > float(p.opts["timeout_s"]):
+                    # A peer never got it: nothing was posted, drop it here alone.
+                    p.failed = f"TimeoutError: not every rank accepted plan {p.plan_id} within {p.opts['timeout_s']} s"
+                    log.state = STEP_DROP
+                    self._finish(p, "failed")
                 return
             # All ranks ready with the same id: sum == n*id and n*sum(id^2) == sum(id)^2.
             if p.ready and s_id == dp_size * p.plan_id and s_sq * dp_size == s_id * s_id:
@@ -675,7 +679,15 @@ class EplbWorkerState:
                     log.state = STEP_STW
                     p.ready = False
                     self._transfer(p)
-                    if p.failed:  # cannot agree any more this step; the others' transfer failed too
+                    if self.group is not None and self.group_error is None:
+                        # Every rank is in this step: agree on the outcome before anyone commits.
+                        import torch.distributed as dist
+
+                        flag = torch.tensor([1 if p.failed else 0], dtype=torch.int32)
+                        dist.all_reduce(flag, group=self.group)
+                        if flag.item() and not p.failed:
+                            p.failed = "another rank failed to stage the plan"
+                    if p.failed:
                         self._finish(p, "failed")
                         return
                 p.commit_layers = list(p.plan.layers()) or [-1]  # -1: a no-op plan still commits
