@@ -460,10 +460,11 @@ class EplbWorkerState:
         try:
             deadline = t0 + float(opts["timeout_s"])
             stage_layer = self._stage_layer_per_slot if opts["per_slot"] else self._stage_layer
-            for i, layer in enumerate(p.plan.layers()):
-                if background and opts["paced"] and i > 0:
-                    # At most one layer per engine step, started when a step ends; soft (an idle
-                    # group does not step): after PACE_WAIT_S it goes on regardless.
+            for layer in p.plan.layers():
+                if background and opts["paced"]:
+                    # At most one layer per engine step, started when a step ends (the first one when
+                    # the agreeing step ends); soft (an idle group does not step): after PACE_WAIT_S
+                    # it goes on regardless.
                     p.step_done.clear()
                     p.step_done.wait(PACE_WAIT_S)
                 # Dropped meanwhile (a peer failed)? The exchange still runs to its end: the peers
