@@ -345,8 +345,9 @@ DIAGNOSIS = [
     "hand-offs per layer instead of per slot); the staging thread at nice 19 with one OpenMP thread; one "
     "layer's transfer started per engine step, when a step ends (`paced`); routing tables and row indices "
     "prepared while staging, so a commit step only runs one `index_copy_` per weight and two table copies; "
-    "staging waits poll with a deadline (30 s default, per plan `transfer.timeout_s`) and end at once on "
-    "abort, never timing out inside gloo.",
+    "async staging starts on every rank at one agreed step (accepted-id rows on the per-step sync), so every "
+    "p2p op has its peer; a plan a peer never got is dropped after `transfer.timeout_s` (30 s) with nothing "
+    "posted; the transfer group's gloo timeout is 30 s instead of 120 s.",
 ]  # fmt: skip
 
 
