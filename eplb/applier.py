@@ -16,16 +16,20 @@ with `AsyncLLM.collective_rpc`). Per MoE layer (i = ordinal among the model's Mo
   at start-up). `eplb_placement()` reports it; the EPLB actor plans from it.
 
 Applying a plan (TransferPlan from eplb.plan, rebuilt and validated here before anything moves):
-1. Stage: a background thread copies/receives every slot this rank must write into staging
-   buffers (torch.distributed isend/irecv on a dedicated gloo group created at setup, so the
-   transfers never interleave with vLLM's own collectives). Sources are read from the OLD placement,
-   which stays in force meanwhile.
-2. Agree: when DP > 1, every step's DP padding all-reduce carries [ready_plan_id, id^2, failed]
-   (npu_runtime.eplb_hooks); all ranks see the same sums at the same step. All ready with the same id
-   -> every rank starts committing at that step; any failure -> every rank drops the plan (old
-   placement stays everywhere).
-3. Commit: `layers_per_step` layers per step: copy staged rows into the weights, then the tables.
+0. Accept: when DP > 1, every step's DP padding all-reduce carries [accepted_id, id^2, ready_id,
+   id^2, failed] (npu_runtime.eplb_hooks); all ranks see the same sums at the same step. Staging
+   starts on every rank at the step where all accepted the same id, so every p2p op has its peer
+   (a plan a peer never got is dropped after `timeout_s` with nothing posted).
+1. Stage: a background thread (nice 19, one OpenMP thread, one layer started per engine step) gathers
+   this rank's outgoing rows and receives its incoming ones, one message per weight per layer and
+   peer, on a dedicated gloo group created at setup (never interleaved with vLLM's collectives), and
+   prepares the layer's new tables. Sources are read from the OLD placement, still in force.
+2. Agree: all ready with the same id -> every rank starts committing at that step; any failure ->
+   every rank drops the plan (old placement stays everywhere).
+3. Commit: `layers_per_step` layers per step: one index_copy_ per weight, then the tables.
    Every rank does layer k at the same step, so gathered tokens never see mixed tables.
+Engine-side step times (StepLog, `eplb_step_log`) and per-thread CPU (`eplb_thread_cpu`) are recorded
+for benchmarks/eplb_online.py.
 With DP == 1 there is nobody to agree with: stage and commit happen inside the RPC, between steps.
 """
 
