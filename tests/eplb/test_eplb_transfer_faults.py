@@ -113,6 +113,7 @@ def test_plan_missing_on_a_peer_times_out_or_aborts_and_the_group_stays_usable(g
             assert (np.asarray(await a.eplb_call.remote("eplb_placement")) == np.asarray(m["new"])).all()
         assert await _generate(actors) == reference
         # 4. Unknown transfer options are rejected before anything moves.
+        old = np.asarray(m["new"])
         res = await actors[0].eplb_call.remote("eplb_stage", msg(4, transfer={"bogus": 1}))
         assert not res["accepted"] and "bogus" in res["error"]
 
