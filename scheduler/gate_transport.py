@@ -22,6 +22,7 @@ again without a new address.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import struct
 import threading
@@ -44,6 +45,38 @@ StepKey = tuple[int, int]
 _REQ = struct.Struct("<ciqqiiiiidqq")
 _REP_HEAD = struct.Struct("<cqq")
 _KEEP = 256  # decisions / requested keys kept per client (a wave can end early: never-used keys)
+_RECV_BUF = 4096  # a reply is 17 bytes + one per step of the horizon
+
+
+class _GilHeldZmq:
+    """libzmq's ``zmq_send`` / ``zmq_recv`` called through ``ctypes.PyDLL``: *without releasing the GIL*.
+
+    Why: pyzmq releases the GIL around every send, recv and poll. In the engine-core process vLLM's
+    output thread is busy serializing the step's outputs exactly when the lockstep hook reports; each
+    release hands it the GIL and the step thread then waits for it, up to the 5 ms switch interval —
+    measured, that (not the transport) was most of the per-step cost. With ``ZMQ_DONTWAIT`` these calls
+    never block, so holding the GIL is safe. It must be the libzmq that pyzmq itself loaded (socket
+    handles are shared), found in ``/proc/self/maps``; ``load()`` is None where it is not (pyzmq's own
+    calls are used then).
+    """
+
+    def __init__(self, path: str) -> None:
+        lib = ctypes.PyDLL(path)
+        self.send = lib.zmq_send
+        self.send.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+        self.send.restype = ctypes.c_int
+        self.recv = lib.zmq_recv
+        self.recv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.recv.restype = ctypes.c_int
+
+    @staticmethod
+    def load() -> _GilHeldZmq | None:
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = [line.split()[-1] for line in maps if "libzmq" in line and "/" in line]
+            return _GilHeldZmq(paths[0]) if paths else None
+        except Exception:  # not Linux, or no separate libzmq: fall back to pyzmq
+            return None
 
 
 def encode_report(
@@ -127,11 +160,11 @@ class GateServer:
                 except Exception:  # a bad message must not kill the server
                     logger.exception("balance gate server: cannot serve a %d-byte message", len(payload))
                     continue
+                self.served += 1  # before the send: a client that has its reply sees it counted
                 try:
                     sock.send_multipart([ident, reply], zmq.NOBLOCK)
                 except zmq.Again:  # that rank's queue is full (it is gone): drop
                     pass
-                self.served += 1
 
     def close(self) -> None:
         self._stop.set()
@@ -162,6 +195,9 @@ class ZmqGateClient:
         self._resolve = resolve or self._resolve_via_ray
         self._ctx = zmq.Context(io_threads=1)
         self._sock: zmq.Socket | None = None
+        self._handle = 0  # the socket's libzmq handle, for the GIL-held calls
+        self._raw = _GilHeldZmq.load()
+        self._buf = ctypes.create_string_buffer(_RECV_BUF)
         self.address: str | None = None
         self._decisions: dict[StepKey, bool] = {}  # received, not yet used
         self._asked: dict[StepKey, None] = {}  # keys a reply is expected for (ordered set)
@@ -227,6 +263,7 @@ class ZmqGateClient:
         if wait_s > 0:
             sock.poll(int(wait_s * 1e3), zmq.POLLOUT)  # writable once connected (IMMEDIATE)
         self._sock, self.address = sock, address
+        self._handle = sock.underlying
         self._unanswered_since = None
 
     def _resolve_in_background(self) -> None:
@@ -274,14 +311,37 @@ class ZmqGateClient:
         ):
             self._resolve_in_background()
 
-    def _drain(self) -> None:
-        sock = self._sock
+    def _recv(self) -> bytes | None:
+        """One queued reply, or None; never blocks (and with ``_raw``, never drops the GIL)."""
+        raw, sock = self._raw, self._sock
         if sock is None:
-            return
-        # poll(0) costs ~4 us; a recv that raises zmq.Again ~25 us (this runs twice per step).
-        while sock.poll(0):
-            payload = sock.recv(zmq.NOBLOCK)
-            wave, first, admits = decode_decisions(payload)
+            return None
+        if raw is not None:
+            n = raw.recv(self._handle, self._buf, _RECV_BUF, zmq.DONTWAIT)
+            return None if n < 0 else self._buf.raw[: min(n, _RECV_BUF)]
+        # poll(0) costs ~4 us; a recv that raises zmq.Again ~25 us.
+        return sock.recv(zmq.NOBLOCK) if sock.poll(0) else None
+
+    def _send(self, msg: bytes) -> bool:
+        """Queue ``msg`` without blocking; False when there is no live connection (or it is full)."""
+        raw, sock = self._raw, self._sock
+        if sock is None:
+            return False
+        if raw is not None:
+            return raw.send(self._handle, msg, len(msg), zmq.DONTWAIT) >= 0
+        try:
+            sock.send(msg, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def _drain(self) -> None:
+        while (payload := self._recv()) is not None:
+            try:
+                wave, first, admits = decode_decisions(payload)
+            except Exception:
+                logger.warning("rank %d: malformed gate reply (%d bytes) ignored", self.rank, len(payload))
+                continue
             self._unanswered_since = None
             if self.down:
                 self.down = False
@@ -308,18 +368,14 @@ class ZmqGateClient:
                 self.rank, wave, step, running, waiting, max_num_seqs, lead, horizon,
                 self.client_s * 1e3, self.calls, self.late,
             )  # fmt: skip
-            try:
-                sock.send(msg, zmq.NOBLOCK)
-                if not self.down:  # while down, decisions are not waited for
-                    for i in range(horizon):
-                        self._asked[(wave, step + lead + i)] = None
-                    while len(self._asked) > _KEEP:
-                        del self._asked[next(iter(self._asked))]
-                if self._unanswered_since is None:
-                    self._unanswered_since = now
-            except zmq.Again:  # no live connection (coordinator gone or not up yet)
-                if self._unanswered_since is None:
-                    self._unanswered_since = now
+            # Not sent = no live connection (coordinator gone or not up yet): counts as unanswered.
+            if self._send(msg) and not self.down:  # while down, decisions are not waited for
+                for i in range(horizon):
+                    self._asked[(wave, step + lead + i)] = None
+                while len(self._asked) > _KEEP:
+                    del self._asked[next(iter(self._asked))]
+            if self._unanswered_since is None:
+                self._unanswered_since = now
         self.calls += 1
         self.client_s += time.perf_counter() - t0
 
@@ -356,6 +412,7 @@ class ZmqGateClient:
         return {
             "transport": "zmq",
             "address": self.address,
+            "gil_held_calls": self._raw is not None,
             "down": self.down,
             "outages": self.outages,
             "reconnects": self.reconnects,
@@ -366,5 +423,5 @@ class ZmqGateClient:
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close(0)
-            self._sock = None
+            self._sock, self._handle = None, 0
         self._ctx.term()

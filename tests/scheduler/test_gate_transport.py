@@ -7,6 +7,7 @@ lockstep, and checks they admit meanwhile and take decisions from the restarted 
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
@@ -51,12 +52,18 @@ def test_wire_roundtrip() -> None:
         decode_report(b"X" + encode_report(0, 0, 0, 0, 0, 1, 1, 1, 0.0, 0, 0)[1:])
 
 
-def test_zmq_clients_get_the_frozen_decisions() -> None:
+@pytest.mark.parametrize("gil_held", [True, False], ids=["gil-held-calls", "pyzmq-calls"])
+def test_zmq_clients_get_the_frozen_decisions(gil_held: bool) -> None:
     state = CoordinatorState("any_at_cap", timeout_s=5)
     srv = _server(state)
     cfg = BalanceConfig(lead=1)
     clients = [ZmqGateClient(cfg, r, resolve=lambda: srv.address) for r in (0, 1)]
     try:
+        for c in clients:
+            if sys.platform == "linux":  # pyzmq's libzmq is found in /proc/self/maps
+                assert c._raw is not None
+            if not gil_held:
+                c._raw = None  # the portable path
         assert all(c.connect() for c in clients)
         got: dict[int, list[bool | None]] = {0: [], 1: []}
         for step in range(1, 41):
