@@ -469,7 +469,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=6, help="decode waves; one plan per variant in each")
-    ap.add_argument("--max-tokens", type=int, default=240)
+    ap.add_argument("--max-tokens", type=int, default=224)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
     ap.add_argument("--pyspy", metavar="DIR", help="diagnosis: py-spy record each worker around each plan (skews "
                     "timings; results are then not written to benchmarks/results)")  # fmt: skip
