@@ -127,13 +127,18 @@ def step_kind(row: Sequence[Any]) -> str:
     return "empty"
 
 
+def _adjacent(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Consecutive recorded steps of one wave (rows of several runs may be concatenated)."""
+    return b[IDX["seq"]] == a[IDX["seq"]] + 1 and a[IDX["wave"]] == b[IDX["wave"]]
+
+
 def step_durations(rows: Sequence[Sequence[Any]]) -> dict[tuple[int, int], float]:
     """Wall time of each step whose successor on the same rank is the next step of the same wave:
     from this ``schedule()`` to the next (forward pass, output processing, lockstep sync included).
     Steps followed by idle steps or a wave end get none (their interval covers more than one step)."""
     out: dict[tuple[int, int], float] = {}
     for a, b in zip(rows, rows[1:], strict=False):
-        if a[IDX["wave"]] == b[IDX["wave"]] and b[IDX["step"]] == a[IDX["step"]] + 1:
+        if _adjacent(a, b) and b[IDX["step"]] == a[IDX["step"]] + 1:
             out[(a[IDX["wave"]], a[IDX["step"]])] = b[IDX["t"]] - a[IDX["t"]]
     return out
 
@@ -151,7 +156,7 @@ def _idle_keys(rows: Sequence[Sequence[Any]]) -> set[tuple[int, int]]:
     """Steps inside the traced span that this rank ran without schedule() (gaps in its step numbers)."""
     out: set[tuple[int, int]] = set()
     for a, b in zip(rows, rows[1:], strict=False):
-        if a[IDX["wave"]] == b[IDX["wave"]]:
+        if _adjacent(a, b):
             out.update((a[IDX["wave"]], s) for s in range(a[IDX["step"]] + 1, b[IDX["step"]]))
     return out
 

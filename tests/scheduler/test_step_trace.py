@@ -54,13 +54,21 @@ def _row(step: int, t: float, prefill: int, decode: int, *, admit: int = 1, runn
     )
 
 
+def _renumber(rows: list[tuple]) -> list[tuple]:
+    """seq = position (rows recorded one after the other on one rank)."""
+    return [(i, *r[1:]) for i, r in enumerate(rows)]
+
+
 def test_kinds_and_durations() -> None:
-    rows = [_row(0, 0.0, 8, 0), _row(1, 0.010, 8, 1), _row(2, 0.012, 0, 2), _row(5, 0.020, 0, 2)]
+    rows = _renumber([_row(0, 0.0, 8, 0), _row(1, 0.010, 8, 1), _row(2, 0.012, 0, 2), _row(5, 0.020, 0, 2)])
     assert [step_kind(r) for r in rows] == ["prefill", "mixed", "decode", "decode"]
     assert step_kind(_row(9, 0.0, 0, 0)) == "empty"
     d = step_durations(rows)
     # Step 2 is followed by step 5 (steps 3-4 ran without schedule()): no single-step time for it.
     assert d == {(0, 0): pytest.approx(0.010), (0, 1): pytest.approx(0.002)}
+    # Rows of two runs concatenated (seq not consecutive) are never paired, even with matching steps.
+    other_run = [(10, 0, 3, 5.0, 0.0, 1, 2, 0, 0, 0, 2, 2, 0)]
+    assert (0, 2) not in step_durations(rows[:3] + other_run)
 
 
 def test_summarize_pairs_stalls_idle_slots_and_held_steps() -> None:
@@ -84,7 +92,7 @@ def test_summarize_pairs_stalls_idle_slots_and_held_steps() -> None:
         _row(5, 0.090, 0, 2),
         _row(6, 0.100, 0, 2),
     ]
-    s = summarize({0: r0, 1: r1}, max_num_seqs=2)
+    s = summarize({0: _renumber(r0), 1: _renumber(r1)}, max_num_seqs=2)
     assert s["lockstep_steps"] == 7
     # Steps 0, 2, 5 and 6 are all-decode (6 is the last row: counted, no measured time).
     assert s["pattern_steps"] == {"all_decode": 4, "stall": 1, "all_prefill": 1, "decode_vs_idle": 1}
