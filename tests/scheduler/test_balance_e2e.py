@@ -63,9 +63,6 @@ def test_two_ranks_balance_all_complete_and_gate_closes(ray_local, tiny_model_di
     print("coordinator stats:", stats)
 
 
-@pytest.mark.skip(
-    reason="written at the deadline and never run yet: run it once (~3 min), then drop this skip"
-)
 def test_two_ranks_keep_serving_across_coordinator_kill(ray_local, tiny_model_dir) -> None:
     """The coordinator actor is killed while both ranks serve (Ray restarts it): every request still
     completes, and the ranks report to the restarted actor (new ZMQ address) and get its decisions."""
