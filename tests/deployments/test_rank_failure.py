@@ -25,7 +25,9 @@ def base_url(ray_local, tiny_model_dir):
                      "enable_expert_parallel": True, "max_model_len": 512, "max_num_seqs": 8})  # fmt: skip
     serve.run(app, name="dpserve_failure", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
-    serve.delete("dpserve_failure")
+    # Shut Serve down, not just the app: a later module's serve.start() with its own port would
+    # otherwise be ignored and its requests would go to this module's proxy port.
+    serve.shutdown()
 
 
 async def _request(client: httpx.AsyncClient, url: str, i: int, stream: bool) -> str:

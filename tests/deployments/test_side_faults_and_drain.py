@@ -48,6 +48,9 @@ def served(ray_local, tiny_model_dir):
     from deployments.rank import free_port
 
     port = free_port()
+    # serve.start() ignores http_options when Serve already runs (an earlier module's instance on
+    # another port): start from a clean Serve so the proxy listens where this module sends requests.
+    serve.shutdown()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(_app_args(tiny_model_dir, eplb=EPLB)), name=APP, route_prefix="/")
     yield {"url": f"http://127.0.0.1:{port}", "port": port, "model": tiny_model_dir}
