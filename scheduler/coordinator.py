@@ -17,12 +17,15 @@ or, by default, through a ZMQ ROUTER socket the actor serves from a thread (``zm
 ``scheduler/gate_transport.py``). Both paths share one lock around the same ``CoordinatorState``.
 
 Restarts: the actor is created with ``max_restarts=-1``. A restarted actor starts empty (no ranks, no
-frozen decisions, the policy it was *created* with — a run-time ``set_policy`` is lost) on a new ZMQ
-address; ranks notice the silence, admit meanwhile, and look the address up again.
+frozen decisions) on a new ZMQ address; ranks notice the silence, admit meanwhile, and look the address
+up again. Its configuration (policy, params, timeout) is *not* lost: every change is written to the
+GCS key-value store (``_ConfigStore``) and a restarted actor reads it back, so a run-time
+``set_policy`` survives the restart instead of reverting to the creation-time policy.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -223,7 +226,15 @@ class BalanceCoordinator:
         timeout_s: float = 5.0,
         serve_zmq: bool = True,
     ):
+        # Ray restarts the actor with its *creation* arguments; the configuration set since then
+        # (set_policy / set_timeout) is read back from the GCS store (see _ConfigStore).
+        self._store = _ConfigStore.for_this_actor()
+        saved = self._store.load() if self._store is not None else None
+        if saved is not None:
+            policy, params, timeout_s = saved["policy"], saved["params"], saved["timeout_s"]
+            logger.warning("balance coordinator restarted: policy %s %s restored", policy, params)
         self.state = CoordinatorState(policy, params, timeout_s)
+        self._save()
         self._metrics = _Metrics()
         self.state.on_exclude = lambda rank, age: self._metrics.excluded(rank)
         # The ZMQ server thread and the Ray methods both touch the state: one lock for all of it.
@@ -283,11 +294,17 @@ class BalanceCoordinator:
     def set_policy(self, name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         with self._lock:
             self.state.set_policy(name, **(params or {}))
+            self._save()
         return {"policy": name, "params": dict(params or {})}
 
     def set_timeout(self, timeout_s: float) -> None:
         with self._lock:
             self.state.timeout_s = float(timeout_s)
+            self._save()
+
+    def _save(self) -> None:
+        if self._store is not None:
+            self._store.save(self.state.policy_name, self.state.policy_params, self.state.timeout_s)
 
     def reset(self) -> None:
         with self._lock:
@@ -315,6 +332,63 @@ class BalanceCoordinator:
 
     def ping(self) -> bool:
         return True
+
+
+class _ConfigStore:
+    """The coordinator's configuration in the GCS key-value store, for the actor's restarts.
+
+    Why here: Ray re-runs ``__init__`` with the creation arguments, so anything set later lives only
+    in the dead process. The ranks cannot re-assert it (they never see ``set_policy``: operators and
+    benchmarks call the actor directly), and a second actor to hold it could die too. The GCS outlives
+    any actor (Ray Serve's controller recovers its own state from the same store). One key per actor
+    name (or id, if unnamed); the value carries the actor id, so a *new* actor created under the same
+    name later (a new rank group) starts from its own arguments, never from a predecessor's leftovers.
+    """
+
+    KV_NAMESPACE = "dpserve"
+
+    def __init__(self, key: str, actor_id: str) -> None:
+        self.key, self.actor_id = key, actor_id
+
+    @classmethod
+    def for_this_actor(cls) -> _ConfigStore | None:
+        """The store of the calling actor; None outside a Ray actor (plain tests)."""
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return None
+            ctx = ray.get_runtime_context()
+            actor_id = ctx.get_actor_id()
+            if actor_id is None:
+                return None
+            name = ctx.get_actor_name() or actor_id
+            return cls(f"balance_coordinator/{ctx.namespace}/{name}", actor_id)
+        except Exception:  # pragma: no cover - no Ray runtime
+            return None
+
+    def load(self) -> dict[str, Any] | None:
+        """The configuration this same actor (id) saved before a restart, if any."""
+        from ray.experimental import internal_kv
+
+        try:
+            raw = internal_kv._internal_kv_get(self.key, namespace=self.KV_NAMESPACE)
+        except Exception:
+            logger.warning("balance coordinator: cannot read the saved configuration", exc_info=True)
+            return None
+        if not raw:
+            return None
+        saved = json.loads(raw)
+        return saved if saved.get("actor_id") == self.actor_id else None
+
+    def save(self, policy: str, params: dict[str, Any], timeout_s: float) -> None:
+        from ray.experimental import internal_kv
+
+        value = {"actor_id": self.actor_id, "policy": policy, "params": params, "timeout_s": timeout_s}
+        try:
+            internal_kv._internal_kv_put(self.key, json.dumps(value), namespace=self.KV_NAMESPACE)
+        except Exception:  # the change itself is applied; only a restart would lose it
+            logger.warning("balance coordinator: cannot save the configuration", exc_info=True)
 
 
 class _Metrics:
@@ -370,7 +444,7 @@ def get_or_create_coordinator(
 
     It needs almost no CPU (one small call per rank per step), so it asks for none: it must never
     keep a rank from being placed. ``max_restarts=-1``: Ray restarts it whenever it dies (empty state,
-    creation-time policy, new ZMQ address); the ranks admit meanwhile and reconnect by themselves.
+    the last policy set, new ZMQ address); the ranks admit meanwhile and reconnect by themselves.
     Blocking (two Ray round trips): call it from a thread in async code.
     """
     import ray

@@ -65,7 +65,8 @@ def test_two_ranks_balance_all_complete_and_gate_closes(ray_local, tiny_model_di
 
 def test_two_ranks_keep_serving_across_coordinator_kill(ray_local, tiny_model_dir) -> None:
     """The coordinator actor is killed while both ranks serve (Ray restarts it): every request still
-    completes, and the ranks report to the restarted actor (new ZMQ address) and get its decisions."""
+    completes, the ranks report to the restarted actor (new ZMQ address) and get its decisions, and
+    the policy set at run time before the kill is still the one in force."""
     import time
 
     name = "test_e2e_balance_restart"
@@ -91,6 +92,8 @@ def test_two_ranks_keep_serving_across_coordinator_kill(ray_local, tiny_model_di
         coord = ray.get_actor(name, namespace="dpserve")
         try:
             await batch(actors, "warm")
+            # A run-time policy change: the restarted actor must keep it (not revert to any_at_cap).
+            await coord.set_policy.remote("cadence", {"interval": 2})
             before = await coord.get_stats.remote()
             running = asyncio.ensure_future(batch(actors, "across"))
             await asyncio.sleep(1.0)  # both ranks busy (12 requests, 2 slots each)
@@ -123,8 +126,9 @@ def test_two_ranks_keep_serving_across_coordinator_kill(ray_local, tiny_model_di
         assert all(len(o["token_ids"]) == sampling["max_tokens"] for o in outs)
         assert all(o["finish_reason"] == "length" for o in outs)
     assert after["zmq_address"] != before["zmq_address"]
+    assert (after["policy"], after["params"]) == ("cadence", {"interval": 2}), after
     # The restarted actor has both ranks' reports (their cumulative call counters went on) and has
-    # closed the gate for them (max_num_seqs=2, 8 requests on rank 0): real decisions again.
+    # closed the gate for them (cadence 2: every odd step): real decisions again.
     assert sorted(after["ranks"]) == [0, 1], after
     assert all(after["ranks"][r]["client_calls"] > before["ranks"][r]["client_calls"] for r in (0, 1))
     assert after["closed_steps"] >= 1, after

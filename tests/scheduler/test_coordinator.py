@@ -161,3 +161,53 @@ def test_ray_gate_client_horizon(coordinator, ray_local) -> None:
     assert client.calls == 1
     assert [client.decision((0, s), 2.0) for s in (5, 6, 7, 8)] == [False, True, False, True]
     assert client.decision((0, 9), 0.0) is None
+
+
+def test_actor_restart_keeps_run_time_policy_and_timeout(coordinator, ray_local) -> None:
+    """A run-time set_policy / set_timeout survives a Ray restart of the actor (max_restarts=-1):
+    the restarted actor decides with the policy set last, not the one it was created with. A new
+    actor created later under the same name does not inherit it."""
+    from scheduler.coordinator import BalanceCoordinator
+
+    actor, name = coordinator  # created with any_at_cap, timeout 0.5
+    ray_local.get([actor.set_policy.remote("cadence", {"interval": 3}), actor.set_timeout.remote(7.0)])
+    old_address = ray_local.get(actor.zmq_address.remote())
+    ray_local.kill(actor, no_restart=False)
+    deadline = time.monotonic() + 60
+    while True:  # calls fail while the actor is down
+        try:
+            stats = ray_local.get(actor.get_stats.remote(), timeout=5)
+            if stats["zmq_address"] != old_address:
+                break
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, "the coordinator was not restarted"
+        time.sleep(0.1)
+    assert (stats["policy"], stats["params"]) == ("cadence", {"interval": 3}), stats
+    assert stats["decided_steps"] == 0  # a restarted actor: empty state
+    # Decisions come from the restored policy object (cadence 3), not only its name: a rank well
+    # under its cap is closed off cadence (any_at_cap would admit it).
+    decisions = [ray_local.get(actor.report.remote(0, 0, s, 0, 1, 4, 1)) for s in range(5)]
+    assert decisions == [False, False, True, False, False]
+    # The restored timeout (7 s, not 0.5 s): a rank silent for 1 s is still live.
+    time.sleep(1.0)
+    assert ray_local.get(actor.get_stats.remote())["live_ranks"] == [0]
+
+    # Killed for good, then a new actor under the same name: its own creation policy.
+    ray_local.kill(actor)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            fresh = (
+                ray_local.remote(BalanceCoordinator)
+                .options(name=name, namespace="dpserve_test", num_cpus=0, max_restarts=-1)
+                .remote("off", None, 0.5)
+            )
+            break
+        except ValueError:  # the name is freed a moment after the kill
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    try:
+        assert ray_local.get(fresh.get_stats.remote())["policy"] == "off"
+    finally:
+        ray_local.kill(fresh)
