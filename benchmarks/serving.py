@@ -28,6 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cluster import proc_cpu  # noqa: E402
 from cluster.bench import format_summary, run_workload  # noqa: E402
 from cluster.bench_cmd import add_workload_arguments, workload_from_args  # noqa: E402
 from deployments.app import AppConfig  # noqa: E402
@@ -56,6 +57,10 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
                                                    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}, "app": {}},
     # Direct ingress, streamed chunks at most every 100 ms (fewer messages per token under load).
     "direct_chunks_100ms": {"env": dict(SERVE_ENV), "app": {"stream_interval_ms": 100.0}},
+    # vLLM's own engine metrics recorded in every rank and exported through Ray (engine_metrics: true).
+    "engine_metrics": {"env": dict(SERVE_ENV), "app": {"engine_metrics": True}},
+    # Serve's controller loop every 0.5 s instead of 0.1 s (it runs on the same cores as the engines).
+    "ctl_500ms": {"env": dict(SERVE_ENV) | {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}, "app": {}},
     # Serve's bundle: direct ingress, same loop, gRPC handles, no stderr logs, frozen GC.
     "throughput": {"env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
                            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}, "app": {}},
@@ -104,6 +109,14 @@ def serve_url(proxy_port: int, app_name: str = "dpserve", timeout_s: float = 120
     raise TimeoutError("no direct-ingress port for the app")
 
 
+def measured_workload(url: str, workload) -> dict:
+    """The workload's summary plus the CPU seconds each process role used while it ran."""
+    before = proc_cpu.snapshot()
+    summary = asyncio.run(run_workload(url, MODEL, workload))
+    summary["cpu_s_by_role"] = proc_cpu.by_role(before, proc_cpu.snapshot(), client_pid=os.getpid())
+    return summary
+
+
 def run_dpserve_child(args, model_dir: str, workload, variant: str) -> dict:
     """One dpserve run in this process (started by run_dpserve with the variant's environment)."""
     import ray
@@ -122,7 +135,7 @@ def run_dpserve_child(args, model_dir: str, workload, variant: str) -> dict:
         url = serve_url(port)
         wait_ready(url)
         startup = time.perf_counter() - t0
-        summary = asyncio.run(run_workload(url, MODEL, workload))
+        summary = measured_workload(url, workload)
         summary["startup_s"] = startup
         summary["url"] = url
         return summary
@@ -158,7 +171,7 @@ def run_vllm(args, model_dir: str, workload) -> dict:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
         startup = time.perf_counter() - t0
-        summary = asyncio.run(run_workload(url, MODEL, workload))
+        summary = measured_workload(url, workload)
         summary["startup_s"] = startup
         return summary
     finally:
@@ -168,6 +181,31 @@ def run_vllm(args, model_dir: str, workload) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def cpu_table(names: list[str], runs: dict[str, list[dict]]) -> str:
+    """CPU seconds per process role while the workload ran (median over rounds), per server."""
+    roles = sorted({role for n in names for r in runs[n] for role in r.get("cpu_s_by_role", {})})
+    if not roles:
+        return ""
+
+    def cell(name: str, role: str) -> float:
+        return statistics.median(r.get("cpu_s_by_role", {}).get(role, 0.0) for r in runs[name])
+
+    def wall(name: str) -> float:
+        return statistics.median(r["duration_s"] for r in runs[name])
+
+    rows = ["| process role | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for role in sorted(roles, key=lambda ro: -max(cell(n, ro) for n in names)):
+        rows.append(f"| {role} | " + " | ".join(f"{cell(n, role):.1f}" for n in names) + " |")
+    rows.append("| **all** | " + " | ".join(
+        f"**{sum(cell(n, ro) for ro in roles):.1f}**" for n in names) + " |")  # fmt: skip
+    rows.append("| workload wall s | " + " | ".join(f"{wall(n):.1f}" for n in names) + " |")
+    return (
+        "\n## Where the CPU went while the workload ran (CPU seconds, median over rounds)\n\n"
+        "Two cores give 2 CPU-seconds per wall second; `other` is every process outside these "
+        "roles on the machine.\n\n" + "\n".join(rows) + "\n"
+    )
 
 
 def main() -> int:
@@ -260,6 +298,7 @@ def main() -> int:
           + "\n".join(rows) + "\n")  # fmt: skip
     if main_name in ratios:
         md += f"\nOutput-throughput ratio dpserve / vLLM: **{ratios[main_name]:.3f}** (target >= 0.95).\n"
+    md += cpu_table(names, runs)
     (out / "serving.md").write_text(md)
     print(md)
     return 0

@@ -48,6 +48,10 @@ class EngineSettings:
     # Online EPLB, e.g. {"enabled": True, "policy": "swift", "num_redundant": 4, "window_steps": 1000,
     # "interval_s": 5.0, "threshold": 0.95}; None: off. Read by eplb.actor and the ranks' worker extension.
     eplb: dict[str, Any] | None = None
+    # vLLM's own engine metrics (TTFT/TPOT/ITL histograms, KV-cache usage, preemptions, ...) in the
+    # Ray dashboard, through Ray's metrics. Off by default: recording them costs each rank CPU on
+    # every engine step (benchmarks/results/serving.md); dpserve's own metrics are always on.
+    engine_metrics: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> EngineSettings:

@@ -78,6 +78,40 @@ def _make_stats_logger_factory(stats: RankStats):
     return _RankStatsLogger
 
 
+def _vllm_metrics_logger(enabled: bool):
+    """The aggregate logger that fills vLLM's own engine metrics (TTFT/TPOT histograms, KV-cache
+    usage, ...). Enabled: vLLM's Ray logger, so they reach the Ray dashboard / Prometheus like
+    dpserve's own metrics. Disabled: a logger that records nothing. Either way it takes the place of
+    the prometheus_client logger vLLM would add by default, which nobody scrapes inside a Ray actor
+    and which costs the rank CPU on every engine step."""
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    if enabled:
+        return RayPrometheusStatLogger
+
+    class _NoEngineMetrics(PrometheusStatLogger):
+        def __init__(self, vllm_config, engine_indexes: list[int] | None = None):
+            self.engine_indexes = engine_indexes or [0]  # no metric objects: nothing registered
+
+        def record(self, *args, **kwargs) -> None:
+            pass
+
+        def record_sleep_state(self, *args, **kwargs) -> None:
+            pass
+
+        def record_admission_rejection(self, reason: str) -> None:
+            pass
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+        def log(self) -> None:
+            pass
+
+    return _NoEngineMetrics
+
+
 class DPRank:
     """A vLLM `AsyncLLM` engine acting as data-parallel rank `rank` of `settings.data_parallel_size`."""
 
@@ -185,7 +219,11 @@ class DPRank:
         kwargs = self.settings.engine_args(self.rank, dp_address, dp_rpc_port, self.platform)
         engine_args = AsyncEngineArgs(**kwargs)
         self.engine = AsyncLLM.from_engine_args(
-            engine_args, stat_loggers=[_make_stats_logger_factory(self.stats)]
+            engine_args,
+            stat_loggers=[
+                _make_stats_logger_factory(self.stats),
+                _vllm_metrics_logger(self.settings.engine_metrics),
+            ],
         )
         self.tokenizer = self.engine.get_tokenizer()
         self._vllm_config = self.engine.vllm_config
