@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,12 @@ from npu_runtime.platform import apply_vllm_env
 
 apply_vllm_env()
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+# Shared test helpers are imported as `tests.helpers`: the repository root must be importable however
+# pytest was started (`python -m pytest` adds it; the `pytest` script with --import-mode=importlib does not).
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 
 @pytest.fixture(scope="session")

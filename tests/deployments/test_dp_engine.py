@@ -9,21 +9,12 @@ import asyncio
 import pytest
 
 from deployments.engine_config import EngineSettings
-from deployments.rank_group import collect_stream, start_rank_group, stop_rank_group
+from deployments.rank_group import start_rank_group, stop_rank_group
+from tests.helpers import PROMPTS, generate_on_ranks, greedy
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [
-    "Hello world, the model",
-    "What is a cluster of experts",
-    "The quick brown fox jumps over",
-    "Seven eight nine ten, the river",
-    "Balance the gate on every rank",
-    "Tokens are routed to experts",
-    "North south east west",
-    "Prefill and decode steps",
-]
-SAMPLING = {"max_tokens": 16, "temperature": 0.0, "ignore_eos": True}
+SAMPLING = greedy(16)
 
 
 def _run(settings: EngineSettings) -> tuple[list[list[int]], list[dict]]:
@@ -31,13 +22,11 @@ def _run(settings: EngineSettings) -> tuple[list[list[int]], list[dict]]:
         actors, pg, _ = await start_rank_group(settings)
         try:
             # Concurrent requests spread over all ranks (round robin).
-            outs = await asyncio.gather(
-                *[collect_stream(actors[i % len(actors)], p, SAMPLING) for i, p in enumerate(PROMPTS)]
-            )
+            ids = await generate_on_ranks(actors, PROMPTS, SAMPLING)
             stats = await asyncio.gather(*[a.get_stats.remote() for a in actors])
         finally:
             await stop_rank_group(actors, pg)
-        return [o["token_ids"] for o in outs], list(stats)
+        return ids, list(stats)
 
     return asyncio.run(go())
 

@@ -13,16 +13,10 @@ import time
 import numpy as np
 import pytest
 
+from tests.helpers import PROMPTS, greedy, random_placement
+
 pytestmark = pytest.mark.slow
 
-PROMPTS = [
-    "Hello world, the model",
-    "What is a cluster of experts",
-    "The quick brown fox jumps over",
-    "Seven eight nine ten, the river",
-    "Tokens are routed to experts",
-    "Prefill and decode steps",
-]
 NUM_REDUNDANT = 4
 
 
@@ -40,9 +34,7 @@ def llm(tiny_model_dir):
 def _generate(llm) -> list[list[int]]:
     from vllm import SamplingParams
 
-    outs = llm.generate(
-        PROMPTS, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), use_tqdm=False
-    )
+    outs = llm.generate(PROMPTS[:6], SamplingParams(**greedy(16)), use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
@@ -70,8 +62,7 @@ def test_placements_keep_outputs_identical(llm):
     layers, slots = old.shape
     for plan_id in (1, 2, 3):
         # A random valid placement: every expert once, the redundant slots random replicas.
-        new = np.stack([rng.permutation(np.concatenate([np.arange(16), rng.integers(0, 16, NUM_REDUNDANT)]))
-                        for _ in range(layers)])  # fmt: skip
+        new = random_placement(rng, layers, 16, NUM_REDUNDANT)
         t0 = time.perf_counter()
         res = _stage(llm, plan_id, new)
         assert res == {"accepted": True, "committed": True}, res

@@ -21,35 +21,16 @@ from deployments.rank_group import (
     start_rank_group,
     stop_rank_group,
 )
+from tests.helpers import PROMPTS, generate_on_ranks, greedy, random_placement
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [
-    "Hello world, the model",
-    "What is a cluster of experts",
-    "The quick brown fox jumps over",
-    "Seven eight nine ten, the river",
-    "Balance the gate on every rank",
-    "Tokens are routed to experts",
-    "North south east west",
-    "Prefill and decode steps",
-]
-SAMPLING = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+SAMPLING = greedy(24)
 NUM_REDUNDANT = 4
 
 
 async def _generate(actors) -> list[list[int]]:
-    outs = await asyncio.gather(
-        *[collect_stream(actors[i % len(actors)], p, SAMPLING) for i, p in enumerate(PROMPTS)]
-    )
-    return [o["token_ids"] for o in outs]
-
-
-def _random_placement(rng, layers: int, num_logical: int, num_redundant: int) -> np.ndarray:
-    return np.stack(
-        [rng.permutation(np.concatenate([np.arange(num_logical), rng.integers(0, num_logical, num_redundant)]))
-         for _ in range(layers)]
-    )  # fmt: skip
+    return await generate_on_ranks(actors, PROMPTS, SAMPLING)
 
 
 async def _wait_committed(actors, plan_id: int, timeout_s: float = 60.0) -> list[dict]:
@@ -109,7 +90,7 @@ def test_rank_side_apply_keeps_outputs_identical(group):
         old = np.asarray(await actors[0].eplb_call.remote("eplb_placement"))
         assert (np.asarray(await actors[1].eplb_call.remote("eplb_placement")) == old).all()
         for plan_id, blocking in ((1, False), (2, True), (3, False)):
-            new = _random_placement(rng, old.shape[0], 16, NUM_REDUNDANT)
+            new = random_placement(rng, old.shape[0], 16, NUM_REDUNDANT)
             msg = {
                 "plan_id": plan_id,
                 "old": old.tolist(),
@@ -136,7 +117,7 @@ def test_rank_side_apply_keeps_outputs_identical(group):
 
         # A transfer that fails on one rank leaves the old placement in force on every rank.
         await actors[1].eplb_call.remote("eplb_fail_next_transfer")
-        new = _random_placement(rng, old.shape[0], 16, NUM_REDUNDANT)
+        new = random_placement(rng, old.shape[0], 16, NUM_REDUNDANT)
         msg = {"plan_id": 5, "old": old.tolist(), "new": new.tolist(), "num_ranks": 2}
         during = asyncio.ensure_future(_generate(actors))
         res = await asyncio.gather(*[a.eplb_call.remote("eplb_stage", msg) for a in actors])

@@ -16,33 +16,16 @@ import pytest
 
 from deployments.engine_config import EngineSettings
 from deployments.rank_group import collect_stream, start_eplb, start_rank_group, stop_rank_group
+from tests.helpers import PROMPTS, generate_on_ranks, greedy, random_placement
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [
-    "Hello world, the model",
-    "Tokens are routed to experts",
-    "North south east west",
-    "Prefill and decode",
-]
-SAMPLING = {"max_tokens": 16, "temperature": 0.0, "ignore_eos": True}
+SAMPLING = greedy(16)
 NUM_REDUNDANT = 4
 
 
 async def _generate(actors) -> list[list[int]]:
-    outs = await asyncio.gather(
-        *[collect_stream(actors[i % len(actors)], p, SAMPLING) for i, p in enumerate(PROMPTS)]
-    )
-    return [o["token_ids"] for o in outs]
-
-
-def _random_placement(rng, layers: int) -> np.ndarray:
-    return np.stack(
-        [
-            rng.permutation(np.concatenate([np.arange(16), rng.integers(0, 16, NUM_REDUNDANT)]))
-            for _ in range(layers)
-        ]
-    )
+    return await generate_on_ranks(actors, PROMPTS[4:], SAMPLING)  # four prompts are enough here
 
 
 async def _outcome(actors, rank: int, plan_id: int, timeout_s: float) -> dict:
@@ -79,7 +62,7 @@ def test_plan_missing_on_a_peer_times_out_or_aborts_and_the_group_stays_usable(g
         old = np.asarray(await actors[0].eplb_call.remote("eplb_placement"))
 
         def msg(plan_id: int, **extra) -> dict:
-            new = _random_placement(rng, old.shape[0])
+            new = random_placement(rng, old.shape[0], 16, NUM_REDUNDANT)
             return {"plan_id": plan_id, "old": old.tolist(), "new": new.tolist(), "num_ranks": 2, **extra}
 
         # 1. Only rank 0 gets the plan: its staging gives up after the plan's timeout, not gloo's.

@@ -1,0 +1,52 @@
+"""Helpers shared by the test modules that run the tiny model on real engines (import as
+`tests.helpers`; tests/conftest.py makes the repository root importable).
+
+Equivalence tests compare greedy token ids of a fixed prompt set before and after a change (another
+DP layout, an expert placement): the prompts, the greedy sampling and the round-robin generation
+over rank actors live here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+PROMPTS = [
+    "Hello world, the model",
+    "What is a cluster of experts",
+    "The quick brown fox jumps over",
+    "Seven eight nine ten, the river",
+    "Balance the gate on every rank",
+    "Tokens are routed to experts",
+    "North south east west",
+    "Prefill and decode steps",
+]
+
+
+def greedy(max_tokens: int) -> dict[str, Any]:
+    """Greedy sampling of exactly `max_tokens` tokens (vLLM sampling params as a dict)."""
+    return {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+
+
+async def generate_on_ranks(
+    actors: list[Any], prompts: list[str], sampling: dict[str, Any]
+) -> list[list[int]]:
+    """Token ids of `prompts`, sent concurrently to the rank actors round robin."""
+    from deployments.rank_group import collect_stream
+
+    outs = await asyncio.gather(
+        *[collect_stream(actors[i % len(actors)], p, sampling) for i, p in enumerate(prompts)]
+    )
+    return [o["token_ids"] for o in outs]
+
+
+def random_placement(
+    rng: np.random.Generator, layers: int, num_logical: int, num_redundant: int
+) -> np.ndarray:
+    """Per layer, every logical expert once plus `num_redundant` random replicas, in random slots."""
+    return np.stack(
+        [rng.permutation(np.concatenate([np.arange(num_logical), rng.integers(0, num_logical, num_redundant)]))
+         for _ in range(layers)]
+    )  # fmt: skip
