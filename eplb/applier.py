@@ -20,12 +20,20 @@ Applying a plan (TransferPlan from eplb.plan, rebuilt and validated here before 
    id^2, failed] (npu_runtime.eplb_hooks); all ranks see the same sums at the same step. Staging
    starts on every rank at the step where all accepted the same id, so every p2p op has its peer
    (a plan a peer never got is dropped after `timeout_s` with nothing posted).
-1. Stage: a background thread (nice 19, one OpenMP thread, one layer started per engine step) gathers
-   this rank's outgoing rows and receives its incoming ones, one message per weight per layer and
-   peer, on a dedicated gloo group created at setup (never interleaved with vLLM's collectives), and
-   prepares the layer's new tables. Sources are read from the OLD placement, still in force.
+1. Stage (default, `inline`): no staging thread. A layer's exchange is cut into pieces of at most
+   `slots_per_step` slots per rank pair (the same pieces on every rank, from the plan); at every step
+   boundary, on the engine's main thread inside the step sync, the piece posted at the previous step
+   is completed (gloo wait on ops every peer posted then; gloo's I/O threads moved the bytes during
+   that forward) and the next piece's non-blocking gloo isend/irecv are posted (a one-slot piece is
+   sent from a view of the weights, no copy). The layer's new tables are prepared when its first
+   piece is posted. Alternative (`inline: False`): a background thread (nice 19, one OpenMP thread,
+   one layer started per engine step) moves a whole layer per message. Both use a dedicated gloo
+   group created at setup (never interleaved with vLLM's collectives) and read sources from the OLD
+   placement, still in force.
 2. Agree: all ready with the same id -> every rank starts committing at that step; any failure ->
-   every rank drops the plan (old placement stays everywhere).
+   every rank drops the plan (old placement stays everywhere). Inline, a rank whose exchange fails
+   stops posting; its peers see that in the next step's sums before they wait, drop the plan and mark
+   the transfer group unusable (their last posted piece has no peer), never blocking the step.
 3. Commit: `layers_per_step` layers per step: one index_copy_ per weight, then the tables.
    Every rank does layer k at the same step, so gathered tokens never see mixed tables.
 Engine-side step times (StepLog, `eplb_step_log`) and per-thread CPU (`eplb_thread_cpu`) are recorded
@@ -94,6 +102,14 @@ TRANSFER_DEFAULTS: dict[str, Any] = {
     "paced": True,  # at most one layer's transfer started per engine step, right after the step
     "timeout_s": 30.0,  # a plan not accepted by every rank by then is dropped (a peer never got it)
     "per_slot": False,  # the first implementation's data path: one message per moved slot (baseline)
+    # No staging thread: each step boundary (on the engine's main thread) completes the piece posted
+    # one step earlier and posts the next one; gloo's own I/O threads move the bytes during the forward.
+    # False: the staging thread (nice, omp_threads, paced, per_slot apply to it only).
+    "inline": True,
+    # Inline staging: at most this many slots per rank pair in one step's piece of a layer (0: the whole
+    # layer in one piece). Every rank derives the same pieces from the plan. One slot is a contiguous
+    # row: sent straight from the weights, no gather copy.
+    "slots_per_step": 1,
 }
 PACE_WAIT_S = 0.25  # a paced layer starts at the latest this long after the previous one
 
@@ -108,6 +124,26 @@ class _Staged:
     table: torch.Tensor  # log2phy int64 [E, cap]
     replica_count: torch.Tensor  # int64 [E]
     new_row: np.ndarray  # phy2log of the layer
+
+
+@dataclass
+class _Exchange:
+    """One layer's exchange on this rank (see EplbWorkerState._layout)."""
+
+    layer: int
+    staged: _Staged  # its receive buffers fill piece by piece
+    recv: list[tuple[int, int, list[int]]]  # (source rank, first buffer row, rows on the source rank)
+    send: list[tuple[int, list[int]]]  # (destination rank, rows of this rank to send)
+
+
+@dataclass
+class _Posted:
+    """One piece of a layer's exchange, posted and not yet waited on."""
+
+    layer: int
+    works: list[Any]
+    keep: list[torch.Tensor]  # send buffers: alive until their works complete
+    t_post: float
 
 
 @dataclass
@@ -132,6 +168,15 @@ class _Pending:
     steps_waited: int = 0
     t_ready: float = 0.0  # perf_counter when staging finished (0: not yet)
     layer_ms: list[tuple[int, float, float]] = field(default_factory=list)  # (layer, t_start, t_end)
+    # Inline staging: pieces (layer, piece) still to post, the one posted at the previous step, layouts.
+    todo: list[tuple[int, int]] = field(default_factory=list)
+    inflight: _Posted | None = None
+    exchanges: dict[int, _Exchange] = field(default_factory=dict)
+    seq: int = 0  # pieces posted so far (their tags)
+    wait_ms: list[float] = field(default_factory=list)  # per completed piece: its wait at the step boundary
+    inline_steps: list[tuple[float, float]] = field(default_factory=list)  # (wall ms, main-thread CPU ms)
+    injected: bool = False  # fault injection taken for this plan (inline staging)
+    t_started: float = 0.0  # perf_counter when every rank agreed to start staging
 
 
 # Codes of StepLog.state: what the step-sync hook did at this step.
@@ -219,6 +264,32 @@ class StepLog:
         worker.execute_model = timed_execute_model
         worker.sample_tokens = timed_sample_tokens
         worker.execute_dummy_batch = timed_dummy
+
+
+def _pieces(plan: TransferPlan, num_ranks: int, slots: int) -> list[tuple[int, int]]:
+    """(layer, piece) in posting order. A layer has ceil(m / slots) pieces, m the most slots any rank
+    pair (a rank with itself included) moves in it, and at least one; from the plan alone, so that
+    every rank posts piece j of layer L at the same step."""
+    out: list[tuple[int, int]] = []
+    for layer in plan.layers():
+        count = np.zeros((num_ranks, num_ranks), dtype=np.int64)
+        for op in plan.ops_by_layer[layer]:
+            count[op.src_rank, op.dst_rank] += 1
+        m = int(count.max()) if count.size else 0
+        n = max(1, -(-m // slots)) if slots > 0 else 1
+        out += [(layer, j) for j in range(n)]
+    return out
+
+
+def _run_start(rows: list[int]) -> int | None:
+    """rows[0] when rows are consecutive ascending (r, r+1, ...), else None."""
+    if (
+        rows
+        and rows[-1] - rows[0] == len(rows) - 1
+        and all(b == a + 1 for a, b in zip(rows, rows[1:], strict=False))
+    ):
+        return rows[0]
+    return None
 
 
 _OMP: Any = None
@@ -410,6 +481,10 @@ class EplbWorkerState:
                 return {"accepted": False, "error": f"unknown transfer options {sorted(unknown)}"}
             opts.update(msg.get("transfer") or {})
             pending = _Pending(plan_id, plan, blocking=bool(msg.get("blocking", False)), opts=opts)
+            pending.todo = _pieces(plan, self.ep_size, int(opts["slots_per_step"]))
+            if len(pending.todo) >= 8192:  # their tags must stay inside the plan's tag range
+                self._record(plan_id, "rejected", error=f"{len(pending.todo)} pieces: raise slots_per_step")
+                return {"accepted": False, "error": f"{len(pending.todo)} pieces: raise slots_per_step"}
             self.pending = pending
         if self.dp_size == 1:
             # Single engine: this RPC runs between steps, so apply everything right here.
@@ -492,6 +567,52 @@ class EplbWorkerState:
             p.stage_ms += (time.perf_counter() - t0) * 1e3
             p.stage_cpu_ms += (time.thread_time() - cpu0) * 1e3
 
+    def _inline_step(self, p: _Pending) -> None:
+        """Inline staging, one call per engine step on the main thread (inside the step's DP sync):
+        complete the piece posted at the previous step, then post the next one; one piece in flight.
+
+        gloo's `is_completed` stays false until `wait` (no non-blocking test exists), so the wait here
+        is a real wait, but on ops every peer posted at the previous step boundary (they all passed
+        this step's all-reduce since) whose bytes gloo's I/O threads moved during that step's forward:
+        it returns in microseconds (`wait_ms` in the plan history). A hung peer is bounded by the
+        transfer group's gloo timeout, as for the staging thread.
+        """
+        t0 = time.perf_counter()
+        cpu0 = time.thread_time()
+        try:
+            if p.inflight is not None:
+                done, p.inflight = p.inflight, None
+                self._wait(done.works, p, 0.0)
+                p.wait_ms.append((time.perf_counter() - t0) * 1e3)
+                if not p.todo or p.todo[0][0] != done.layer:  # the layer's last piece
+                    p.staged[done.layer] = p.exchanges.pop(done.layer).staged
+                    p.layer_ms.append((done.layer, done.t_post, time.perf_counter()))
+            if p.todo:
+                layer, piece = p.todo.pop(0)
+                if piece == 0:
+                    p.exchanges[layer] = self._layout(p, layer)
+                tag = p.plan_id * 32768 + 2 * p.seq  # unique per piece (pieces < 8192, checked at accept)
+                p.seq += 1
+                p.inflight = self._post_piece(
+                    p, p.exchanges[layer], piece, int(p.opts["slots_per_step"]), tag
+                )
+                return
+            if p.injected:
+                raise RuntimeError("injected transfer failure")
+            p.t_ready = time.perf_counter()
+            p.ready = True
+        except Exception as exc:  # reported through the step sync: every rank drops the plan
+            logger.exception("EPLB plan %d: inline transfer failed", p.plan_id)
+            p.failed = f"{type(exc).__name__}: {exc}"
+            p.inflight, p.todo = None, []
+            if not p.injected and self.group is not None:  # a gloo error leaves the pair closed
+                self.group_error = p.failed
+        finally:
+            p.stage_ms = ((p.t_ready or time.perf_counter()) - p.t_started) * 1e3  # wall, start to ready
+            cpu = (time.thread_time() - cpu0) * 1e3
+            p.stage_cpu_ms += cpu  # main-thread CPU of these steps
+            p.inline_steps.append(((time.perf_counter() - t0) * 1e3, cpu))
+
     def _tag(self, p: _Pending, layer: int) -> int:
         # Unique for the worker's life (plan ids only grow, < 40000; layers < 16384): a dropped plan's
         # messages may stay posted on the group and must never match a later plan's.
@@ -505,8 +626,14 @@ class EplbWorkerState:
             w.wait()
 
     def _stage_layer(self, p: _Pending, layer: int, deadline: float) -> _Staged:
-        import torch.distributed as dist
+        ex = self._layout(p, layer)
+        posted = self._post_piece(p, ex, 0, 0, self._tag(p, layer))
+        self._wait(posted.works, p, deadline)
+        return ex.staged
 
+    def _layout(self, p: _Pending, layer: int) -> _Exchange:
+        """`layer`'s exchange on this rank: where each incoming row lands in the receive buffers, which
+        rows go to each peer (plan order on both sides, so sender and receiver agree), the tables."""
         me, spr = self.ep_rank, self.spr
         w13, w2 = self.layers[layer].routed.w13_weight.data, self.layers[layer].routed.w2_weight.data
         incoming: dict[int, list[Any]] = {}  # source rank -> ops writing a slot of this rank, plan order
@@ -520,33 +647,64 @@ class EplbWorkerState:
         buf13 = w13.new_empty((n, *w13.shape[1:]))
         buf2 = w2.new_empty((n, *w2.shape[1:]))
         rows: list[int] = []
-        works: list[Any] = []
-        keep: list[torch.Tensor] = []  # send buffers stay alive until their works complete
-        tag = self._tag(p, layer)
-        at = 0
+        recv: list[tuple[int, int, list[int]]] = []
         for src_rank in sorted(incoming):
             ops = incoming[src_rank]
-            k = len(ops)
+            recv.append((src_rank, len(rows), [op.src_slot - src_rank * spr for op in ops]))
             rows += [op.dst_slot - me * spr for op in ops]
+        return _Exchange(layer, self._staged(p, layer, rows, buf13, buf2), recv, sorted(outgoing.items()))
+
+    def _post_piece(self, p: _Pending, ex: _Exchange, piece: int, slots: int, tag: int) -> _Posted:
+        """Post piece `piece` of a layer's exchange: rows [piece*slots, (piece+1)*slots) of every rank
+        pair's list (all of them when slots == 0), as non-blocking gloo irecv/isend (a contiguous run of
+        send rows is sent as a view of the weights, others gathered by one index_select per weight and
+        peer; rows this rank keeps are copied at once). The receive buffers hold the rows once the works
+        complete."""
+        import torch.distributed as dist
+
+        me, s = self.ep_rank, ex.staged
+        w13, w2 = self.layers[ex.layer].routed.w13_weight.data, self.layers[ex.layer].routed.w2_weight.data
+        works: list[Any] = []
+        keep: list[torch.Tensor] = []  # send buffers stay alive until their works complete
+        t_post = time.perf_counter()
+
+        def span(k: int) -> tuple[int, int]:
+            return (piece * slots, min(k, (piece + 1) * slots)) if slots else (0, k)
+
+        for src_rank, at, src_rows in ex.recv:
+            lo, hi = span(len(src_rows))
+            if lo >= hi:
+                continue
             if src_rank == me:
-                idx = torch.tensor([op.src_slot - me * spr for op in ops], dtype=torch.int64)
-                torch.index_select(w13, 0, idx, out=buf13[at : at + k])
-                torch.index_select(w2, 0, idx, out=buf2[at : at + k])
+                r0 = _run_start(src_rows[lo:hi])
+                if r0 is not None:  # a contiguous run: plain copies, no index tensor
+                    s.w13[at + lo : at + hi].copy_(w13[r0 : r0 + hi - lo])
+                    s.w2[at + lo : at + hi].copy_(w2[r0 : r0 + hi - lo])
+                    continue
+                idx = torch.tensor(src_rows[lo:hi], dtype=torch.int64)
+                torch.index_select(w13, 0, idx, out=s.w13[at + lo : at + hi])
+                torch.index_select(w2, 0, idx, out=s.w2[at + lo : at + hi])
             else:
                 peer = self._global(src_rank)
-                works.append(dist.irecv(buf13[at : at + k], src=peer, group=self.group, tag=tag))
-                works.append(dist.irecv(buf2[at : at + k], src=peer, group=self.group, tag=tag + 1))
-                p.remote_bytes += k * self.bytes_per_expert
-            at += k
-        for dst_rank in sorted(outgoing):
-            idx = torch.tensor(outgoing[dst_rank], dtype=torch.int64)
-            keep += [w13.index_select(0, idx), w2.index_select(0, idx)]
+                works.append(dist.irecv(s.w13[at + lo : at + hi], src=peer, group=self.group, tag=tag))
+                works.append(dist.irecv(s.w2[at + lo : at + hi], src=peer, group=self.group, tag=tag + 1))
+                p.remote_bytes += (hi - lo) * self.bytes_per_expert
+        for dst_rank, out_rows in ex.send:
+            lo, hi = span(len(out_rows))
+            if lo >= hi:
+                continue
+            r0 = _run_start(out_rows[lo:hi])
+            if r0 is not None:
+                # A contiguous run (always, one slot per piece): send views of the live weights, no
+                # copy; they change only at commit, after every piece of every layer completed.
+                keep += [w13[r0 : r0 + hi - lo], w2[r0 : r0 + hi - lo]]
+            else:
+                idx = torch.tensor(out_rows[lo:hi], dtype=torch.int64)
+                keep += [w13.index_select(0, idx), w2.index_select(0, idx)]
             peer = self._global(dst_rank)
             works.append(dist.isend(keep[-2], dst=peer, group=self.group, tag=tag))
             works.append(dist.isend(keep[-1], dst=peer, group=self.group, tag=tag + 1))
-        staged = self._staged(p, layer, rows, buf13, buf2)
-        self._wait(works, p, deadline)
-        return staged
+        return _Posted(ex.layer, works, keep, t_post)
 
     def _stage_layer_per_slot(self, p: _Pending, layer: int, deadline: float) -> _Staged:
         """The first implementation's data path (one message and a few torch calls per moved slot),
@@ -611,6 +769,8 @@ class EplbWorkerState:
             total_ms=(time.perf_counter() - p.t_received) * 1e3, blocking=p.blocking,
             t_received=p.t_received, t_ready=p.t_ready, t_finished=time.perf_counter(),
             transfer_layers=[[lay, (a - p.t_received) * 1e3, (b - a) * 1e3] for lay, a, b in p.layer_ms],
+            wait_ms=[round(x, 3) for x in p.wait_ms], inline=bool(p.opts["inline"]),
+            inline_steps=[[round(a, 3), round(b, 3)] for a, b in p.inline_steps],
         )  # fmt: skip
         with self.lock:
             if self.pending is p:
@@ -663,6 +823,11 @@ class EplbWorkerState:
                 log.state = STEP_DROP
                 p.aborted = True
                 p.failed = p.failed or "another rank failed to stage the plan"
+                if p.inflight is not None and self.group_error is None:
+                    # Inline staging stopped mid-exchange on a peer: this rank's posted piece may never
+                    # be matched, and waiting on it would hold the engine until gloo's timeout.
+                    self.group_error = f"a peer failed while plan {p.plan_id}'s exchange was in flight"
+                p.inflight, p.todo = None, []
                 self._finish(p, "failed")
                 return
             if not (p.blocking or p.started):
@@ -670,12 +835,22 @@ class EplbWorkerState:
                 # starts on every rank at this step; paced, its first layer when this step ends.
                 if s_acc == dp_size * p.plan_id and s_acc_sq * dp_size == s_acc * s_acc:
                     p.started = True
-                    threading.Thread(target=self._transfer, args=(p,), name="eplb-stage", daemon=True).start()
+                    p.t_started = time.perf_counter()
+                    if p.opts["inline"]:  # the first piece is posted right here, before this forward
+                        p.injected, self.fail_next_transfer = self.fail_next_transfer, False
+                        self._inline_step(p)
+                    else:
+                        threading.Thread(
+                            target=self._transfer, args=(p,), name="eplb-stage", daemon=True
+                        ).start()
                 elif time.perf_counter() - p.t_received > float(p.opts["timeout_s"]):
                     # A peer never got it: nothing was posted, drop it here alone.
                     p.failed = f"TimeoutError: not every rank accepted plan {p.plan_id} within {p.opts['timeout_s']} s"
                     log.state = STEP_DROP
                     self._finish(p, "failed")
+                return
+            if p.opts["inline"] and not (p.blocking or p.ready or p.failed):
+                self._inline_step(p)
                 return
             # All ranks ready with the same id: sum == n*id and n*sum(id^2) == sum(id)^2.
             if p.ready and s_id == dp_size * p.plan_id and s_sq * dp_size == s_id * s_id:
