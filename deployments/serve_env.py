@@ -4,6 +4,10 @@ Ray Serve reads these environment variables once, at import, in its controller, 
 processes, which inherit them from the process that starts Ray. So they must be in the environment
 of `serve run` (which starts a local Ray) or of `ray start` on each node; `runtime_env.env_vars` in a
 Serve config reaches only the replicas, not the controller that decides whether direct ingress is on.
+Ray Serve 2.60 also takes them as `controller_options={"runtime_env": {"env_vars": ...}}` in
+`serve.start` (or a top-level `controller_options:` block in a Serve config), applied when Serve
+starts; the controller hands them on to the proxies and replicas it creates (the drain tests in
+tests/deployments/test_side_faults_and_drain.py start Serve that way, with direct ingress on).
 
 Measured with benchmarks/serving.py (see benchmarks/results/serving.md): with direct ingress the
 ingress replica serves HTTP itself, so each streamed chunk no longer crosses a Ray hop to Serve's
@@ -15,6 +19,7 @@ config) and still works; the ingress replica's own port is allocated from
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 # Serve's documented defaults are kept for anything not listed.
 SERVE_ENV: dict[str, str] = {
@@ -22,6 +27,11 @@ SERVE_ENV: dict[str, str] = {
     # Direct ingress otherwise holds a stopping ingress replica open for 30 s so an external load
     # balancer can deregister it; a local server has none (set it back on a cluster behind an LB).
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    # The ingress's request handlers run on the replica's own event loop (the one serving HTTP)
+    # instead of a second loop in another thread: no cross-thread hand-off per streamed chunk.
+    # Safe because the ingress never blocks its loop (every Ray call is awaited).
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
 
 DIRECT_INGRESS_FIRST_PORT = 30000
@@ -36,9 +46,11 @@ def apply_serve_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return {k: target[k] for k in SERVE_ENV}
 
 
-def direct_ingress_url(host: str = "127.0.0.1") -> str | None:
-    """Where the first ingress replica listens itself when direct ingress is on, else None."""
-    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0") != "1":
+def direct_ingress_url(host: str = "127.0.0.1", env: Mapping[str, str] | None = None) -> str | None:
+    """Where the first ingress replica listens itself when direct ingress is on in `env` (default
+    os.environ: the environment Serve's controller inherits), else None."""
+    env = os.environ if env is None else env
+    if env.get("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0") != "1":
         return None
-    port = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", DIRECT_INGRESS_FIRST_PORT))
+    port = int(env.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", DIRECT_INGRESS_FIRST_PORT))
     return f"http://{host}:{port}"

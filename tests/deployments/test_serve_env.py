@@ -18,3 +18,8 @@ def test_direct_ingress_url(monkeypatch):
     assert direct_ingress_url() == "http://127.0.0.1:30000"
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "31000")
     assert direct_ingress_url("10.0.0.1") == "http://10.0.0.1:31000"
+    # An explicit environment (e.g. the one handed to Serve's controller) instead of os.environ.
+    env = {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "32000"}
+    apply_serve_env(env)
+    assert direct_ingress_url(env=env) == "http://127.0.0.1:32000"
+    assert direct_ingress_url(env={"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}) is None

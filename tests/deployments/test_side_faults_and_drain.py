@@ -4,10 +4,17 @@ One app start for the module (45-90 s here); the tests run in file order and the
 1. the EPLB actor is killed while requests flow: every request still succeeds, Ray restarts the
    actor, it re-initializes from the ranks and plans again on the windows it pulls;
 2. drain (what `dpserve shutdown` and `dpserve serve`'s SIGTERM handler do first): streams in
-   flight finish with every token, new API requests get 503 + Retry-After, nothing hangs;
+   flight finish with every token, new API requests get 503 + Retry-After, nothing hangs — through
+   Serve's proxy and through the ingress replica's own port (direct ingress);
 3. `serve.delete` with streams in flight (Serve's own drain, `graceful_shutdown_timeout_s`): they
    finish, then the ingress stops the rank group;
-4. SIGTERM to `dpserve serve` (a subprocess running `serve run` on this Ray): drained, then shut down.
+4. SIGTERM to `dpserve serve` (a subprocess running `serve run` on this Ray): drained, then shut down;
+5. `dpserve shutdown` (the command, a subprocess) against a running app (1 rank, started after 4
+   ended Serve): in-flight streams finish, new requests get 503 + Retry-After on both ports, Serve ends.
+
+Serve runs with dpserve's Serve options (`deployments.serve_env.SERVE_ENV`: direct ingress on, as
+`dpserve serve` runs it), handed to Serve's controller through `controller_options` (it inherits
+them to the proxy and the replicas); the ingress replica's own port range is picked free here.
 """
 
 from __future__ import annotations
@@ -40,20 +47,36 @@ def _app_args(model: str, **extra: Any) -> dict[str, Any]:
             "max_model_len": 512, "max_num_seqs": 8, **extra}  # fmt: skip
 
 
+def _start_serve(port: int, env: dict[str, str]) -> None:
+    """A clean Serve: proxy on `port`, controller (and through it proxies and replicas) with `env`.
+    serve.start() ignores http_options/controller_options while Serve already runs (an earlier
+    module's instance on another port), hence the shutdown first."""
+    from ray import serve
+
+    serve.shutdown()
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        controller_options={"runtime_env": {"env_vars": env}},
+    )
+
+
 @pytest.fixture(scope="module")
 def served(ray_local, tiny_model_dir):
     from ray import serve
 
     from deployments.app import build_app
     from deployments.rank import free_port
+    from deployments.serve_env import SERVE_ENV, direct_ingress_url
 
-    port = free_port()
-    # serve.start() ignores http_options when Serve already runs (an earlier module's instance on
-    # another port): start from a clean Serve so the proxy listens where this module sends requests.
-    serve.shutdown()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port, direct_port = free_port(), free_port()
+    env = dict(SERVE_ENV, RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(direct_port),
+               RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(direct_port + 50))  # fmt: skip
+    direct_url = direct_ingress_url(env=env)
+    assert direct_url is not None, "dpserve's Serve options no longer turn direct ingress on"
+    _start_serve(port, env)
     serve.run(build_app(_app_args(tiny_model_dir, eplb=EPLB)), name=APP, route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "port": port, "model": tiny_model_dir}
+    yield {"url": f"http://127.0.0.1:{port}", "port": port, "model": tiny_model_dir, "env": env,
+           "direct_url": direct_url}  # fmt: skip
     try:
         if APP in serve.status().applications:
             serve.delete(APP)
@@ -180,40 +203,49 @@ def _drain(timeout_s: float) -> dict[str, Any]:
 
 
 def test_drain_lets_streams_finish_and_refuses_new(served):
+    """Observed through both HTTP entry points: Serve's proxy and the ingress replica's own port."""
     from ray import serve
 
-    url = served["url"]
+    urls = (served["url"], served["direct_url"])
     n, max_tokens = 6, 96
+    # Direct ingress is really on: the replica answers on its own port.
+    assert httpx.get(f"{urls[1]}/health", timeout=30).status_code == 200
 
-    async def scenario() -> tuple[list[str], dict, list[str], int, float]:
+    async def scenario() -> tuple[list[str], dict, list[str], list[int], float]:
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
             started = [asyncio.Event() for _ in range(n)]
-            streams = [asyncio.create_task(_request(client, url, i, max_tokens, True, started[i]))
+            streams = [asyncio.create_task(_request(client, urls[i % 2], i, max_tokens, True, started[i]))
                        for i in range(n)]  # fmt: skip
             await asyncio.wait_for(asyncio.gather(*[e.wait() for e in started]), 60)  # all mid-stream
             t0 = time.monotonic()
             drain = asyncio.create_task(asyncio.to_thread(_drain, 60.0))
             await asyncio.sleep(0.5)
             late = await asyncio.gather(
-                *[_request(client, url, 100 + i, 8, stream=i % 2 == 0) for i in range(4)]
+                *[_request(client, urls[i % 2], 100 + i, 8, stream=i < 2) for i in range(4)]
             )
-            health = (await client.get(f"{url}/health")).status_code
+            health = [(await client.get(f"{u}/health")).status_code for u in urls]
             result = await drain
             drain_s = time.monotonic() - t0
             return await asyncio.gather(*streams), result, late, health, drain_s
 
     outcomes, result, late, health, drain_s = asyncio.run(scenario())
-    print(f"\ndrain: {n} streams in flight ({max_tokens} tokens each): {outcomes}; drain result {result}; "
-          f"{drain_s:.1f} s; requests sent while draining: {late}; /health {health}")  # fmt: skip
+    print(f"\ndrain: {n} streams in flight ({max_tokens} tokens each, proxy and direct port): {outcomes}; "
+          f"drain result {result}; {drain_s:.1f} s; requests sent while draining: {late}; /health {health}")  # fmt: skip
     assert outcomes == ["ok"] * n  # every in-flight stream got all its tokens
     assert result["drained"] and result["in_flight_left"] == 0 and result["in_flight_at_start"] >= n
-    assert late == ["http_503"] * 4 and health == 503
-    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=10)
-    assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["message"]
+    assert late == ["http_503"] * 4 and health == [503, 503]
+    for url in urls:
+        r = httpx.post(
+            f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=10
+        )
+        assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["message"], url
     # Called off: admitting again.
     serve.get_app_handle(APP).resume.remote().result(timeout_s=30)
-    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=60)
-    assert r.status_code == 200
+    for url in urls:
+        r = httpx.post(
+            f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=60
+        )
+        assert r.status_code == 200, url
 
 
 def test_drain_timeout_bounds_the_wait(served):
@@ -337,3 +369,80 @@ def test_sigterm_to_dpserve_serve_drains_then_shuts_down(served, ray_local, tmp_
     while any(a["name"].startswith("dpserve_g") for a in ray.util.list_named_actors(all_namespaces=True)):
         assert time.monotonic() < deadline, ray.util.list_named_actors(all_namespaces=True)
         time.sleep(0.5)
+
+
+@pytest.mark.timeout(420)
+def test_dpserve_shutdown_command_drains_then_ends_serve(served, ray_local):
+    """`dpserve shutdown` (the command, in a subprocess on this Ray) against a running app while
+    clients stream through the proxy and the direct port without pause: every stream the server
+    accepted finishes with all its tokens, requests sent once it drains get 503 + Retry-After on
+    both ports, the command reports the app drained and exits 0, and Serve (and the engines) end."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    ray = ray_local
+    urls = (served["url"], served["direct_url"])
+    # The SIGTERM test ended the module's Serve: a new one, same options; one rank (starts faster).
+    _start_serve(served["port"], served["env"])
+    app = "dpserve_shutdown"
+    args = _app_args(served["model"], data_parallel_size=1, enable_expert_parallel=False, drain_timeout_s=60)
+    serve.run(build_app(args), name=app, route_prefix="/")
+    assert httpx.get(f"{urls[1]}/health", timeout=30).status_code == 200
+
+    async def scenario() -> tuple[list[list[str]], dict[str, tuple[int, str | None]], int, str, str]:
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+
+            async def client_loop(c: int) -> list[str]:
+                """Streams back to back until the server stops taking them."""
+                outcomes: list[str] = []
+                while not outcomes or outcomes[-1] == "ok":
+                    outcomes.append(
+                        await _request(client, urls[c % 2], 3000 + 100 * c + len(outcomes), 160, True)
+                    )
+                return outcomes
+
+            loops = [asyncio.create_task(client_loop(c)) for c in range(4)]
+            await asyncio.sleep(2.0)  # streams in flight on both ports
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "cluster.cli", "shutdown", "--address",
+                ray.get_runtime_context().gcs_address, "--timeout", "60",
+                cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            # Once the ingress drains (/health says so), a new request on each port: 503 + Retry-After.
+            probes: dict[str, tuple[int, str | None]] = {}
+            while proc.returncode is None and not probes:
+                try:
+                    health = await client.get(f"{urls[0]}/health", timeout=5)
+                except httpx.HTTPError:
+                    break  # already shut down: the probes below were missed (asserted)
+                if health.status_code == 503 and health.json().get("status") == "draining":
+                    for url in urls:
+                        body = {"model": MODEL, "prompt": "late", "max_tokens": 4}
+                        r = await client.post(f"{url}/v1/completions", json=body)
+                        probes[url] = (r.status_code, r.headers.get("retry-after"))
+                await asyncio.sleep(0.05)
+            out, err = await asyncio.wait_for(proc.communicate(), 240)
+            return await asyncio.gather(*loops), probes, proc.returncode, out.decode(), err.decode()
+
+    outcomes, probes, code, out, err = asyncio.run(scenario())
+    print(f"\ndpserve shutdown: exit {code}; client loops {outcomes}; probes while draining {probes}; {out}")
+    output = out + err
+    assert code == 0, output[-3000:]
+    result = json.loads(out[out.index("{\n") :])  # the command prints its result as JSON
+    assert result["apps"][app]["drained"] and result["apps"][app]["in_flight_at_start"] >= 1, result
+    assert probes == {url: (503, "5") for url in urls}, (probes, output[-3000:])
+    for loop in outcomes:
+        # Every accepted stream completed; each loop ended on a refusal (503 while draining, or no
+        # server once Serve is gone), never on a cut or hung stream.
+        assert loop[:-1] == ["ok"] * (len(loop) - 1) and len(loop) >= 2, loop
+        assert loop[-1] == "http_503" or loop[-1].startswith("connection_error"), loop
+    # Serve ended: no controller, no engines, nothing listening on either port.
+    deadline = time.monotonic() + 60
+    while any(a["name"] == "SERVE_CONTROLLER_ACTOR" or a["name"].startswith("dpserve_g")
+              for a in ray.util.list_named_actors(all_namespaces=True)):  # fmt: skip
+        assert time.monotonic() < deadline, ray.util.list_named_actors(all_namespaces=True)
+        time.sleep(0.5)
+    for url in urls:
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{url}/health", timeout=5)
