@@ -70,6 +70,8 @@ VARIANTS: dict[str, dict] = {
     # weights, no gather), one piece per step.
     "async_inline_s1": {"transfer": {"inline": True, "slots_per_step": 1}},
     "async_inline_s2": {"transfer": {"inline": True, "slots_per_step": 2}},  # at most 2 slots per pair
+    # One slot's w13 rows in one step, its w2 rows in the next (half the bytes per step, twice the steps).
+    "async_inline_half": {"transfer": {"inline": True, "slots_per_step": 1, "split_weights": True}},
     "async_inline": {"transfer": {"inline": True, "slots_per_step": 0}},  # a whole layer per step
     # The staging thread: one message per weight per layer and peer, nice 19, one OpenMP thread, one
     # layer's transfer started per engine step.
@@ -81,7 +83,7 @@ VARIANTS: dict[str, dict] = {
     },
     "stop_the_world": {"blocking": True},  # transfers and every layer's commit inside one agreed step
 }
-DEFAULT_VARIANTS = "async_inline_s1,async_inline,async_thread,stop_the_world"
+DEFAULT_VARIANTS = "async_inline_s1,async_inline_half,async_thread,stop_the_world"
 DESCRIBE = {
     "async_inline": "no staging thread, a whole layer per step: at each step boundary, on the engine's main thread, complete the layer "
     "posted at the previous one (gloo wait on ops every peer posted a step earlier) and post the next layer's "
@@ -91,6 +93,7 @@ DESCRIBE = {
     "pair (sent from a view of the weights, no gather copy), one piece per step; a layer commits once all its "
     "pieces are in",
     "async_inline_s2": "as async_inline_s1, at most 2 slots per rank pair per step",
+    "async_inline_half": "as async_inline_s1, but a slot's w13 rows in one step and its w2 rows in the next",
     "async_thread": "background staging thread, one message per weight per layer and peer, nice 19 with 1 OpenMP "
     "thread, one layer's transfer started per engine step; commit one layer per step",
     "async_unpaced": "as async_thread, but every layer's transfer at once",
@@ -237,19 +240,31 @@ async def engine_phases(
         await _wave(actors, "warmup", {"max_tokens": 16, "temperature": 0.0, "ignore_eos": True})
         t_bench = time.perf_counter()
         waves: list[tuple[float, float]] = []
+        gaps_all: list[tuple[float, float]] = out.setdefault("_gaps", [])
+        stop = asyncio.Event()
+
+        async def back_to_back() -> None:
+            # Waves of 8 requests one after another for the whole run, so that a plan whose apply
+            # outlasts a wave still sees decode steps (an idle DP group does not step).
+            n = 0
+            while not stop.is_set():
+                t_wave = time.perf_counter()
+                lst = await asyncio.gather(*[_stream(actors[i % 2], p, f"w{n}-{i}", sampling)
+                                             for i, p in enumerate(PROMPTS)])  # fmt: skip
+                waves.append((t_wave, time.perf_counter()))
+                gaps_all.extend(g for x in lst for g in x)
+                n += 1
+
+        traffic = asyncio.ensure_future(back_to_back())
+        await asyncio.sleep(1.5)  # past the first prefill
         order = list(variants)
         for rnd in range(rounds):
-            tasks = [asyncio.ensure_future(_stream(actors[i % 2], p, f"r{rnd}-{i}", sampling))
-                     for i, p in enumerate(PROMPTS)]  # fmt: skip
-            t_wave = time.perf_counter()
-            await asyncio.sleep(1.5)  # past the prefill
             # Alternate the variants (rotated each round), a steady stretch between plans.
             for v in order[rnd % len(order) :] + order[: rnd % len(order)]:
                 await push(v)
                 await steady_cpu(0.8)
-            gaps = [g for lst in await asyncio.gather(*tasks) for g in lst]
-            waves.append((t_wave, time.perf_counter()))
-            out.setdefault("_gaps", []).extend(gaps)
+        stop.set()
+        await traffic
         logs = await call_all("eplb_step_log", t_bench)
         status = await actors[0].eplb_call.remote("eplb_status")
         out["sync_us_per_step"] = status["sync_us_per_step"]
@@ -456,9 +471,9 @@ def _md(res: dict) -> str:
     lines += ["", f"In-engine record cost: {eng['record_us_per_call_in_engine']:.1f} µs per layer call; per-step "
               f"agreement bookkeeping on steps without a plan (rows ride on vLLM's own DP all-reduce): "
               f"{eng['sync_us_per_step']:.1f} µs per step.", "",
-              f"{eng['rounds']} decode waves of 8 greedy requests ({eng['max_tokens']} tokens each, 4 per rank); in "
-              f"each wave one plan per variant (random placement, ~75 of 80 slots moved, ~7 MB received per rank), "
-              "0.8 s of steady decode between plans.", "",
+              f"Back-to-back decode waves of 8 greedy requests ({eng['max_tokens']} tokens each, 4 per rank); "
+              f"{eng['rounds']} rounds of one plan per variant (random placement, ~75 of 80 slots moved, ~7 MB "
+              "received per rank), 0.8 s of steady decode between plans.", "",
               "Variants:", "", *[f"- `{v}`: {DESCRIBE.get(v, v)}" for v in variants], "",
               "## Engine-side step time (in the worker: execute_model start to sample_tokens end; both ranks, full "
               "decode steps only)", "",
@@ -559,7 +574,7 @@ def main() -> None:
     from npu_runtime.platform import apply_vllm_env
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=6, help="decode waves; one plan per variant in each")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds of one plan per variant")
     ap.add_argument("--max-tokens", type=int, default=224)
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="comma-separated names from VARIANTS")
     ap.add_argument("--pyspy", metavar="DIR", help="diagnosis: py-spy record each worker around each plan (skews "

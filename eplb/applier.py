@@ -110,6 +110,7 @@ TRANSFER_DEFAULTS: dict[str, Any] = {
     # layer in one piece). Every rank derives the same pieces from the plan. One slot is a contiguous
     # row: sent straight from the weights, no gather copy.
     "slots_per_step": 1,
+    "split_weights": False,  # inline: a piece's w13 and w2 rows in two successive steps (half the bytes each)
 }
 PACE_WAIT_S = 0.25  # a paced layer starts at the latest this long after the previous one
 
@@ -168,8 +169,8 @@ class _Pending:
     steps_waited: int = 0
     t_ready: float = 0.0  # perf_counter when staging finished (0: not yet)
     layer_ms: list[tuple[int, float, float]] = field(default_factory=list)  # (layer, t_start, t_end)
-    # Inline staging: pieces (layer, piece) still to post, the one posted at the previous step, layouts.
-    todo: list[tuple[int, int]] = field(default_factory=list)
+    # Inline staging: pieces (layer, piece, weight) still to post, the one posted at the previous step.
+    todo: list[tuple[int, int, int]] = field(default_factory=list)
     inflight: _Posted | None = None
     exchanges: dict[int, _Exchange] = field(default_factory=dict)
     seq: int = 0  # pieces posted so far (their tags)
@@ -266,18 +267,21 @@ class StepLog:
         worker.execute_dummy_batch = timed_dummy
 
 
-def _pieces(plan: TransferPlan, num_ranks: int, slots: int) -> list[tuple[int, int]]:
-    """(layer, piece) in posting order. A layer has ceil(m / slots) pieces, m the most slots any rank
-    pair (a rank with itself included) moves in it, and at least one; from the plan alone, so that
-    every rank posts piece j of layer L at the same step."""
-    out: list[tuple[int, int]] = []
+def _pieces(
+    plan: TransferPlan, num_ranks: int, slots: int, split: bool = False
+) -> list[tuple[int, int, int]]:
+    """(layer, piece, weight) in posting order. A layer has ceil(m / slots) pieces, m the most slots any
+    rank pair (a rank with itself included) moves in it, and at least one; with `split`, each piece is
+    posted as two, w13 (weight 0) then w2 (1), else both weights at once (-1). From the plan alone, so
+    that every rank posts the same piece at the same step."""
+    out: list[tuple[int, int, int]] = []
     for layer in plan.layers():
         count = np.zeros((num_ranks, num_ranks), dtype=np.int64)
         for op in plan.ops_by_layer[layer]:
             count[op.src_rank, op.dst_rank] += 1
         m = int(count.max()) if count.size else 0
         n = max(1, -(-m // slots)) if slots > 0 else 1
-        out += [(layer, j) for j in range(n)]
+        out += [(layer, j, w) for j in range(n) for w in ((0, 1) if split else (-1,))]
     return out
 
 
@@ -481,7 +485,9 @@ class EplbWorkerState:
                 return {"accepted": False, "error": f"unknown transfer options {sorted(unknown)}"}
             opts.update(msg.get("transfer") or {})
             pending = _Pending(plan_id, plan, blocking=bool(msg.get("blocking", False)), opts=opts)
-            pending.todo = _pieces(plan, self.ep_size, int(opts["slots_per_step"]))
+            pending.todo = _pieces(
+                plan, self.ep_size, int(opts["slots_per_step"]), bool(opts["split_weights"])
+            )
             if len(pending.todo) >= 8192:  # their tags must stay inside the plan's tag range
                 self._record(plan_id, "rejected", error=f"{len(pending.todo)} pieces: raise slots_per_step")
                 return {"accepted": False, "error": f"{len(pending.todo)} pieces: raise slots_per_step"}
@@ -588,13 +594,13 @@ class EplbWorkerState:
                     p.staged[done.layer] = p.exchanges.pop(done.layer).staged
                     p.layer_ms.append((done.layer, done.t_post, time.perf_counter()))
             if p.todo:
-                layer, piece = p.todo.pop(0)
-                if piece == 0:
+                layer, piece, weight = p.todo.pop(0)
+                if layer not in p.exchanges:
                     p.exchanges[layer] = self._layout(p, layer)
                 tag = p.plan_id * 32768 + 2 * p.seq  # unique per piece (pieces < 8192, checked at accept)
                 p.seq += 1
                 p.inflight = self._post_piece(
-                    p, p.exchanges[layer], piece, int(p.opts["slots_per_step"]), tag
+                    p, p.exchanges[layer], piece, int(p.opts["slots_per_step"]), tag, weight
                 )
                 return
             if p.injected:
@@ -654,16 +660,20 @@ class EplbWorkerState:
             rows += [op.dst_slot - me * spr for op in ops]
         return _Exchange(layer, self._staged(p, layer, rows, buf13, buf2), recv, sorted(outgoing.items()))
 
-    def _post_piece(self, p: _Pending, ex: _Exchange, piece: int, slots: int, tag: int) -> _Posted:
+    def _post_piece(
+        self, p: _Pending, ex: _Exchange, piece: int, slots: int, tag: int, weight: int = -1
+    ) -> _Posted:
         """Post piece `piece` of a layer's exchange: rows [piece*slots, (piece+1)*slots) of every rank
-        pair's list (all of them when slots == 0), as non-blocking gloo irecv/isend (a contiguous run of
-        send rows is sent as a view of the weights, others gathered by one index_select per weight and
-        peer; rows this rank keeps are copied at once). The receive buffers hold the rows once the works
-        complete."""
+        pair's list (all of them when slots == 0), of weight `weight` (0: w13, 1: w2, -1: both), as
+        non-blocking gloo irecv/isend (a contiguous run of send rows is sent as a view of the weights,
+        others gathered by one index_select per weight and peer; rows this rank keeps are copied at
+        once). The receive buffers hold the rows once the works complete."""
         import torch.distributed as dist
 
         me, s = self.ep_rank, ex.staged
-        w13, w2 = self.layers[ex.layer].routed.w13_weight.data, self.layers[ex.layer].routed.w2_weight.data
+        routed = self.layers[ex.layer].routed
+        pairs = [(routed.w13_weight.data, s.w13), (routed.w2_weight.data, s.w2)]  # (weights, receive buffer)
+        which = [0, 1] if weight < 0 else [weight]
         works: list[Any] = []
         keep: list[torch.Tensor] = []  # send buffers stay alive until their works complete
         t_post = time.perf_counter()
@@ -677,33 +687,32 @@ class EplbWorkerState:
                 continue
             if src_rank == me:
                 r0 = _run_start(src_rows[lo:hi])
-                if r0 is not None:  # a contiguous run: plain copies, no index tensor
-                    s.w13[at + lo : at + hi].copy_(w13[r0 : r0 + hi - lo])
-                    s.w2[at + lo : at + hi].copy_(w2[r0 : r0 + hi - lo])
-                    continue
-                idx = torch.tensor(src_rows[lo:hi], dtype=torch.int64)
-                torch.index_select(w13, 0, idx, out=s.w13[at + lo : at + hi])
-                torch.index_select(w2, 0, idx, out=s.w2[at + lo : at + hi])
+                idx = None if r0 is not None else torch.tensor(src_rows[lo:hi], dtype=torch.int64)
+                for i in which:
+                    w, buf = pairs[i]
+                    if r0 is not None:  # a contiguous run: a plain copy, no index tensor
+                        buf[at + lo : at + hi].copy_(w[r0 : r0 + hi - lo])
+                    else:
+                        torch.index_select(w, 0, idx, out=buf[at + lo : at + hi])
             else:
                 peer = self._global(src_rank)
-                works.append(dist.irecv(s.w13[at + lo : at + hi], src=peer, group=self.group, tag=tag))
-                works.append(dist.irecv(s.w2[at + lo : at + hi], src=peer, group=self.group, tag=tag + 1))
-                p.remote_bytes += (hi - lo) * self.bytes_per_expert
+                for i in which:
+                    buf = pairs[i][1][at + lo : at + hi]
+                    works.append(dist.irecv(buf, src=peer, group=self.group, tag=tag + i))
+                    p.remote_bytes += buf.numel() * buf.element_size()
         for dst_rank, out_rows in ex.send:
             lo, hi = span(len(out_rows))
             if lo >= hi:
                 continue
             r0 = _run_start(out_rows[lo:hi])
-            if r0 is not None:
-                # A contiguous run (always, one slot per piece): send views of the live weights, no
-                # copy; they change only at commit, after every piece of every layer completed.
-                keep += [w13[r0 : r0 + hi - lo], w2[r0 : r0 + hi - lo]]
-            else:
-                idx = torch.tensor(out_rows[lo:hi], dtype=torch.int64)
-                keep += [w13.index_select(0, idx), w2.index_select(0, idx)]
+            idx = None if r0 is not None else torch.tensor(out_rows[lo:hi], dtype=torch.int64)
             peer = self._global(dst_rank)
-            works.append(dist.isend(keep[-2], dst=peer, group=self.group, tag=tag))
-            works.append(dist.isend(keep[-1], dst=peer, group=self.group, tag=tag + 1))
+            for i in which:
+                w = pairs[i][0]
+                # A contiguous run (always, one slot per piece) is sent as a view of the live weights,
+                # no copy: they change only at commit, after every piece of every layer completed.
+                keep.append(w[r0 : r0 + hi - lo] if r0 is not None else w.index_select(0, idx))
+                works.append(dist.isend(keep[-1], dst=peer, group=self.group, tag=tag + i))
         return _Posted(ex.layer, works, keep, t_post)
 
     def _stage_layer_per_slot(self, p: _Pending, layer: int, deadline: float) -> _Staged:

@@ -64,16 +64,15 @@ def _random_new(rng: np.random.Generator) -> np.ndarray:
                      for _ in range(LAYERS)])  # fmt: skip
 
 
-def _pending(plan_id: int, old: np.ndarray, new: np.ndarray, slots: int = 0) -> _Pending:
+def _pending(plan_id: int, old: np.ndarray, new: np.ndarray, slots: int = 0, split: bool = False) -> _Pending:
     plan = build_transfer_plan(old, new, RANKS, E)
-    p = _Pending(
-        plan_id, plan, blocking=False, opts=dict(TRANSFER_DEFAULTS, inline=True, slots_per_step=slots)
-    )
-    p.started, p.t_started, p.todo = True, time.perf_counter(), _pieces(plan, RANKS, slots)
+    opts = dict(TRANSFER_DEFAULTS, inline=True, slots_per_step=slots, split_weights=split)
+    p = _Pending(plan_id, plan, blocking=False, opts=opts)
+    p.started, p.t_started, p.todo = True, time.perf_counter(), _pieces(plan, RANKS, slots, split)
     return p
 
 
-def _moves(rank: int, port: int, errors, slots: int) -> None:
+def _moves(rank: int, port: int, errors, slots: int, split: bool = False) -> None:
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=RANKS, timeout=timedelta(seconds=60))
@@ -83,7 +82,7 @@ def _moves(rank: int, port: int, errors, slots: int) -> None:
         state = _state(rank, old, group)
         for plan_id in (1, 2):
             new = _random_new(rng)
-            p = _pending(plan_id, old, new, slots)
+            p = _pending(plan_id, old, new, slots, split)
             pieces = len(p.todo)
             if slots:
                 assert pieces > len(p.plan.layers())  # the test moves more than `slots` slots per pair
@@ -166,11 +165,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(target, slots: int) -> None:
+def _run(target, slots: int, split: bool = False) -> None:
     ctx = mp.get_context("fork")  # the workers are this module's functions
     errors = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=target, args=(r, port, errors, slots)) for r in range(RANKS)]
+    procs = [
+        ctx.Process(
+            target=target, args=(r, port, errors, slots, split) if split else (r, port, errors, slots)
+        )
+        for r in range(RANKS)
+    ]
     for pr in procs:
         pr.start()
     for pr in procs:
@@ -185,6 +189,10 @@ def _run(target, slots: int) -> None:
 @pytest.mark.parametrize("slots", [0, 1, 2], ids=["whole_layers", "one_slot_per_step", "two_slots_per_step"])
 def test_inline_staging_moves_every_slot_one_piece_in_flight(slots):
     _run(_moves, slots)
+
+
+def test_inline_staging_weights_in_separate_steps():
+    _run(_moves, 1, split=True)
 
 
 def test_peer_failing_mid_exchange_drops_the_plan_without_waiting():
