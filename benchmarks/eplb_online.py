@@ -395,22 +395,25 @@ DIAGNOSIS = [
     "- v3, inline staging (this file, the default): no staging thread. At each step boundary the engine's main "
     "thread completes the piece posted one step earlier and posts the next (gloo isend/irecv; gloo's I/O "
     "threads move the bytes during the forward). gloo's `is_completed` stays false until `wait`, so the "
-    "completion is a real `wait`, but on ops every peer posted a step earlier: at most 1.2 ms, median ~0.02 ms. "
+    "completion is a real `wait`, but on ops every peer posted a step earlier: at most ~3 ms, median ~0.02 ms. "
     "Posting a whole layer per step (`async_inline`) was no better than the thread (median 1.24-1.25x in two "
     "runs): its step-boundary work took 6-7 ms wall (p90 25 ms) for 2 ms of CPU. Cutting a layer into "
     "one-slot pieces (`async_inline_s1`, 393 KB per rank pair and step, sent from views of the weights) bounds "
     "that work to ~1.5 ms wall / 0.4 ms CPU per step; the apply takes ~30 steps (1.1 s) instead of ~9.",
-    "- Two runs of 2026-11-30 (other jobs' load varied), same run ratios: `async_inline_s1` median step during "
-    "apply 1.16x / 1.12x steady (`async_thread` 1.23x / 1.20x), worst step per plan against the same-length "
-    "steady max 1.08x / 1.22x (thread 1.48x / 1.43x); two slots per step (`async_inline_s2`, first run only) "
-    "1.16x / 1.23x. Not met robustly. Where the rest goes, in the run of ~07:55 (tables above): a one-slot "
-    "staging step took 37.3 ms against 32.9 steady: 1.5 ms of EPLB work at the boundary (0.4 ms of it CPU, the "
-    "rest the main thread waiting to run: GIL hand-offs and gloo's pair lock on 2 shared cores) and a forward "
-    "2.4 ms longer while gloo's I/O threads and loopback TCP move the piece on the same cores (DP/EP lockstep: "
-    "each step waits for the slower rank); a commit step +2.9 ms (1.4 ms of index_copy_ and table copies).",
-    "- Not tried yet: rebinding the parameters to prepared tensors at commit (would remove the 1.4 ms commit "
-    "work, but only 4 of ~30 steps are commits); pieces smaller than one slot; fewer GIL-releasing calls per "
-    "boundary (waits on sends deferred to a layer's last piece).",
+    "- Three runs of 2026-11-30 (other jobs' load varied), same-run ratios: `async_inline_s1` median step "
+    "during apply 1.16x / 1.12x / 1.15x steady (`async_thread` 1.23x / 1.20x / 1.21x), worst step per plan "
+    "against the same-length steady max 1.08x / 1.22x / 1.11x (thread 1.48x / 1.43x / 1.41x). Not met "
+    "robustly. Half-slot pieces (`async_inline_half`, this file's run only): median 1.10x, p90 1.10x, but "
+    "twice the steps (~55) and worse tails (worst step per plan 1.41x the steady max, one 53 ms stall in a "
+    "step), so not the default; two slots per step (`async_inline_s2`, first run): 1.16x / 1.23x.",
+    "- Where the rest goes (this file's run, tables above): a one-slot staging step took 36.6 ms against "
+    "31.8 steady: 1.4 ms of EPLB work at the boundary (0.44 ms of it CPU, the rest the main thread waiting "
+    "to run: GIL hand-offs and gloo's pair lock on 2 shared cores) and a forward 2.4 ms longer while gloo's "
+    "I/O threads and loopback TCP move the piece on the same cores (DP/EP lockstep: each step waits for the "
+    "slower rank); a commit step +4.0 ms (1.6 ms of index_copy_ and table copies in the step).",
+    "- Not tried yet: rebinding the parameters to prepared tensors at commit (would remove the ~1.6 ms commit "
+    "work, but only 4 of ~30 steps are commits); fewer GIL-releasing calls per boundary (waits on sends "
+    "deferred to a layer's last piece); a py-spy/GIL profile of the boundary's waiting time.",
 ]  # fmt: skip
 
 
