@@ -1,7 +1,8 @@
 """vLLM scheduler subclasses that apply the DP prefill gate (balance scheduling).
 
-Select with the engine argument ``scheduler_cls="scheduler.balance_scheduler.BalanceScheduler"``
-(or ``BalanceAsyncScheduler`` with async scheduling) and configure with
+Select with the engine argument ``scheduler_cls="scheduler.balance_scheduler.BalanceAutoScheduler"``
+(``BalanceAsyncScheduler`` when vLLM's final config runs async scheduling, else ``BalanceScheduler``;
+either can also be named directly) and configure with
 ``additional_config={"dpserve_balance": {...}}`` (see :class:`BalanceConfig`).
 
 How the gate is applied
@@ -451,5 +452,24 @@ class BalanceAsyncScheduler(BalanceSchedulerMixin, AsyncScheduler):
     """vLLM's AsyncScheduler (async scheduling, CUDA/NPU) with the DP prefill gate."""
 
 
+class BalanceAutoScheduler:
+    """``scheduler_cls`` for engines that leave ``async_scheduling`` to vLLM: builds a
+    :class:`BalanceAsyncScheduler` when the final config (after the platform hook) runs the async loop,
+    else a :class:`BalanceScheduler`. Never instantiated itself.
+
+    Why: vLLM turns async scheduling on by default where the platform allows it (CUDA; the CPU platform
+    forces it off) and keeps a custom ``scheduler_cls`` as given. A plain ``Scheduler`` subclass in the
+    async loop (``step_with_batch_queue``) adds no output placeholders, so every other ``schedule()``
+    finds nothing to run: measured on a real CPU engine with async scheduling forced on, 16
+    ``schedule()`` calls (8 empty batches) for 8 tokens of two requests instead of 9
+    (the gate scenario of ``tests/scheduler/test_balance_async_loop.py``).
+    """
+
+    def __new__(cls, *args: Any, vllm_config: Any, **kwargs: Any) -> BalanceSchedulerMixin:  # type: ignore[misc]
+        target = BalanceAsyncScheduler if vllm_config.scheduler_config.async_scheduling else BalanceScheduler
+        return target(*args, vllm_config=vllm_config, **kwargs)
+
+
 SCHEDULER_CLS = f"{__name__}.BalanceScheduler"
 ASYNC_SCHEDULER_CLS = f"{__name__}.BalanceAsyncScheduler"
+AUTO_SCHEDULER_CLS = f"{__name__}.BalanceAutoScheduler"

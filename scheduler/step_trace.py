@@ -14,7 +14,8 @@ the rows of one run with ``rows(seq_before)`` (see ``benchmarks/balance.py``).
 
 Step kinds (:func:`step_kind`): ``decode`` (decode tokens only), ``mixed`` (prefill and decode tokens),
 ``prefill`` (prefill tokens only), ``empty`` (``schedule()`` ran but scheduled nothing: a gated rank
-with nothing running), and ``idle``: a lockstep step a rank ran without calling ``schedule()`` (no
+with nothing running, or, with async scheduling, a step where every running request's last token is
+still in flight), and ``idle``: a lockstep step a rank ran without calling ``schedule()`` (no
 requests at all: vLLM runs a dummy batch), seen as a gap in the rank's step numbers.
 
 A request's tokens count as prefill when it is newly scheduled or gets more than one token this step

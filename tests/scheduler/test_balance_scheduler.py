@@ -66,7 +66,13 @@ def test_engine_settings_balance_args(tiny_model_dir: str) -> None:
         engine_kwargs={"additional_config": {"other": 1}},
     )
     args = s.engine_args(0, "127.0.0.1", 1234)
-    assert args["scheduler_cls"] == "scheduler.balance_scheduler.BalanceScheduler"
+    # async_scheduling unset: vLLM decides when it builds the config; the auto class follows it.
+    assert args["scheduler_cls"] == "scheduler.balance_scheduler.BalanceAutoScheduler"
+    for flag, cls in ((True, "BalanceAsyncScheduler"), (False, "BalanceScheduler")):
+        explicit = EngineSettings(model=tiny_model_dir, balance={}, engine_kwargs={"async_scheduling": flag})
+        assert (
+            explicit.engine_args(0, "127.0.0.1", 1)["scheduler_cls"] == f"scheduler.balance_scheduler.{cls}"
+        )
     # Only the scheduler's keys reach the engine; the user's own additional_config is kept.
     assert args["additional_config"] == {"other": 1, "dpserve_balance": {"lead": 2}}
     assert "scheduler_cls" not in EngineSettings(model=tiny_model_dir).engine_args(0, "127.0.0.1", 1)
@@ -218,9 +224,9 @@ def test_async_variant_uses_the_same_gate() -> None:
 
 @pytest.mark.slow
 def test_async_variant_gates_a_real_engine(tiny_model_dir: str) -> None:
-    """BalanceAsyncScheduler (vLLM's AsyncScheduler + the gate) on a real engine. vLLM's CPU platform
-    forces async scheduling off, so the engine loop here is the synchronous one: this checks the
-    subclass's placeholder bookkeeping with the gate, not overlap (that needs CUDA/NPU)."""
+    """BalanceAsyncScheduler (vLLM's AsyncScheduler + the gate) on a real engine in the synchronous
+    loop (vLLM's CPU platform forces async scheduling off). The async loop itself (batch queue of 2,
+    placeholders for tokens in flight) runs in ``test_balance_async_loop.py``, with the flag forced on."""
     from scheduler.balance_scheduler import BalanceAsyncScheduler
 
     llm = _in_process_engine(tiny_model_dir, "scheduler.balance_scheduler.BalanceAsyncScheduler")
