@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "engine_metrics": {"env": dict(SERVE_ENV), "app": {"engine_metrics": True}},
     # Serve's controller loop every 0.5 s instead of 0.1 s (it runs on the same cores as the engines).
     "ctl_500ms": {"env": dict(SERVE_ENV) | {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}, "app": {}},
+    # Each rank's model in a worker process that its engine core busy-polls (what vLLM's CPU platform
+    # does with "uni"; dpserve's default runs it in the engine-core process, as on a GPU with TP=1).
+    "mp_executor": {"env": dict(SERVE_ENV), "app": {"engine_kwargs": {"distributed_executor_backend": "mp"}}},
     # Serve's bundle: direct ingress, same loop, gRPC handles, no stderr logs, frozen GC.
     "throughput": {"env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
                            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}, "app": {}},
@@ -109,8 +113,12 @@ def serve_url(proxy_port: int, app_name: str = "dpserve", timeout_s: float = 120
     raise TimeoutError("no direct-ingress port for the app")
 
 
-def measured_workload(url: str, workload) -> dict:
-    """The workload's summary plus the CPU seconds each process role used while it ran."""
+def measured_workload(url: str, workload, warmup: int = 0) -> dict:
+    """The workload's summary plus the CPU seconds each process role used while it ran, after
+    `warmup` requests of the same shape (other prompts: no prefix-cache hits) that are not measured."""
+    if warmup:
+        asyncio.run(run_workload(url, MODEL, replace(workload, num_prompts=warmup, seed=workload.seed + 10_000),
+                                 progress=False))  # fmt: skip
     before = proc_cpu.snapshot()
     summary = asyncio.run(run_workload(url, MODEL, workload))
     summary["cpu_s_by_role"] = proc_cpu.by_role(before, proc_cpu.snapshot(), client_pid=os.getpid())
@@ -135,7 +143,7 @@ def run_dpserve_child(args, model_dir: str, workload, variant: str) -> dict:
         url = serve_url(port)
         wait_ready(url)
         startup = time.perf_counter() - t0
-        summary = measured_workload(url, workload)
+        summary = measured_workload(url, workload, args.warmup)
         summary["startup_s"] = startup
         summary["url"] = url
         return summary
@@ -171,7 +179,7 @@ def run_vllm(args, model_dir: str, workload) -> dict:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
         startup = time.perf_counter() - t0
-        summary = measured_workload(url, workload)
+        summary = measured_workload(url, workload, args.warmup)
         summary["startup_s"] = startup
         return summary
     finally:
@@ -217,6 +225,8 @@ def main() -> int:
     parser.add_argument("--variants", default="default",
                         help=f"comma-separated dpserve variants to run each round ({', '.join(VARIANTS)}); "
                              "the first is the one the ratio is given for")  # fmt: skip
+    parser.add_argument("--warmup", type=int, default=32,
+                        help="requests sent to each server before the measured workload (not measured)")  # fmt: skip
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM's server (variants only)")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=32)
@@ -293,7 +303,7 @@ def main() -> int:
           f"{w.num_prompts} prompts x {w.input_len} in / {w.output_len} out, concurrency {w.max_concurrency}, "
           f"rate {w.request_rate}; dpserve CPU binding `{args.cpu_binding}`, streamed chunks >= "
           f"{AppConfig.stream_interval_ms:g} ms (`stream_interval_ms`); vLLM streams every token; "
-          f"medians over {args.rounds} round(s), "
+          f"{args.warmup} warm-up requests per server (not measured), medians over {args.rounds} round(s), "
           f"servers run one at a time, order alternating between rounds.\n\n"
           + "\n".join(rows) + "\n")  # fmt: skip
     if main_name in ratios:

@@ -8,6 +8,12 @@ from typing import Any
 from npu_runtime.platform import Platform, detect
 
 DEFAULT_SERVED_NAME = "dpserve-tiny-moe"
+# vLLM's uniprocess executor by name. vLLM's CPU platform turns "uni" into its multiprocess executor
+# because its own server cannot give a worker its OpenMP environment any other way; a dpserve rank
+# sets that environment itself (Platform.rank_env) before its engine-core process starts, so the
+# model runs there, as on a GPU with TP=1: no worker process that the engine core busy-polls, no
+# per-step pickling across processes (benchmarks/results/serving.md: variant `mp_executor`).
+UNIPROC_EXECUTOR = "vllm.v1.executor.uniproc_executor.UniProcExecutor"
 # Balance settings the engine-side scheduler reads (scheduler.balance_scheduler.BalanceConfig);
 # the rest (policy, params, timeout_s) configures the coordinator actor.
 BALANCE_CLIENT_KEYS = (
@@ -107,7 +113,7 @@ class EngineSettings:
         # Inside a Ray actor vLLM would pick its Ray executor (unsupported on CPU, and a second
         # layer of actors elsewhere); a one-device rank runs its worker in the engine-core process.
         if self.tensor_parallel_size == 1:
-            args["distributed_executor_backend"] = "uni"
+            args["distributed_executor_backend"] = UNIPROC_EXECUTOR if platform.name == "cpu" else "uni"
         if self.dtype is not None:
             args["dtype"] = self.dtype
         if self.enforce_eager is not None:

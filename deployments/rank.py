@@ -140,8 +140,9 @@ class DPRank:
         self._tasks: dict[str, asyncio.Task] = {}
         # The rank's environment must be in place before vLLM is imported in this process.
         # The rank's own placement (cores, devices) always wins; user-set defaults are kept.
-        placement_keys = {"VLLM_CPU_OMP_THREADS_BIND", self.platform.visible_devices_env}
-        for key, value in self.platform.rank_env(rank, self._device_ids(), cpu_cores).items():
+        placement_keys = {"VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", self.platform.visible_devices_env}
+        rank_env = self.platform.rank_env(rank, self._device_ids(), cpu_cores, self._omp_threads(cpu_cores))
+        for key, value in rank_env.items():
             if key in placement_keys:
                 os.environ[key] = value
             else:
@@ -176,6 +177,16 @@ class DPRank:
                 os.environ[key] = value
         keys = ("VLLM_HOST_IP", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "HCCL_IF_IP", "HCCL_SOCKET_IFNAME")
         return {k: os.environ[k] for k in keys if k in os.environ}
+
+    def _omp_threads(self, cpu_cores: list[int] | None) -> int | None:
+        """OpenMP threads for this rank's model on CPU: one per core it owns (`split`), or its share
+        of the cores all ranks share (`shared`): more threads than cores make OpenMP's barriers
+        spin against each other."""
+        if not cpu_cores:
+            return None
+        if self.settings.cpu_binding == "shared":
+            return max(1, len(cpu_cores) // max(1, self.settings.data_parallel_size))
+        return len(cpu_cores)
 
     def _device_ids(self) -> list[int] | None:
         if not self.platform.visible_devices_env:

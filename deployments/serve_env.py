@@ -27,11 +27,6 @@ SERVE_ENV: dict[str, str] = {
     # Direct ingress otherwise holds a stopping ingress replica open for 30 s so an external load
     # balancer can deregister it; a local server has none (set it back on a cluster behind an LB).
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
-    # The ingress's request handlers run on the replica's own event loop (the one serving HTTP)
-    # instead of a second loop in another thread: no cross-thread hand-off per streamed chunk.
-    # Safe because the ingress never blocks its loop (every Ray call is awaited).
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
 
 DIRECT_INGRESS_FIRST_PORT = 30000

@@ -33,15 +33,24 @@ class Platform:
     engine_defaults: dict[str, object] = field(default_factory=dict)  # vLLM engine-arg defaults
 
     def rank_env(
-        self, rank: int, device_ids: list[int] | None = None, cpu_cores: list[int] | None = None
+        self,
+        rank: int,
+        device_ids: list[int] | None = None,
+        cpu_cores: list[int] | None = None,
+        omp_threads: int | None = None,
     ) -> dict[str, str]:
-        """Environment for one DP rank: vLLM defaults plus the rank's devices (or CPU cores)."""
+        """Environment for one DP rank: vLLM defaults plus the rank's devices (or CPU cores and
+        OpenMP thread count: default one per core in `cpu_cores`)."""
         env = dict(self.vllm_env)
         if self.visible_devices_env and device_ids is not None:
             env[self.visible_devices_env] = ",".join(str(d) for d in device_ids)
         if self.name == "cpu" and cpu_cores:
             # Pin each rank's OpenMP threads to its own cores: two engines sharing cores thrash.
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in cpu_cores)
+            # The rank's model runs in its engine-core process (uniprocess executor), which takes
+            # its OpenMP team size from here; Ray would otherwise have set 1 for a fractional-CPU
+            # actor without saying so.
+            env["OMP_NUM_THREADS"] = str(omp_threads or len(cpu_cores))
         return env
 
 

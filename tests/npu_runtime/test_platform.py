@@ -96,6 +96,10 @@ def test_rank_env_sets_visible_devices_and_cores():
     assert plat.CUDA.rank_env(0, device_ids=[0, 1])["CUDA_VISIBLE_DEVICES"] == "0,1"
     env = plat.CPU.rank_env(1, cpu_cores=[1])
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert env["OMP_NUM_THREADS"] == "1"
+    assert plat.CPU.rank_env(0, cpu_cores=[0, 1, 2, 3])["OMP_NUM_THREADS"] == "4"
+    assert plat.CPU.rank_env(0, cpu_cores=[0, 1, 2, 3], omp_threads=2)["OMP_NUM_THREADS"] == "2"
+    assert "OMP_NUM_THREADS" not in plat.CUDA.rank_env(0, device_ids=[0])
     assert env["VLLM_CPU_KVCACHE_SPACE"] == plat.CPU_KVCACHE_GIB_DEFAULT
 
 
