@@ -33,6 +33,7 @@ from cluster import proc_cpu  # noqa: E402
 from cluster.bench import format_summary, run_workload  # noqa: E402
 from cluster.bench_cmd import add_workload_arguments, workload_from_args  # noqa: E402
 from deployments.app import AppConfig  # noqa: E402
+from deployments.engine_config import UNIPROC_EXECUTOR  # noqa: E402
 from deployments.rank import free_port  # noqa: E402
 from deployments.serve_env import SERVE_ENV  # noqa: E402
 from npu_runtime.platform import apply_vllm_env  # noqa: E402
@@ -163,7 +164,18 @@ def run_dpserve(args, model_dir: str, workload, variant: str = "default") -> dic
     return summary
 
 
-def run_vllm(args, model_dir: str, workload) -> dict:
+# vLLM's own server, launched two ways. `same_executor`: the engine settings dpserve's ranks run with
+# on CPU (the model in each engine-core process, one OpenMP team of cores // DP threads per engine);
+# `default`: vLLM's CPU default (the platform turns "uni" into a worker process per engine, which the
+# engine core busy-polls, with OpenMP threads set by vLLM's CPU process manager).
+VLLM_VARIANTS: dict[str, dict[str, Any]] = {
+    "same_executor": {"args": ["--distributed-executor-backend", UNIPROC_EXECUTOR],
+                      "env": {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2))}},
+    "default": {"args": [], "env": {}},
+}  # fmt: skip
+
+
+def run_vllm(args, model_dir: str, workload, variant: str = "default") -> dict:
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
@@ -172,9 +184,11 @@ def run_vllm(args, model_dir: str, workload) -> dict:
            "--disable-log-stats"]  # fmt: skip
     if args.expert_parallel:
         cmd.append("--enable-expert-parallel")
-    log = open(ROOT / "benchmarks" / "results" / "serving_vllm_server.log", "w")
+    cmd += VLLM_VARIANTS[variant]["args"]
+    log = open(Path(args.out_dir) / f"serving_vllm_{variant}_server.log", "w")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    env = os.environ.copy() | VLLM_VARIANTS[variant]["env"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
@@ -227,6 +241,9 @@ def main() -> int:
                              "the first is the one the ratio is given for")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=32,
                         help="requests sent to each server before the measured workload (not measured)")  # fmt: skip
+    parser.add_argument("--vllm-variants", default="same_executor,default",
+                        help=f"vLLM server launches ({', '.join(VLLM_VARIANTS)}); the first is the reference "
+                             "the headline ratio is given against")  # fmt: skip
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM's server (variants only)")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=32)
@@ -252,14 +269,19 @@ def main() -> int:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-    names = [f"dpserve:{v}" for v in variants] + ([] if args.no_vllm else ["vllm"])
+    vllm_variants = [] if args.no_vllm else [v.strip() for v in args.vllm_variants.split(",") if v.strip()]
+    unknown = sorted(set(vllm_variants) - set(VLLM_VARIANTS))
+    if unknown:
+        parser.error(f"unknown vLLM variant(s) {unknown}; known: {', '.join(VLLM_VARIANTS)}")
+    vllm_names = [f"vllm:{v}" for v in vllm_variants]
+    names = [f"dpserve:{v}" for v in variants] + vllm_names
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for i in range(args.rounds):
         order = names if i % 2 == 0 else names[::-1]
         for name in order:
             print(f"round {i + 1}: {name} ...", flush=True)
-            if name == "vllm":
-                summary = run_vllm(args, model_dir, workload)
+            if name in vllm_names:
+                summary = run_vllm(args, model_dir, workload, name.split(":", 1)[1])
             else:
                 summary = run_dpserve(args, model_dir, workload, name.split(":", 1)[1])
             print(format_summary(name, summary), flush=True)
@@ -270,29 +292,30 @@ def main() -> int:
         return statistics.median(vals)
 
     main_name = names[0]
-    ratios = {}
-    if "vllm" in runs:
-        vllm_tput = med("vllm", "output_token_throughput")
-        ratios = {n: med(n, "output_token_throughput") / vllm_tput for n in names if n != "vllm"}
-        # Per round as well (the box is noisy; each round's runs are side by side).
-        per_round = {n: [a["output_token_throughput"] / b["output_token_throughput"]
-                         for a, b in zip(runs[n], runs["vllm"], strict=True)] for n in names if n != "vllm"}  # fmt: skip
-    else:
-        per_round = {}
+    tput = {n: med(n, "output_token_throughput") for n in names}
+    # Ratios of every server to each vLLM launch, from medians and per round (the box is noisy;
+    # each round's runs are side by side).
+    ratios = {ref: {n: tput[n] / tput[ref] for n in names} for ref in vllm_names}
+    per_round = {ref: {n: [a["output_token_throughput"] / b["output_token_throughput"]
+                           for a, b in zip(runs[n], runs[ref], strict=True)] for n in names}
+                 for ref in vllm_names}  # fmt: skip
+    reference = vllm_names[0] if vllm_names else None
     result = {"workload": runs[main_name][0]["workload"], "engine": engine_settings(args) | {"dp": 2},
               "dpserve_cpu_binding": args.cpu_binding, "variants": {v: VARIANTS[v] for v in variants},
-              "runs": runs, "output_throughput_ratio_over_vllm": ratios,
-              "output_throughput_ratio_per_round": per_round,
-              "output_throughput_ratio_dpserve_over_vllm": ratios.get(main_name)}  # fmt: skip
+              "vllm_variants": {v: VLLM_VARIANTS[v] for v in vllm_variants}, "runs": runs,
+              "output_throughput_ratios": ratios, "output_throughput_ratios_per_round": per_round,
+              "reference": reference,
+              "output_throughput_ratio_dpserve_over_vllm": ratios[reference][main_name] if reference else None}  # fmt: skip
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving.json").write_text(json.dumps(result, indent=2))
-    rows = ["| server | out tok/s | ratio to vLLM | req/s | TTFT mean ms | TTFT p99 ms | TPOT mean ms | ITL p50 ms | ITL p99 ms | failed |",
-            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    ratio_heads = "".join(f" ratio to {ref} |" for ref in vllm_names)
+    rows = [f"| server | out tok/s |{ratio_heads} req/s | TTFT mean ms | TTFT p99 ms | TPOT mean ms | ITL p50 ms | ITL p99 ms | failed |",
+            "|---|---|" + "---|" * len(vllm_names) + "---|---|---|---|---|---|---|"]  # fmt: skip
     for name in names:
-        ratio = f"{ratios[name]:.3f}" if name in ratios else ("1" if name == "vllm" else "-")
+        ratio_cells = "".join(f" {ratios[ref][name]:.3f} |" for ref in vllm_names)
         rows.append(
-            f"| {name} | {med(name, 'output_token_throughput'):.1f} | {ratio} | {med(name, 'request_throughput'):.2f} | "
+            f"| {name} | {tput[name]:.1f} |{ratio_cells} {med(name, 'request_throughput'):.2f} | "
             f"{med(name, 'ttft_ms', 'mean'):.0f} | {med(name, 'ttft_ms', 'p99'):.0f} | "
             f"{med(name, 'tpot_ms', 'mean'):.1f} | {med(name, 'itl_ms', 'p50'):.1f} | {med(name, 'itl_ms', 'p99'):.1f} | "
             f"{sum(r['failed'] for r in runs[name])} |"
@@ -306,8 +329,13 @@ def main() -> int:
           f"{args.warmup} warm-up requests per server (not measured), medians over {args.rounds} round(s), "
           f"servers run one at a time, order alternating between rounds.\n\n"
           + "\n".join(rows) + "\n")  # fmt: skip
-    if main_name in ratios:
-        md += f"\nOutput-throughput ratio dpserve / vLLM: **{ratios[main_name]:.3f}** (target >= 0.95).\n"
+    if reference:
+        rounds = " / ".join(f"{x:.3f}" for x in per_round[reference][main_name])
+        md += (f"\nOutput-throughput ratio {main_name} / {reference}: **{ratios[reference][main_name]:.3f}** "
+               f"(per round {rounds}; target >= 0.95).\n")  # fmt: skip
+        md += "".join(f"\n- `{ref}`: {' '.join(VLLM_VARIANTS[ref.split(':', 1)[1]]['args']) or '(no extra arguments)'}"
+                      f"{''.join(f' {k}={v}' for k, v in VLLM_VARIANTS[ref.split(':', 1)[1]]['env'].items())}"
+                      for ref in vllm_names) + "\n"  # fmt: skip
     md += cpu_table(names, runs)
     (out / "serving.md").write_text(md)
     print(md)
