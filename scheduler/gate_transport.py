@@ -207,6 +207,7 @@ class ZmqGateClient:
         self._down_since = 0.0
         self._resolved: str | None = None
         self._resolver: threading.Thread | None = None
+        self._closed = False
         self._last_resolve = 0.0
         # Figures (cost per step, fallbacks, outages).
         self.client_s = 0.0  # time spent in report() + decision() on the engine-core thread
@@ -268,10 +269,23 @@ class ZmqGateClient:
 
     def _resolve_in_background(self) -> None:
         def run() -> None:
-            try:
-                self._resolved = self._resolve()
-            except Exception as e:  # retried after retry_s by the step thread
-                logger.debug("rank %d: coordinator lookup failed: %s", self.rank, e)
+            # Retries on its own until found: an idle rank makes no reports (no step thread to
+            # retry from), and a restarting actor refuses the first lookups.
+            failures = 0
+            while not self._closed:
+                try:
+                    self._resolved = self._resolve()
+                    return
+                except Exception as e:
+                    failures += 1
+                    log = logger.warning if failures == 1 else logger.debug
+                    log(
+                        "rank %d: coordinator lookup failed (retrying every %g s): %r",
+                        self.rank,
+                        self.retry_s,
+                        e,
+                    )
+                time.sleep(self.retry_s)
 
         self._last_resolve = time.monotonic()
         self._resolver = threading.Thread(target=run, name="dpserve-gate-resolve", daemon=True)
@@ -421,6 +435,7 @@ class ZmqGateClient:
         }
 
     def close(self) -> None:
+        self._closed = True
         if self._sock is not None:
             self._sock.close(0)
             self._sock, self._handle = None, 0

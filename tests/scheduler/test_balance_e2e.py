@@ -100,7 +100,11 @@ def test_two_ranks_keep_serving_across_coordinator_kill(ray_local, tiny_model_di
             t_kill = time.monotonic()
             ray.kill(coord, no_restart=False)
             # Time until the restarted actor serves reports again (ranks found the new address).
+            # Ranks report only while they step: requests keep coming until they reconnect.
+            keep: list[asyncio.Future] = []
             while True:
+                if running.done() and all(f.done() for f in keep):
+                    keep.append(asyncio.ensure_future(batch(actors, f"wait{len(keep)}")))
                 try:
                     s = await asyncio.wait_for(coord.get_stats.remote(), 5)
                     if s["zmq_served"] > 0 and s["zmq_address"] != before["zmq_address"]:
@@ -111,6 +115,8 @@ def test_two_ranks_keep_serving_across_coordinator_kill(ray_local, tiny_model_di
                 await asyncio.sleep(0.05)
             resumed_s = time.monotonic() - t_kill
             across = await running
+            for outs in await asyncio.gather(*keep):
+                across = across + outs
             after_batch = await batch(actors, "after")
             after = await coord.get_stats.remote()
         finally:

@@ -177,6 +177,36 @@ def test_zmq_client_unreachable_at_start_keeps_looking() -> None:
             srv.close()
 
 
+def test_zmq_client_lookup_retries_while_the_rank_is_idle() -> None:
+    """The lookup that follows an outage keeps retrying in its own thread, without further reports
+    (an idle rank does not step, and a restarting actor refuses the first lookups): the address is
+    ready, and taken at the next report."""
+    calls = {"n": 0}
+    srv = _server(CoordinatorState("any_at_cap"))
+
+    def resolve() -> str:
+        calls["n"] += 1
+        if calls["n"] <= 4:  # start-up, then three refusals while "restarting"
+            if calls["n"] == 1:
+                raise LookupError("not yet")
+            raise RuntimeError("the actor is restarting")
+        return srv.address
+
+    c = ZmqGateClient(BalanceConfig(), 0, resolve=resolve, retry_s=0.05)
+    try:
+        assert c.connect() is False and c.down
+        c.report((0, 1), running=0, waiting=1, max_num_seqs=4, lead=1)  # one step, then idle
+        deadline = time.monotonic() + 3
+        while calls["n"] < 5:
+            assert time.monotonic() < deadline, f"lookup stopped retrying after {calls['n']} calls"
+            time.sleep(0.01)
+        c.report((0, 2), running=0, waiting=1, max_num_seqs=4, lead=1)
+        assert c.address == srv.address and c.reconnects == 1
+    finally:
+        c.close()
+        srv.close()
+
+
 # ---- real Ray actors ---------------------------------------------------------------------------------
 
 
