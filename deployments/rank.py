@@ -179,14 +179,12 @@ class DPRank:
         return {k: os.environ[k] for k in keys if k in os.environ}
 
     def _omp_threads(self, cpu_cores: list[int] | None) -> int | None:
-        """OpenMP threads for this rank's model on CPU: one per core it owns (`split`), or its share
-        of the cores all ranks share (`shared`): more threads than cores make OpenMP's barriers
-        spin against each other."""
-        if not cpu_cores:
+        """OpenMP threads for this rank's model on CPU with `shared` binding: its share of the cores
+        all ranks share (more threads than cores make OpenMP's barriers spin against each other).
+        None otherwise: `rank_env`'s default, one thread per core the rank owns."""
+        if not cpu_cores or self.settings.cpu_binding != "shared":
             return None
-        if self.settings.cpu_binding == "shared":
-            return max(1, len(cpu_cores) // max(1, self.settings.data_parallel_size))
-        return len(cpu_cores)
+        return max(1, len(cpu_cores) // max(1, self.settings.data_parallel_size))
 
     def _device_ids(self) -> list[int] | None:
         if not self.platform.visible_devices_env:
