@@ -12,7 +12,8 @@ A background thread runs `cycle()` every `interval_s`:
    `threshold` (0.95, vllm-ascend) x the current one;
 4. build and validate the TransferPlan (eplb.plan), push it to every rank (`eplb_stage`: the
    ranks stage in the background and switch together, see eplb.applier), wait for every rank to
-   report the outcome, then export metrics and reset the ranks' windows.
+   report the outcome (polled every `poll_interval_s` with the small `eplb_outcome` call: each poll
+   runs on the engine's stepping thread), then export metrics and reset the ranks' windows.
 
 Serving never waits on any of this: the ranks only ever receive short RPCs.
 """
@@ -42,6 +43,10 @@ DEFAULTS: dict[str, Any] = {
     "interval_s": 5.0,
     "threshold": 0.95,
     "plan_timeout_s": 120.0,
+    # Seconds between polls of the ranks for a pushed plan's outcome (`eplb_outcome`, a small reply).
+    # Every poll is an RPC the engine core runs on its stepping thread between steps (and, DP/EP in
+    # lockstep, the other ranks wait for it), so poll much less often than a step; an apply takes ~1 s.
+    "poll_interval_s": 0.2,
     "blocking": False,  # stop-the-world application (for comparison benchmarks)
 }
 
@@ -256,11 +261,9 @@ class EplbController:
             errors = [rep.get("error") for rep in replies if not rep.get("accepted")]
             return {"plan_id": plan_id, "outcome": "rejected", "error": errors, "remote_bytes": 0}
         deadline = time.monotonic() + float(self.config["plan_timeout_s"])
+        poll_s = float(self.config["poll_interval_s"])
         while True:
-            statuses = self._get([r.eplb_call.remote("eplb_status") for r in self.ranks])
-            found = [
-                next((h for h in s.get("history", []) if h["plan_id"] == plan_id), None) for s in statuses
-            ]
+            found = self._get([r.eplb_call.remote("eplb_outcome", plan_id) for r in self.ranks])
             if all(f is not None for f in found):
                 break
             if time.monotonic() > deadline:
@@ -270,7 +273,7 @@ class EplbController:
                     "error": "ranks did not finish",
                     "remote_bytes": 0,
                 }
-            time.sleep(0.05)
+            time.sleep(poll_s)
         outcomes = {f["outcome"] for f in found}
         return {
             "plan_id": plan_id,

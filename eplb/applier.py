@@ -36,7 +36,9 @@ Applying a plan (TransferPlan from eplb.plan, rebuilt and validated here before 
    the transfer group unusable (their last posted piece has no peer), never blocking the step.
 3. Commit: `layers_per_step` layers per step: one index_copy_ per weight, then the tables.
    Every rank does layer k at the same step, so gathered tokens never see mixed tables.
-Engine-side step times (StepLog, `eplb_step_log`) and per-thread CPU (`eplb_thread_cpu`) are recorded
+Reporting: `eplb_status` (full state, with the last 20 plans' records) and `eplb_outcome(plan_id)` (one
+record, None while pending): pollers waiting for a plan use the latter, since every RPC runs on the engine
+core's stepping thread between steps. Engine-side step times (StepLog, `eplb_step_log`) and per-thread CPU (`eplb_thread_cpu`) are recorded
 for benchmarks/eplb_online.py.
 With DP == 1 there is nobody to agree with: stage and commit happen inside the RPC, between steps.
 """
@@ -900,6 +902,15 @@ class EplbWorkerState:
             self._finish(p, "committed")
 
     # ---- reporting -------------------------------------------------------------------------------
+    def outcome(self, plan_id: int) -> dict | None:
+        """Plan `plan_id`'s history record, or None while it is pending (or unknown). The cheap poll for
+        a plan's end: `status()` copies the whole history (up to 20 records with per-step lists) across
+        the engine's RPC, and the engine core runs every RPC on its stepping thread between steps."""
+        for h in reversed(self.history):
+            if h["plan_id"] == plan_id:
+                return h
+        return None
+
     def status(self) -> dict:
         p = self.pending
         return {
@@ -965,6 +976,11 @@ class EplbWorkerExtension:
 
     def eplb_status(self) -> dict:
         return _STATE.status() if _STATE is not None else {"enabled": False}
+
+    def eplb_outcome(self, plan_id: int) -> dict | None:
+        """Plan `plan_id`'s history record (as in `eplb_status()["history"]`), None while pending:
+        the small reply to poll a plan's end with (the full status is a much larger message)."""
+        return _STATE.outcome(int(plan_id)) if _STATE is not None else None
 
     def eplb_step_log(self, since: float = 0.0) -> list[list[float]]:
         """Engine-side step times since perf_counter `since` (see StepLog for the fields)."""

@@ -19,8 +19,11 @@ LAYERS, EXPERTS, RANKS, REDUNDANT = 3, 8, 2, 2
 class FakeRank:
     """Mimics DPRank's EPLB methods: a skewed window, a placement, and plan bookkeeping."""
 
-    def __init__(self, rank: int, reject: bool = False, fail: bool = False, skew: bool = True) -> None:
+    def __init__(
+        self, rank: int, reject: bool = False, fail: bool = False, skew: bool = True, pending_polls: int = 0
+    ) -> None:
         self.rank = rank
+        self.pending_polls = pending_polls  # a staged plan's outcome appears at this outcome poll
         self.reject = reject
         self.fail = fail
         self.placement = default_placement(LAYERS, EXPERTS, RANKS, REDUNDANT)
@@ -32,6 +35,9 @@ class FakeRank:
         self.plans: list[dict] = []
         self.history: list[dict] = []
         self.resets = 0
+        self.outcome_polls = 0
+        self.status_calls = 0
+        self.deferred: dict | None = None  # the outcome of a plan still "applying"
 
     def eplb_collect(self) -> dict:
         self.steps += 10
@@ -45,12 +51,19 @@ class FakeRank:
         if method == "eplb_placement":
             return self.placement.tolist()
         if method == "eplb_status":
+            self.status_calls += 1
             return {
                 "num_logical": EXPERTS,
                 "ep_size": RANKS,
                 "bytes_per_expert": 1000,
                 "history": self.history,
             }
+        if method == "eplb_outcome":
+            self.outcome_polls += 1
+            if self.deferred is not None and self.outcome_polls >= self.pending_polls:
+                self.history.append(self.deferred)
+                self.deferred = None
+            return next((h for h in reversed(self.history) if h["plan_id"] == args[0]), None)
         if method == "eplb_stage":
             msg = args[0]
             self.plans.append(msg)
@@ -62,8 +75,13 @@ class FakeRank:
             outcome = "failed" if self.fail else "committed"
             if not self.fail:
                 self.placement = new
-            self.history.append({"plan_id": msg["plan_id"], "outcome": outcome, "remote_bytes": 1000,
-                                 "error": "fake transfer failure" if self.fail else None})  # fmt: skip
+            record = {"plan_id": msg["plan_id"], "outcome": outcome, "remote_bytes": 1000,
+                      "error": "fake transfer failure" if self.fail else None}  # fmt: skip
+            self.outcome_polls = 0
+            if self.pending_polls:
+                self.deferred = record
+            else:
+                self.history.append(record)
             return {"accepted": True}
         if method == "eplb_abort":
             self.history.append({"plan_id": args[0], "outcome": "aborted"})
@@ -75,6 +93,9 @@ class FakeRank:
 
     def get_resets(self) -> int:
         return self.resets
+
+    def get_calls(self) -> dict:
+        return {"outcome_polls": self.outcome_polls, "status_calls": self.status_calls}
 
 
 @pytest.fixture
@@ -118,6 +139,27 @@ def test_plans_when_window_completes_and_pushes_to_every_rank(fake_ranks):
     ray.get(ctl.cycle.remote())
     assert ray.get(ctl.cycle.remote()) == "skipped_no_gain"
     assert len(ray.get(ranks[0].get_plans.remote())) == 1
+
+
+def test_waits_for_a_plan_with_small_outcome_polls_at_the_configured_interval(fake_ranks):
+    """While a plan applies, the actor asks each rank for that plan's record only (`eplb_outcome`),
+    every poll_interval_s: each poll runs on the engine's stepping thread, the full status is large."""
+    import ray
+
+    ranks = fake_ranks(pending_polls=4)  # the outcome appears at the 4th poll
+    ctl = _controller(ranks, poll_interval_s=0.1)
+    ray.get(ctl.initialize.remote())
+    ray.get(ctl.cycle.remote())
+    status_before = [c["status_calls"] for c in ray.get([r.get_calls.remote() for r in ranks])]
+    t0 = time.monotonic()
+    assert ray.get(ctl.cycle.remote()) == "committed"
+    elapsed = time.monotonic() - t0
+    calls = ray.get([r.get_calls.remote() for r in ranks])
+    assert [c["outcome_polls"] for c in calls] == [4, 4]
+    # One full status per rank before planning (is a plan pending?), none while waiting.
+    assert [c["status_calls"] - b for c, b in zip(calls, status_before, strict=True)] == [1, 1]
+    assert elapsed >= 3 * 0.1  # three sleeps between four polls
+    assert ray.get(ctl.get_state.remote())["rebalances"] == 1
 
 
 def test_background_thread_rebalances_and_state_answers(fake_ranks):
