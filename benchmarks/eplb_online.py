@@ -84,6 +84,9 @@ VARIANTS: dict[str, dict] = {
         "transfer": {"inline": False, "per_slot": True, "nice": 0, "omp_threads": 0, "paced": False}
     },
     "stop_the_world": {"blocking": True},  # transfers and every layer's commit inside one agreed step
+    # The default staging, but the plan's end polled as before 1c394b8: the full eplb_status of both
+    # ranks every 10 ms (each poll an RPC on the engine core's stepping thread): what polling costs.
+    "async_inline_s1_statuspoll": {"transfer": {"inline": True, "slots_per_step": 1}, "_poll": "status"},
 }
 DEFAULT_VARIANTS = "async_inline_s1,async_inline_half,async_thread,stop_the_world"
 DESCRIBE = {
@@ -102,6 +105,9 @@ DESCRIBE = {
     "async_v1": "the first implementation's staging (one message + torch.cat per moved slot, normal priority, "
     "all layers at once), today's commit",
     "stop_the_world": "every transfer and every layer's commit inside one agreed step",
+    "async_inline_s1_statuspoll": "as async_inline_s1, but the benchmark polls both ranks' full `eplb_status` "
+    "every 10 ms while the plan applies (how it polled before 1c394b8; every other variant polls "
+    f"`eplb_outcome` every {DEFAULTS['poll_interval_s']} s, as the EPLB actor does)",
 }
 POLL_S = DEFAULTS["poll_interval_s"]  # how often a pushed plan's outcome is polled (as the EPLB actor)
 STEADY_REQS = len(PROMPTS) // 2  # requests per rank in a full decode batch
@@ -188,7 +194,9 @@ async def engine_phases(
                         for _ in range(old.shape[0])])  # fmt: skip
         plan_id[0] += 1
         pid = plan_id[0]
-        msg = {"plan_id": pid, "old": old.tolist(), "new": new.tolist(), "num_ranks": 2, **variants[variant]}
+        opts = dict(variants[variant])
+        status_poll = opts.pop("_poll", None) == "status"
+        msg = {"plan_id": pid, "old": old.tolist(), "new": new.tolist(), "num_ranks": 2, **opts}
         cpu0 = await call_all("eplb_thread_cpu")
         t_cpu0 = time.perf_counter()
         spies = []
@@ -207,11 +215,15 @@ async def engine_phases(
             # The plan's own record only (None while pending), as seldom as the EPLB actor asks: every
             # poll is an RPC the engine core runs on its stepping thread between steps. The window is
             # the records' t_received..t_finished, so the poll interval does not change what is measured.
-            found = await call_all("eplb_outcome", pid)
+            if status_poll:
+                states = await call_all("eplb_status")
+                found = [next((h for h in s["history"] if h["plan_id"] == pid), None) for s in states]
+            else:
+                found = await call_all("eplb_outcome", pid)
             if all(found):
                 break
             assert time.perf_counter() < deadline, f"plan {pid} not finished: {await call_all('eplb_status')}"
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(0.01 if status_poll else POLL_S)
         cpu1 = await call_all("eplb_thread_cpu")
         t_cpu1 = time.perf_counter()
         for sp in spies:
