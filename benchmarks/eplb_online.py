@@ -87,6 +87,8 @@ VARIANTS: dict[str, dict] = {
     # The default staging, but the plan's end polled as before 1c394b8: the full eplb_status of both
     # ranks every 10 ms (each poll an RPC on the engine core's stepping thread): what polling costs.
     "async_inline_s1_statuspoll": {"transfer": {"inline": True, "slots_per_step": 1}, "_poll": "status"},
+    # The default staging, its outcome polled every second instead of every poll_interval_s.
+    "async_inline_s1_poll1s": {"transfer": {"inline": True, "slots_per_step": 1}, "_poll_s": 1.0},
 }
 DEFAULT_VARIANTS = "async_inline_s1,async_inline_half,async_thread,stop_the_world"
 DESCRIBE = {
@@ -105,6 +107,7 @@ DESCRIBE = {
     "async_v1": "the first implementation's staging (one message + torch.cat per moved slot, normal priority, "
     "all layers at once), today's commit",
     "stop_the_world": "every transfer and every layer's commit inside one agreed step",
+    "async_inline_s1_poll1s": "as async_inline_s1, but the plan's outcome polled every 1 s",
     "async_inline_s1_statuspoll": "as async_inline_s1, but the benchmark polls both ranks' full `eplb_status` "
     "every 10 ms while the plan applies (how it polled before 1c394b8; every other variant polls "
     f"`eplb_outcome` every {DEFAULTS['poll_interval_s']} s, as the EPLB actor does)",
@@ -196,6 +199,8 @@ async def engine_phases(
         pid = plan_id[0]
         opts = dict(variants[variant])
         status_poll = opts.pop("_poll", None) == "status"
+        poll_s = float(opts.pop("_poll_s", POLL_S))
+        polls: list[float] = []  # perf_counter when each poll was sent (CLOCK_MONOTONIC, as the step logs)
         msg = {"plan_id": pid, "old": old.tolist(), "new": new.tolist(), "num_ranks": 2, **opts}
         cpu0 = await call_all("eplb_thread_cpu")
         t_cpu0 = time.perf_counter()
@@ -215,6 +220,7 @@ async def engine_phases(
             # The plan's own record only (None while pending), as seldom as the EPLB actor asks: every
             # poll is an RPC the engine core runs on its stepping thread between steps. The window is
             # the records' t_received..t_finished, so the poll interval does not change what is measured.
+            polls.append(time.perf_counter())
             if status_poll:
                 states = await call_all("eplb_status")
                 found = [next((h for h in s["history"] if h["plan_id"] == pid), None) for s in states]
@@ -223,7 +229,7 @@ async def engine_phases(
             if all(found):
                 break
             assert time.perf_counter() < deadline, f"plan {pid} not finished: {await call_all('eplb_status')}"
-            await asyncio.sleep(0.01 if status_poll else POLL_S)
+            await asyncio.sleep(0.01 if status_poll else poll_s)
         cpu1 = await call_all("eplb_thread_cpu")
         t_cpu1 = time.perf_counter()
         for sp in spies:
@@ -235,6 +241,7 @@ async def engine_phases(
              "ranks": [{k: h.get(k) for k in ("stage_ms", "stage_cpu_ms", "commit_ms_total", "commit_ms_max_step", "commit_steps",
                                               "steps_waited", "remote_bytes", "total_ms", "transfer_layers", "wait_ms", "inline", "inline_steps")}
                        for h in found]}  # fmt: skip
+        w["polls_ms"] = [round((t - w["t_lo"]) * 1e3, 1) for t in polls]  # when each poll was sent
         deltas = [_cpu_delta(a, b, lab[r]) for r, (a, b) in enumerate(zip(cpu0, cpu1, strict=True))]
         for d, h in zip(deltas, found, strict=True):
             if not h.get("blocking") and not h.get("inline"):  # the staging thread exited: its own clock
@@ -417,20 +424,39 @@ DIAGNOSIS = [
     "runs): its step-boundary work took 6-7 ms wall (p90 25 ms) for 2 ms of CPU. Cutting a layer into "
     "one-slot pieces (`async_inline_s1`, 393 KB per rank pair and step, sent from views of the weights) bounds "
     "that work to ~1.5 ms wall / 0.4 ms CPU per step; the apply takes ~30 steps (1.1 s) instead of ~9.",
-    "- Three runs of 2026-11-30 (other jobs' load varied), same-run ratios: `async_inline_s1` median step "
-    "during apply 1.16x / 1.12x / 1.15x steady (`async_thread` 1.23x / 1.20x / 1.21x), worst step per plan "
-    "against the same-length steady max 1.08x / 1.22x / 1.11x (thread 1.48x / 1.43x / 1.41x). Not met "
-    "robustly. Half-slot pieces (`async_inline_half`, this file's run only): median 1.10x, p90 1.10x, but "
-    "twice the steps (~55) and worse tails (worst step per plan 1.41x the steady max, one 53 ms stall in a "
-    "step), so not the default; two slots per step (`async_inline_s2`, first run): 1.16x / 1.23x.",
-    "- Where the rest goes (this file's run, tables above): a one-slot staging step took 36.6 ms against "
-    "31.8 steady: 1.4 ms of EPLB work at the boundary (0.44 ms of it CPU, the rest the main thread waiting "
-    "to run: GIL hand-offs and gloo's pair lock on 2 shared cores) and a forward 2.4 ms longer while gloo's "
-    "I/O threads and loopback TCP move the piece on the same cores (DP/EP lockstep: each step waits for the "
-    "slower rank); a commit step +4.0 ms (1.6 ms of index_copy_ and table copies in the step).",
-    "- Not tried yet: rebinding the parameters to prepared tensors at commit (would remove the ~1.6 ms commit "
-    "work, but only 4 of ~30 steps are commits); fewer GIL-releasing calls per boundary (waits on sends "
-    "deferred to a layer's last piece); a py-spy/GIL profile of the boundary's waiting time.",
+    "- Three runs of 2026-11-30 with the previous arrangement ([eplb_online.md](eplb_online.md): model in a "
+    "separate worker process, 2 threads per rank; other jobs' load varied), same-run ratios: `async_inline_s1` "
+    "median step during apply 1.16x / 1.12x / 1.15x steady (`async_thread` 1.23x / 1.20x / 1.21x), worst step "
+    "per plan against the same-length steady max 1.08x / 1.22x / 1.11x (thread 1.48x / 1.43x / 1.41x). Half-slot "
+    "pieces (`async_inline_half`): median 1.10x but twice the steps (~55) and worse tails; two slots per step "
+    "(`async_inline_s2`): 1.16x / 1.23x. There a one-slot staging step took 36.6 ms against 31.8 steady: "
+    "1.4 ms of EPLB work at the boundary and a forward 2.4 ms longer; a commit step +4.0 ms.",
+    "- v4, polling (2026-11-30, 1c394b8): every run above, and the first in-process run (median 1.32x, worst "
+    "step per plan 1.22x, staging and commit steps 28-29 ms without their EPLB work against 23.0 steady), "
+    "polled both ranks' full `eplb_status` every 10 ms while a plan applied (the EPLB actor every 50 ms). Each "
+    "poll is a vLLM utility RPC (Ray actor -> AsyncLLM -> ZMQ -> the engine core, which runs it on its stepping "
+    "thread between steps) carrying the last 20 plans' records with their per-step lists: about two polls per "
+    "step and rank, on the 2 cores the forwards run on. Both now ask `eplb_outcome(plan_id)` (the plan's own "
+    "record, None while pending) every `poll_interval_s` = 0.2 s. Side by side in four in-process runs "
+    "(`async_inline_s1_statuspoll` polls as before, in the first three): `async_inline_s1` median step during "
+    "apply 1.08x / 1.05x / 1.12x / 1.07x steady against 1.25x / 1.24x / 1.20x with the old polling; worst step "
+    "per plan against the same-length steady max 1.06x / 1.01x / 1.06x / 1.06x against 1.25x / 1.24x / 1.06x; "
+    "a staging step without its EPLB work 21.2 / 20.2 / 21.2 / 23.0 ms against steady 21.9 / 20.4 / 20.6 / "
+    "22.5 (old polling 25.9 / 24.4 / 23.9). This file is the first of the four runs.",
+    "- What is left (the four runs): the worst step of all plans against the steady p99 stays 1.13x-1.56x. "
+    "A plan's first step takes 26-29 ms (median over plans and ranks) against 20-22 steady: it agrees on the "
+    "start and posts the first piece with its layer's tables (1-2.5 ms of EPLB work; 6-8 ms in the run's first "
+    "plan, first use of the transfer pair), while the pushing side's RPCs (placement, CPU snapshot, stage, first "
+    "poll) arrive. Commit steps: 1-5 ms of index_copy_ and table copies in the step (about 0.4 ms for one "
+    "layer's rows on an idle core). The longest steps cluster inside single plans (e.g. 49, 42, 42, 40 ms in "
+    "one plan) with little EPLB work in them: bursts from elsewhere on the 2 shared cores.",
+    "- Tried and not kept: waiting on a piece's sends only at its layer's last piece (`defer_send_waits`, fewer "
+    "GIL-releasing calls per boundary): median 0.98x against 1.12x for `async_inline_s1` in one run, 1.08x "
+    "against 1.07x in a 6-round rerun, boundary wall time 0.63 against 0.93 ms, then 0.78 against 0.56 ms: "
+    "no consistent gain.",
+    "- Not tried yet: rebinding the parameters to prepared tensors at commit (removes the commit copies; "
+    "needs in-place updates under CUDA graphs, so a per-platform path); preparing every layer's tables when "
+    "the plan is accepted; a py-spy/GIL profile of the first step and of the bursts.",
 ]  # fmt: skip
 
 
