@@ -61,8 +61,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "direct_chunks_100ms": {"env": dict(SERVE_ENV), "app": {"stream_interval_ms": 100.0}},
     # vLLM's own engine metrics recorded in every rank and exported through Ray (engine_metrics: true).
     "engine_metrics": {"env": dict(SERVE_ENV), "app": {"engine_metrics": True}},
-    # Serve's controller loop every 0.5 s instead of 0.1 s (it runs on the same cores as the engines).
-    "ctl_500ms": {"env": dict(SERVE_ENV) | {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}, "app": {}},
+    # Serve's controller loop at Serve's default 0.1 s instead of dpserve's 0.5 s (SERVE_ENV; the
+    # controller runs on the same cores as the engines).
+    "ctl_100ms": {"env": dict(SERVE_ENV) | {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1"}, "app": {}},
     # Each rank's model in a worker process that its engine core busy-polls (what vLLM's CPU platform
     # does with "uni"; dpserve's default runs it in the engine-core process, as on a GPU with TP=1).
     "mp_executor": {"env": dict(SERVE_ENV), "app": {"engine_kwargs": {"distributed_executor_backend": "mp"}}},
@@ -114,15 +115,53 @@ def serve_url(proxy_port: int, app_name: str = "dpserve", timeout_s: float = 120
     raise TimeoutError("no direct-ingress port for the app")
 
 
-def measured_workload(url: str, workload, warmup: int = 0) -> dict:
+# Roles profiled with py-spy when DPSERVE_PYSPY_DIR is set (the serving processes, not the engines).
+PROFILED_ROLES = ("dpserve rank actor (vLLM frontend)", "serve replica (dpserve ingress)", "vllm API server",
+                  "vllm engine core")  # fmt: skip
+
+
+def start_profilers(procs: dict[int, tuple[str, float]]) -> list[subprocess.Popen]:
+    """py-spy (raw collapsed stacks, CPU samples only) on each serving process for the workload's
+    expected length, when DPSERVE_PYSPY_DIR names a folder; where the frontend CPU goes."""
+    out_dir = os.environ.get("DPSERVE_PYSPY_DIR")
+    if not out_dir:
+        return []
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    pyspy = os.environ.get("PYSPY", str(Path(sys.executable).parent / "py-spy"))
+    spies = []
+    for pid, (cmd, _) in procs.items():
+        role = proc_cpu.role_of(cmd)
+        if role not in PROFILED_ROLES:
+            continue
+        name = (
+            f"{os.environ.get('DPSERVE_PYSPY_TAG', 'run')}-{role.split(' (')[0].replace(' ', '_')}-{pid}.txt"
+        )
+        spies.append(subprocess.Popen(
+            [pyspy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking", "--threads",
+             "--duration", os.environ.get("DPSERVE_PYSPY_S", "5"), "--format", "raw", "--output", str(Path(out_dir) / name)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+    return spies
+
+
+def measured_workload(url: str, workload, warmup: int = 0, idle_s: float = 0.0) -> dict:
     """The workload's summary plus the CPU seconds each process role used while it ran, after
     `warmup` requests of the same shape (other prompts: no prefix-cache hits) that are not measured."""
     if warmup:
         asyncio.run(run_workload(url, MODEL, replace(workload, num_prompts=warmup, seed=workload.seed + 10_000),
                                  progress=False))  # fmt: skip
+    idle: dict[str, float] = {}
+    if idle_s > 0:  # the server's own background CPU with nothing to serve
+        before = proc_cpu.snapshot()
+        time.sleep(idle_s)
+        idle = proc_cpu.by_role(before, proc_cpu.snapshot(), client_pid=os.getpid())
     before = proc_cpu.snapshot()
+    spies = start_profilers(before)
     summary = asyncio.run(run_workload(url, MODEL, workload))
+    for spy in spies:
+        spy.wait()
     summary["cpu_s_by_role"] = proc_cpu.by_role(before, proc_cpu.snapshot(), client_pid=os.getpid())
+    summary["idle_cpu_s_by_role"] = idle
+    summary["idle_s"] = idle_s
     return summary
 
 
@@ -144,7 +183,7 @@ def run_dpserve_child(args, model_dir: str, workload, variant: str) -> dict:
         url = serve_url(port)
         wait_ready(url)
         startup = time.perf_counter() - t0
-        summary = measured_workload(url, workload, args.warmup)
+        summary = measured_workload(url, workload, args.warmup, args.idle_s)
         summary["startup_s"] = startup
         summary["url"] = url
         return summary
@@ -193,7 +232,7 @@ def run_vllm(args, model_dir: str, workload, variant: str = "default") -> dict:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
         startup = time.perf_counter() - t0
-        summary = measured_workload(url, workload, args.warmup)
+        summary = measured_workload(url, workload, args.warmup, args.idle_s)
         summary["startup_s"] = startup
         return summary
     finally:
@@ -205,26 +244,32 @@ def run_vllm(args, model_dir: str, workload, variant: str = "default") -> dict:
         log.close()
 
 
-def cpu_table(names: list[str], runs: dict[str, list[dict]]) -> str:
-    """CPU seconds per process role while the workload ran (median over rounds), per server."""
-    roles = sorted({role for n in names for r in runs[n] for role in r.get("cpu_s_by_role", {})})
+def cpu_table(names: list[str], runs: dict[str, list[dict]], key: str = "cpu_s_by_role") -> str:
+    """CPU seconds per process role (median over rounds), per server: while the workload ran
+    (`cpu_s_by_role`), or while the server sat idle before it (`idle_cpu_s_by_role`)."""
+    roles = sorted({role for n in names for r in runs[n] for role in r.get(key, {})})
     if not roles:
         return ""
 
     def cell(name: str, role: str) -> float:
-        return statistics.median(r.get("cpu_s_by_role", {}).get(role, 0.0) for r in runs[name])
+        return statistics.median(r.get(key, {}).get(role, 0.0) for r in runs[name])
 
     def wall(name: str) -> float:
-        return statistics.median(r["duration_s"] for r in runs[name])
+        return statistics.median(r["duration_s" if key == "cpu_s_by_role" else "idle_s"] for r in runs[name])
 
     rows = ["| process role | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for role in sorted(roles, key=lambda ro: -max(cell(n, ro) for n in names)):
-        rows.append(f"| {role} | " + " | ".join(f"{cell(n, role):.1f}" for n in names) + " |")
+        rows.append(f"| {role} | " + " | ".join(f"{cell(n, role):.2f}" for n in names) + " |")
     rows.append("| **all** | " + " | ".join(
-        f"**{sum(cell(n, ro) for ro in roles):.1f}**" for n in names) + " |")  # fmt: skip
-    rows.append("| workload wall s | " + " | ".join(f"{wall(n):.1f}" for n in names) + " |")
+        f"**{sum(cell(n, ro) for ro in roles):.2f}**" for n in names) + " |")  # fmt: skip
+    if key == "cpu_s_by_role":
+        rows.append("| workload wall s | " + " | ".join(f"{wall(n):.1f}" for n in names) + " |")
+        title = "Where the CPU went while the workload ran"
+    else:
+        rows.append("| idle wall s | " + " | ".join(f"{wall(n):.0f}" for n in names) + " |")
+        title = "Background CPU with nothing to serve (after the warm-up, before the workload)"
     return (
-        "\n## Where the CPU went while the workload ran (CPU seconds, median over rounds)\n\n"
+        f"\n## {title} (CPU seconds, median over rounds)\n\n"
         "Two cores give 2 CPU-seconds per wall second; `other` is every process outside these "
         "roles on the machine.\n\n" + "\n".join(rows) + "\n"
     )
@@ -244,6 +289,12 @@ def main() -> int:
     parser.add_argument("--vllm-variants", default="same_executor,default",
                         help=f"vLLM server launches ({', '.join(VLLM_VARIANTS)}); the first is the reference "
                              "the headline ratio is given against")  # fmt: skip
+    parser.add_argument(
+        "--idle-s",
+        type=float,
+        default=10.0,
+        help="seconds each server sits idle after its warm-up, measuring its own background CPU per role",
+    )
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM's server (variants only)")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=32)
@@ -337,6 +388,7 @@ def main() -> int:
                       f"{''.join(f' {k}={v}' for k, v in VLLM_VARIANTS[ref.split(':', 1)[1]]['env'].items())}"
                       for ref in vllm_names) + "\n"  # fmt: skip
     md += cpu_table(names, runs)
+    md += cpu_table(names, runs, "idle_cpu_s_by_role")
     (out / "serving.md").write_text(md)
     print(md)
     return 0

@@ -168,6 +168,10 @@ class DPServer:
         self.dispatched = {r: 0 for r in range(n)}
         self.served = {r: 0 for r in range(n)}
         self.missed = {r: 0 for r in range(n)}
+        # When each rank's stats last arrived (with its output batches, or from a poll) and when its
+        # gauges were last set: a rank that streams output is not polled as well.
+        self._stats_at = {r: 0.0 for r in range(n)}
+        self._gauges_at = {r: 0.0 for r in range(n)}
         self.live: set[int] = set()
         self._ready = asyncio.Event()
         # request id -> (rank, group generation, queue of its chunks), fed by one pump per rank
@@ -195,6 +199,7 @@ class DPServer:
         loop = asyncio.get_running_loop()
         self._pumps = [loop.create_task(self._pump(r, a, self.generation)) for r, a in enumerate(self.actors)]
         self.missed = {r: 0 for r in self.missed}
+        self._stats_at = {r: 0.0 for r in self._stats_at}
         self.dispatched = {r: 0 for r in self.dispatched}  # old generation's requests are gone
         self.live = set(range(len(self.actors)))
         self._ready.set()
@@ -204,7 +209,9 @@ class DPServer:
         every request waiting on that rank gets the error (and the group is re-formed)."""
         try:
             async for ref in actor.output_stream.options(num_returns="streaming").remote():
-                for request_id, chunk in await ref:
+                batch, stats = await ref
+                self._take_stats(rank, generation, stats)
+                for request_id, chunk in batch:
                     entry = self._inboxes.get(request_id)
                     if entry is not None and entry[1] == generation:
                         entry[2].put_nowait(chunk)
@@ -249,17 +256,35 @@ class DPServer:
                 logger.exception("re-forming the DP group failed (attempt %d); retrying", attempt)
                 await asyncio.sleep(min(30, 2**attempt))
 
+    def _take_stats(self, rank: int, generation: int, stats: dict[str, Any]) -> None:
+        """A rank's stats, from its output stream or a poll (the group's `generation` then)."""
+        if generation != self.generation:
+            return
+        if stats.get("errored"):
+            self._start_recovery(f"rank {rank}'s engine died")
+            return
+        now = time.monotonic()
+        self.missed[rank] = 0
+        self.stats[rank] = stats
+        self._stats_at[rank] = now
+        if now - self._gauges_at[rank] >= STATS_POLL_S:  # gauges at the poll rate, not per batch
+            self._gauges_at[rank] = now
+            self._metrics.rank_gauges(rank, stats)
+
     async def _poll_stats(self) -> None:
+        """Poll the stats of ranks that sent none with their output lately (idle ones): keeps the
+        router's view fresh and notices a dead or hung rank. Busy ranks cost no extra Ray call."""
         import ray
 
         while True:
             if self._ready.is_set():
                 actors, generation = list(self.actors), self.generation
+                due = [r for r in range(len(actors)) if time.monotonic() - self._stats_at[r] >= STATS_POLL_S]
                 results = await asyncio.gather(
-                    *[asyncio.wait_for(a.get_stats.remote(), STATS_POLL_S * 5) for a in actors],
+                    *[asyncio.wait_for(actors[r].get_stats.remote(), STATS_POLL_S * 5) for r in due],
                     return_exceptions=True,
                 )
-                for r, res in enumerate(results):
+                for r, res in zip(due, results, strict=True):
                     if generation != self.generation:
                         break
                     if isinstance(res, ray.exceptions.RayActorError):
@@ -268,12 +293,8 @@ class DPServer:
                         self.missed[r] += 1
                         if self.missed[r] >= DEAD_AFTER_MISSED_POLLS:
                             self._start_recovery(f"rank {r} stopped answering for {self.missed[r]} polls")
-                    elif res.get("errored"):
-                        self._start_recovery(f"rank {r}'s engine died")
                     else:
-                        self.missed[r] = 0
-                        self.stats[r] = res
-                        self._metrics.rank_gauges(r, res)
+                        self._take_stats(r, generation, res)
             await asyncio.sleep(STATS_POLL_S)
 
     async def _wait_ready(self) -> None:

@@ -391,14 +391,18 @@ class DPRank:
         finally:
             self._tasks.pop(request_id, None)
 
-    async def output_stream(self) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
+    async def output_stream(
+        self,
+    ) -> AsyncIterator[tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]]]:
         """Every submitted request's chunks, batched: each item is all that was ready at that moment
-        (typically one engine step's worth for all running requests). One consumer (the ingress)."""
+        (typically one engine step's worth for all running requests) and the rank's stats
+        (`get_stats`) as of then, so a busy rank needs no separate stats call. One consumer (the
+        ingress)."""
         while True:
             batch = [await self._outbox.get()]
             while not self._outbox.empty():
                 batch.append(self._outbox.get_nowait())
-            yield batch
+            yield batch, self.get_stats()
 
     async def _engine_outputs(self, ids: list[int], params, request_id: str):
         """vLLM's output stream; its input validation errors become RequestRejected (HTTP 400)."""

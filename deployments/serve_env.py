@@ -9,7 +9,7 @@ Ray Serve 2.60 also takes them as `controller_options={"runtime_env": {"env_vars
 starts; the controller hands them on to the proxies and replicas it creates (the drain tests in
 tests/deployments/test_side_faults_and_drain.py start Serve that way, with direct ingress on).
 
-Measured with benchmarks/serving.py (see benchmarks/results/serving.md): with direct ingress the
+Measured with benchmarks/serving.py (see benchmarks/results/serving_serve_options.md): with direct ingress the
 ingress replica serves HTTP itself, so each streamed chunk no longer crosses a Ray hop to Serve's
 HTTP proxy. Serve's proxy keeps running on the configured `http_options.port` (8000 in the local
 config) and still works; the ingress replica's own port is allocated from
@@ -27,6 +27,12 @@ SERVE_ENV: dict[str, str] = {
     # Direct ingress otherwise holds a stopping ingress replica open for 30 s so an external load
     # balancer can deregister it; a local server has none (set it back on a cluster behind an LB).
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    # Serve's controller reconciles every 0.1 s by default, costing ~40 ms of CPU per second even
+    # with nothing to do (0.87 CPU-s in 20 idle s on the 2-core dev box; 0.37 at 0.5 s), taken from the
+    # cores the engines step on. dpserve's deployments change rarely (one ingress replica; the ranks
+    # are its own actors), so health checks and redeploys reacting within 0.5 s instead is cheap:
+    # benchmarks/results/serving.md, variant `ctl_100ms`.
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
 }
 
 DIRECT_INGRESS_FIRST_PORT = 30000
