@@ -33,6 +33,17 @@ def test_local_config_is_the_embedded_default():
     assert args.get("model") is None and args["data_parallel_size"] == 2
 
 
+def test_local_config_starts_serve_with_dpserves_serve_options():
+    """Plain `serve run ray_configs/serve-local.yaml` gets what `dpserve serve` sets (SERVE_ENV)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from deployments.serve_env import SERVE_ENV
+
+    raw = yaml.safe_load((CONFIGS[0].parent / "serve-local.yaml").read_text())
+    assert raw["controller_options"]["runtime_env"]["env_vars"] == SERVE_ENV
+    ServeDeploySchema.model_validate(raw)  # Serve accepts the block as it is
+
+
 def test_unknown_setting_is_rejected():
     with pytest.raises(ValueError, match="unknown engine setting"):
         AppConfig.from_args({"data_parallel_sise": 2})
