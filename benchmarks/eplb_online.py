@@ -89,6 +89,16 @@ VARIANTS: dict[str, dict] = {
     "async_inline_s1_statuspoll": {"transfer": {"inline": True, "slots_per_step": 1}, "_poll": "status"},
     # The default staging, its outcome polled every second instead of every poll_interval_s.
     "async_inline_s1_poll1s": {"transfer": {"inline": True, "slots_per_step": 1}, "_poll_s": 1.0},
+    # The default, but prepared inside the eplb_stage RPC on the stepping thread (layouts at each layer's
+    # first piece), as before the preparing thread.
+    "async_inline_s1_stepprep": {"transfer": {"inline": True, "slots_per_step": 1, "prepare": "step"}},
+    # The default, but its outcome polled with the engine call `eplb_outcome` (as before the outcome files).
+    "async_inline_s1_enginepoll": {"transfer": {"inline": True, "slots_per_step": 1}, "_poll": "engine"},
+    # Both of the above: the default as of 1c394b8.
+    "async_inline_s1_old": {
+        "transfer": {"inline": True, "slots_per_step": 1, "prepare": "step"},
+        "_poll": "engine",
+    },
 }
 DEFAULT_VARIANTS = "async_inline_s1,async_inline_half,async_thread,stop_the_world"
 DESCRIBE = {
@@ -98,7 +108,9 @@ DESCRIBE = {
     "commit one layer per step",
     "async_inline_s1": "the default: as async_inline, but a layer's exchange in pieces of at most 1 slot per rank "
     "pair (sent from a view of the weights, no gather copy), one piece per step; a layer commits once all its "
-    "pieces are in",
+    "pieces are in; the plan (diff, pieces, every layer's layout and tables) prepared in a background thread "
+    "after `eplb_stage` returns, its end read from the worker's outcome file by the rank actor "
+    "(`eplb_outcome_local`)",
     "async_inline_s2": "as async_inline_s1, at most 2 slots per rank pair per step",
     "async_inline_half": "as async_inline_s1, but a slot's w13 rows in one step and its w2 rows in the next",
     "async_thread": "background staging thread, one message per weight per layer and peer, nice 19 with 1 OpenMP "
@@ -108,9 +120,14 @@ DESCRIBE = {
     "all layers at once), today's commit",
     "stop_the_world": "every transfer and every layer's commit inside one agreed step",
     "async_inline_s1_poll1s": "as async_inline_s1, but the plan's outcome polled every 1 s",
+    "async_inline_s1_stepprep": "as async_inline_s1, but the plan prepared inside the `eplb_stage` RPC on the engine's "
+    "stepping thread, each layer's layout and tables at its first piece (before the preparing thread)",
+    "async_inline_s1_enginepoll": "as async_inline_s1, but the outcome polled with the engine call `eplb_outcome` "
+    "(before the outcome files)",
+    "async_inline_s1_old": "as async_inline_s1 before both: prepared in the RPC and polled with `eplb_outcome`",
     "async_inline_s1_statuspoll": "as async_inline_s1, but the benchmark polls both ranks' full `eplb_status` "
     "every 10 ms while the plan applies (how it polled before 1c394b8; every other variant polls "
-    f"`eplb_outcome` every {DEFAULTS['poll_interval_s']} s, as the EPLB actor does)",
+    f"`eplb_outcome_local` every {DEFAULTS['poll_interval_s']} s, as the EPLB actor does)",
 }
 POLL_S = DEFAULTS["poll_interval_s"]  # how often a pushed plan's outcome is polled (as the EPLB actor)
 STEADY_REQS = len(PROMPTS) // 2  # requests per rank in a full decode batch
@@ -198,7 +215,8 @@ async def engine_phases(
         plan_id[0] += 1
         pid = plan_id[0]
         opts = dict(variants[variant])
-        status_poll = opts.pop("_poll", None) == "status"
+        poll_kind = opts.pop("_poll", "local")
+        status_poll = poll_kind == "status"
         poll_s = float(opts.pop("_poll_s", POLL_S))
         polls: list[float] = []  # perf_counter when each poll was sent (CLOCK_MONOTONIC, as the step logs)
         msg = {"plan_id": pid, "old": old.tolist(), "new": new.tolist(), "num_ranks": 2, **opts}
@@ -224,8 +242,10 @@ async def engine_phases(
             if status_poll:
                 states = await call_all("eplb_status")
                 found = [next((h for h in s["history"] if h["plan_id"] == pid), None) for s in states]
-            else:
+            elif poll_kind == "engine":
                 found = await call_all("eplb_outcome", pid)
+            else:  # the rank actor reads the worker's outcome file: no call into the engine
+                found = await asyncio.gather(*[a.eplb_outcome_local.remote(pid) for a in actors])
             if all(found):
                 break
             assert time.perf_counter() < deadline, f"plan {pid} not finished: {await call_all('eplb_status')}"
@@ -238,7 +258,7 @@ async def engine_phases(
         assert all(h["outcome"] == "committed" for h in found), found
         w = {"variant": variant, "plan_id": pid, "moved_slots": int((old != new).sum()),
              "t_lo": min(h["t_received"] for h in found), "t_hi": max(h["t_finished"] for h in found),
-             "ranks": [{k: h.get(k) for k in ("stage_ms", "stage_cpu_ms", "commit_ms_total", "commit_ms_max_step", "commit_steps",
+             "ranks": [{k: h.get(k) for k in ("prep_ms", "prep_cpu_ms", "stage_ms", "stage_cpu_ms", "commit_ms_total", "commit_ms_max_step", "commit_steps",
                                               "steps_waited", "remote_bytes", "total_ms", "transfer_layers", "wait_ms", "inline", "inline_steps")}
                        for h in found]}  # fmt: skip
         w["polls_ms"] = [round((t - w["t_lo"]) * 1e3, 1) for t in polls]  # when each poll was sent
@@ -322,6 +342,23 @@ def _by_state(steps: list[list[float]]) -> dict[str, dict]:
     return out
 
 
+def _first_and_poll_steps(ws: list[dict]) -> dict:
+    """A plan's first full decode step per rank (median over plans and ranks) and the window's steps
+    a poll was sent during (its [start, end] holds a poll's send time) against the others."""
+    first, polled, other = [], [], []
+    for w in ws:
+        polls = w.get("polls_ms") or []
+        for r in (0, 1):
+            st = sorted((s for s in w.get("steps", []) if s[0] == r), key=lambda s: s[1])
+            if st:
+                first.append(st[0][2])
+            for s in st[1:]:
+                (polled if any(s[1] <= t <= s[1] + s[2] for t in polls) else other).append(s[2])
+    med = lambda a: float(np.median(a)) if a else float("nan")  # noqa: E731
+    return {"first_step_ms": med(first), "poll_step_ms": med(polled), "poll_steps": len(polled),
+            "no_poll_step_ms": med(other)}  # fmt: skip
+
+
 def _analyse(windows: list[dict], logs: list[list[list[float]]], gaps: list[tuple[float, float]],
              cpu: list[dict], waves: list[tuple[float, float]]) -> dict:  # fmt: skip
     """Engine-side and client-side step times per phase; see _md for the definitions."""
@@ -389,6 +426,7 @@ def _analyse(windows: list[dict], logs: list[list[list[float]]], gaps: list[tupl
             "by_state": _by_state(
                 [s for w in windows if w["variant"] == variant for s in w.get("steps", [])]
             ),
+            **_first_and_poll_steps([w for w in windows if w["variant"] == variant]),
         }
     # Client side: gaps between streamed tokens, windows by the gap's end time.
     steady_g: list[float] = []
@@ -554,6 +592,15 @@ def _md(res: dict) -> str:
         nsteps = ", ".join(str(x) for x in d["per_plan_steps"])
         lines.append(f"| {v} | {d['plans']} | {nsteps} | {worst} | {d['median_of_worst_ms']:.1f} | {ref:.1f} | "
                      f"{d['median_of_worst_ms'] / steady_med:.2f} | {d.get('median_stall_ms', 0.0):.2f} / {d['max_stall_ms']:.1f} |")  # fmt: skip
+    if all("first_step_ms" in e[v] for v in variants):
+        lines += ["", "A plan's first step and the steps polls were sent in (median ms, both ranks; steady median "
+                  f"{steady_med:.1f}):", "",
+                  "| variant | first step of a plan | steps with a poll (n) | other steps of the window |",
+                  "| --- | ---: | ---: | ---: |"]  # fmt: skip
+        for v in variants:
+            d = e[v]
+            lines.append(f"| {v} | {d['first_step_ms']:.1f} | {d['poll_step_ms']:.1f} ({d['poll_steps']}) | "
+                         f"{d['no_poll_step_ms']:.1f} |")  # fmt: skip
     lines += _verdict(eng)
     lines += ["", "Where a window's steps go (median ms per step, both ranks; EPLB work = inside the step at the "
               f"boundary, on the main thread; steady median {steady_med:.1f}):", "",

@@ -461,11 +461,18 @@ class DPRank:
 
     async def eplb_setup(self) -> dict[str, Any]:
         """Install physical slots and tables (every rank together, while idle) and a LoadWindow."""
+        import tempfile
+
         from eplb.load import LoadWindow
 
         cfg = dict(self.settings.eplb or {})
+        # Plan records also land in a per-rank file the worker (in the engine core, our child on this
+        # host) writes: pollers read it here instead of calling into the engine (eplb_outcome_local).
+        outcome_dir = os.path.join(tempfile.gettempdir(), f"dpserve-eplb-{os.getpid()}-r{self.rank}")
         status = await self.eplb_call("eplb_setup", int(cfg.get("num_redundant", 0)),
-                                      int(cfg.get("layers_per_step", 1)))  # fmt: skip
+                                      int(cfg.get("layers_per_step", 1)), outcome_dir)  # fmt: skip
+        self._eplb_outcome_dir = status.get("outcome_dir")
+        self._eplb_misses: dict[int, int] = {}
         placement = await self.eplb_call("eplb_placement")
         self._eplb_window = LoadWindow(
             len(placement), status["num_logical"], int(cfg.get("window_samples", 8))
@@ -490,6 +497,34 @@ class DPRank:
             "complete": self._eplb_window.is_complete(),
             "record_us_per_call": taken["record_us_per_call"],
         }
+
+    async def eplb_outcome_local(self, plan_id: int) -> dict[str, Any] | None:
+        """Plan `plan_id`'s record (as the worker's `eplb_outcome`), None while it is pending, read from
+        the file the worker writes when the plan ends: no call into the engine, whose stepping thread
+        runs every call between steps. Asks the engine instead when the worker writes no files, and on
+        every 10th poll that found no file (a write that failed: the plan's end is still reported);
+        raises when the engine is gone, as the engine call would."""
+        import json
+
+        if self.engine is None or self.engine.errored:
+            raise RuntimeError(f"DP rank {self.rank} engine is not running")
+        d = getattr(self, "_eplb_outcome_dir", None)
+        if not d:
+            return await self.eplb_call("eplb_outcome", int(plan_id))
+        try:
+            with open(os.path.join(d, f"plan-{int(plan_id)}.json")) as f:
+                rec = json.load(f)
+            self._eplb_misses.pop(int(plan_id), None)
+            return rec
+        except FileNotFoundError:
+            pass
+        n = self._eplb_misses[int(plan_id)] = self._eplb_misses.get(int(plan_id), 0) + 1
+        del_old = [k for k in self._eplb_misses if k < int(plan_id) - 20]
+        for k in del_old:
+            del self._eplb_misses[k]
+        if n % 10 == 0:
+            return await self.eplb_call("eplb_outcome", int(plan_id))
+        return None
 
     def eplb_reset_window(self) -> None:
         """Forget the window (after a committed rebalance: the next plan sees the new regime)."""

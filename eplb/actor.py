@@ -12,8 +12,9 @@ A background thread runs `cycle()` every `interval_s`:
    `threshold` (0.95, vllm-ascend) x the current one;
 4. build and validate the TransferPlan (eplb.plan), push it to every rank (`eplb_stage`: the
    ranks stage in the background and switch together, see eplb.applier), wait for every rank to
-   report the outcome (polled every `poll_interval_s` with the small `eplb_outcome` call: each poll
-   runs on the engine's stepping thread), then export metrics and reset the ranks' windows.
+   report the outcome (polled every `poll_interval_s` with `rank.eplb_outcome_local(plan_id)`: the
+   rank reads the record from the file its worker writes when the plan ends, no call into the engine,
+   whose stepping thread runs every call between steps), then export metrics and reset the windows.
 
 Serving never waits on any of this: the ranks only ever receive short RPCs.
 """
@@ -43,9 +44,8 @@ DEFAULTS: dict[str, Any] = {
     "interval_s": 5.0,
     "threshold": 0.95,
     "plan_timeout_s": 120.0,
-    # Seconds between polls of the ranks for a pushed plan's outcome (`eplb_outcome`, a small reply).
-    # Every poll is an RPC the engine core runs on its stepping thread between steps (and, DP/EP in
-    # lockstep, the other ranks wait for it), so poll much less often than a step; an apply takes ~1 s.
+    # Seconds between polls of the ranks for a pushed plan's outcome (`eplb_outcome_local`: a file read
+    # in the rank actor; it asks the engine - an RPC on the stepping thread - only when there is no file).
     "poll_interval_s": 0.2,
     "blocking": False,  # stop-the-world application (for comparison benchmarks)
 }
@@ -83,7 +83,8 @@ class _Metrics:
 class EplbController:
     """Plans and pushes placements for one rank group.
 
-    ranks: handles with `eplb_collect()`, `eplb_reset_window()` and `eplb_call(method, *args)` (the
+    ranks: handles with `eplb_collect()`, `eplb_reset_window()`, `eplb_outcome_local(plan_id)` and
+    `eplb_call(method, *args)` (the
     DPRank actor's EPLB methods); config: DEFAULTS keys.
     """
 
@@ -263,7 +264,7 @@ class EplbController:
         deadline = time.monotonic() + float(self.config["plan_timeout_s"])
         poll_s = float(self.config["poll_interval_s"])
         while True:
-            found = self._get([r.eplb_call.remote("eplb_outcome", plan_id) for r in self.ranks])
+            found = self._get([r.eplb_outcome_local.remote(plan_id) for r in self.ranks])
             if all(f is not None for f in found):
                 break
             if time.monotonic() > deadline:

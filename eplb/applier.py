@@ -45,6 +45,7 @@ With DP == 1 there is nobody to agree with: stage and commit happen inside the R
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -113,6 +114,12 @@ TRANSFER_DEFAULTS: dict[str, Any] = {
     # row: sent straight from the weights, no gather copy.
     "slots_per_step": 1,
     "split_weights": False,  # inline: a piece's w13 and w2 rows in two successive steps (half the bytes each)
+    # Where an async plan is prepared (TransferPlan diff and validation, pieces; inline: every layer's
+    # exchange layout, receive buffers and commit tables): "thread" - `eplb_stage` returns after the cheap
+    # checks and a background thread (nice, one OpenMP thread) prepares it; the rank contributes the id to
+    # the start agreement only once that is done. "step" - all of it inside the `eplb_stage` RPC (on the
+    # engine's stepping thread), a layer's layout when its first piece is posted (the old behaviour).
+    "prepare": "thread",
 }
 PACE_WAIT_S = 0.25  # a paced layer starts at the latest this long after the previous one
 
@@ -180,6 +187,9 @@ class _Pending:
     inline_steps: list[tuple[float, float]] = field(default_factory=list)  # (wall ms, main-thread CPU ms)
     injected: bool = False  # fault injection taken for this plan (inline staging)
     t_started: float = 0.0  # perf_counter when every rank agreed to start staging
+    prepared: bool = True  # plan, pieces (and inline layouts) ready; False while the preparing thread runs
+    prep_ms: float = 0.0  # wall time of the preparation (thread or stage RPC)
+    prep_cpu_ms: float = 0.0
 
 
 # Codes of StepLog.state: what the step-sync hook did at this step.
@@ -438,6 +448,7 @@ class EplbWorkerState:
         self.group_error: str | None = None  # a gloo error closed the transfer group's pair
         self.pending: _Pending | None = None
         self.history: list[dict] = []
+        self.outcome_dir: str | None = None  # see set_outcome_dir
         self.last_plan_id = 0
         self.fail_next_transfer = False
         self.sync_steps = 0
@@ -449,16 +460,51 @@ class EplbWorkerState:
             eplb_hooks.register_step_sync(self)
 
     # ---- plans -----------------------------------------------------------------------------------
-    def _check_plan(self, msg: dict) -> TransferPlan:
+    def _check_start(self, msg: dict) -> tuple[np.ndarray, np.ndarray]:
+        """The cheap checks (group size, stale start placement): (old, new) phy2log."""
         old = np.asarray(msg["old"], dtype=np.int64)
         new = np.asarray(msg["new"], dtype=np.int64)
         if int(msg["num_ranks"]) != self.ep_size:
             raise PlanError(f"plan is for {msg['num_ranks']} EP ranks, this group has {self.ep_size}")
         if old.shape != self.phy2log.shape or not np.array_equal(old, self.phy2log):
             raise PlanError("plan starts from a placement this rank does not hold (stale plan)")
+        return old, new
+
+    def _build_plan(self, old: np.ndarray, new: np.ndarray, opts: dict) -> tuple[TransferPlan, list]:
+        """The heavy part: TransferPlan (diff + validation) and its pieces."""
         plan = build_transfer_plan(old, new, self.ep_size, self.num_logical)
         validate_plan(plan, self.num_logical)
-        return plan
+        todo = _pieces(plan, self.ep_size, int(opts["slots_per_step"]), bool(opts["split_weights"]))
+        if len(todo) >= 8192:  # their tags must stay inside the plan's tag range
+            raise PlanError(f"{len(todo)} pieces: raise slots_per_step")
+        return plan, todo
+
+    def _check_plan(self, msg: dict) -> TransferPlan:
+        old, new = self._check_start(msg)
+        return self._build_plan(old, new, TRANSFER_DEFAULTS)[0]
+
+    def _prepare(self, p: _Pending, old: np.ndarray, new: np.ndarray) -> None:
+        """Background preparation of an async plan (transfer option prepare="thread"): plan, pieces and,
+        inline, every layer's exchange (receive buffers, commit tables). Sets p.prepared (the rank then
+        contributes the id to the start agreement) or p.failed (every rank drops the plan at the next
+        step's sums)."""
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        _tune_staging_thread(int(p.opts["nice"]), int(p.opts["omp_threads"]))
+        try:
+            p.plan, p.todo = self._build_plan(old, new, p.opts)
+            if p.opts["inline"]:
+                for layer in p.plan.layers():
+                    if p.aborted:
+                        return
+                    p.exchanges[layer] = self._layout(p, layer)
+            p.prepared = True
+        except Exception as exc:  # reported through the step sync (the failed row)
+            if not p.aborted:
+                logger.warning("EPLB plan %d: preparation failed: %s", p.plan_id, exc)
+                p.failed = f"{type(exc).__name__}: {exc}"
+        finally:
+            p.prep_ms = (time.perf_counter() - t0) * 1e3
+            p.prep_cpu_ms = (time.thread_time() - cpu0) * 1e3
 
     def stage(self, msg: dict) -> dict:
         """Accept plan msg {"plan_id", "old", "new", "num_ranks", "blocking"?}; never blocks serving
@@ -475,24 +521,28 @@ class EplbWorkerState:
             self.last_plan_id = plan_id
             if self.pending is not None:
                 return {"accepted": False, "error": f"plan {self.pending.plan_id} still pending"}
-            try:
-                plan = self._check_plan(msg)
-            except (PlanError, ValueError, KeyError) as exc:
-                self._record(plan_id, "rejected", error=str(exc))
-                return {"accepted": False, "error": str(exc)}
             opts = dict(TRANSFER_DEFAULTS)
             unknown = set(msg.get("transfer") or {}) - set(opts)
             if unknown:
                 self._record(plan_id, "rejected", error=f"unknown transfer options {sorted(unknown)}")
                 return {"accepted": False, "error": f"unknown transfer options {sorted(unknown)}"}
             opts.update(msg.get("transfer") or {})
-            pending = _Pending(plan_id, plan, blocking=bool(msg.get("blocking", False)), opts=opts)
-            pending.todo = _pieces(
-                plan, self.ep_size, int(opts["slots_per_step"]), bool(opts["split_weights"])
-            )
-            if len(pending.todo) >= 8192:  # their tags must stay inside the plan's tag range
-                self._record(plan_id, "rejected", error=f"{len(pending.todo)} pieces: raise slots_per_step")
-                return {"accepted": False, "error": f"{len(pending.todo)} pieces: raise slots_per_step"}
+            blocking = bool(msg.get("blocking", False))
+            # Async plans on DP > 1 are prepared off the stepping thread (see TRANSFER_DEFAULTS["prepare"]).
+            in_thread = self.dp_size > 1 and not blocking and opts["prepare"] == "thread"
+            t0, cpu0 = time.perf_counter(), time.thread_time()
+            try:
+                old, new = self._check_start(msg)
+                plan, todo = (None, []) if in_thread else self._build_plan(old, new, opts)
+            except (PlanError, ValueError, KeyError) as exc:
+                self._record(plan_id, "rejected", error=str(exc))
+                return {"accepted": False, "error": str(exc)}
+            pending = _Pending(plan_id, plan, blocking=blocking, opts=opts)  # type: ignore[arg-type]
+            pending.todo = todo
+            pending.prepared = not in_thread
+            if not in_thread:
+                pending.prep_ms = (time.perf_counter() - t0) * 1e3
+                pending.prep_cpu_ms = (time.thread_time() - cpu0) * 1e3
             self.pending = pending
         if self.dp_size == 1:
             # Single engine: this RPC runs between steps, so apply everything right here.
@@ -511,6 +561,10 @@ class EplbWorkerState:
             return {"accepted": False, "error": f"transfer group unusable since: {self.group_error}"}
         if pending.blocking:
             pending.ready = True  # transfers happen at the agreed step, all ranks together
+        if in_thread:
+            threading.Thread(
+                target=self._prepare, args=(pending, old, new), name="eplb-prep", daemon=True
+            ).start()
         # Async: staging starts only once every rank has accepted the plan (see on_sums), so every
         # p2p op posted has its peer: an unmatched gloo op can only end in the group's timeout, and
         # a timed-out gloo wait closes the pair for every later plan.
@@ -772,11 +826,13 @@ class EplbWorkerState:
         self.phy2log[layer] = s.new_row
 
     def _finish(self, p: _Pending, outcome: str) -> None:
+        layers = p.plan.layers() if p.plan is not None else []
         self._record(
-            p.plan_id, outcome, error=p.failed, stage_ms=p.stage_ms, stage_cpu_ms=p.stage_cpu_ms, commit_ms_total=sum(p.commit_ms),
+            p.plan_id, outcome, error=p.failed, prep_ms=p.prep_ms, prep_cpu_ms=p.prep_cpu_ms,
+            prepare=str(p.opts["prepare"]), stage_ms=p.stage_ms, stage_cpu_ms=p.stage_cpu_ms, commit_ms_total=sum(p.commit_ms),
             commit_ms_max_step=max(p.commit_ms, default=0.0), commit_steps=len(p.commit_ms),
-            steps_waited=p.steps_waited, remote_bytes=p.remote_bytes, layers=len(p.plan.layers()),
-            moved_slots=sum(len(v) for v in p.plan.ops_by_layer.values()),
+            steps_waited=p.steps_waited, remote_bytes=p.remote_bytes, layers=len(layers),
+            moved_slots=sum(len(p.plan.ops_by_layer[x]) for x in layers),
             total_ms=(time.perf_counter() - p.t_received) * 1e3, blocking=p.blocking,
             t_received=p.t_received, t_ready=p.t_ready, t_finished=time.perf_counter(),
             transfer_layers=[[lay, (a - p.t_received) * 1e3, (b - a) * 1e3] for lay, a, b in p.layer_ms],
@@ -790,6 +846,48 @@ class EplbWorkerState:
     def _record(self, plan_id: int, outcome: str, **info: Any) -> None:
         self.history.append({"plan_id": plan_id, "outcome": outcome, **info})
         del self.history[:-20]
+        if getattr(self, "outcome_dir", None):
+            self._write_outcome(self.history[-1])
+
+    def set_outcome_dir(self, path: str | None) -> str | None:
+        """Also write every plan record to `path`/plan-<id>.json (atomically, the last 20 kept), so that
+        whoever waits for a plan on this host (the rank actor, parent of the engine core) reads it from
+        there instead of asking the engine (every call into it runs on its stepping thread between steps).
+        Returns the directory in use: None when it cannot be written (then pollers ask the engine)."""
+        self.outcome_dir = None
+        if path:
+            try:
+                os.makedirs(path, exist_ok=True)
+                probe = os.path.join(path, ".probe")
+                with open(probe, "w") as f:
+                    f.write("ok")
+                os.remove(probe)
+                self.outcome_dir = path
+            except OSError:
+                logger.warning("EPLB: cannot write plan outcomes to %s; pollers ask the engine", path)
+        return self.outcome_dir
+
+    def _write_outcome(self, rec: dict) -> None:
+        d = self.outcome_dir
+        assert d is not None
+        path = os.path.join(d, f"plan-{int(rec['plan_id'])}.json")
+        try:
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(rec, f, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+            os.replace(tmp, path)  # readers see the whole record or nothing
+            written = self.__dict__.setdefault("_outcome_files", deque())
+            written.append(path)
+            while len(written) > 20:
+                old = written.popleft()
+                if old != path:
+                    try:
+                        os.remove(old)
+                    except OSError:
+                        pass
+        except (OSError, TypeError, ValueError):
+            # The rank falls back to asking the engine (eplb_outcome) for a plan whose file never comes.
+            logger.exception("EPLB plan %s: could not write its outcome file", rec.get("plan_id"))
 
     def abort(self, plan_id: int) -> bool:
         """Drop pending plan `plan_id` unless it is already committing. Safe only when agreement is
@@ -809,7 +907,8 @@ class EplbWorkerState:
         p = self.pending
         if p is None or p.commit_layers:
             return [0] * self.num_rows
-        acc = p.plan_id if not (p.blocking or p.started) else 0
+        # Accepted = prepared: every rank starts at the step where all have contributed the id.
+        acc = p.plan_id if p.prepared and not (p.blocking or p.started) else 0
         ready = p.plan_id if p.ready else 0
         return [acc, acc * acc, ready, ready * ready, 1 if p.failed else 0]
 
@@ -933,6 +1032,7 @@ class EplbWorkerState:
                 "committing": len(p.commit_layers),
             },
             "history": list(self.history),
+            "outcome_dir": getattr(self, "outcome_dir", None),
             "staging_threads": sum(1 for t in threading.enumerate() if t.name == "eplb-stage"),
             "sync_steps": self.sync_steps,
             "sync_us_per_step": self.sync_us / self.sync_steps_idle if self.sync_steps_idle else 0.0,
@@ -949,12 +1049,17 @@ class EplbWorkerExtension:
     values are plain lists/dicts so they cross vLLM's msgpack RPC.
     """
 
-    def eplb_setup(self, num_redundant: int = 0, layers_per_step: int = 1) -> dict:
+    def eplb_setup(
+        self, num_redundant: int = 0, layers_per_step: int = 1, outcome_dir: str | None = None
+    ) -> dict:
         """Enlarge weights to physical slots and install the routing tables (idempotent). Must run on
-        every rank while the group is idle (it adds rows to the per-step DP all-reduce)."""
+        every rank while the group is idle (it adds rows to the per-step DP all-reduce). `outcome_dir`:
+        also write plan records there (see EplbWorkerState.set_outcome_dir; status["outcome_dir"])."""
         global _STATE
         if _STATE is None:
             _STATE = EplbWorkerState(self, num_redundant, layers_per_step)
+        if outcome_dir is not None:
+            _STATE.set_outcome_dir(outcome_dir)
         return self.eplb_status()
 
     def eplb_take_load(self) -> dict:

@@ -36,6 +36,7 @@ class FakeRank:
         self.history: list[dict] = []
         self.resets = 0
         self.outcome_polls = 0
+        self.engine_outcome_polls = 0
         self.status_calls = 0
         self.deferred: dict | None = None  # the outcome of a plan still "applying"
 
@@ -46,6 +47,17 @@ class FakeRank:
     def eplb_reset_window(self) -> None:
         self.resets += 1
         self.steps = 0
+
+    def eplb_outcome_local(self, plan_id: int):
+        """DPRank.eplb_outcome_local: the record from the worker's file, no engine call."""
+        return self._outcome(plan_id)
+
+    def _outcome(self, plan_id: int):
+        self.outcome_polls += 1
+        if self.deferred is not None and self.outcome_polls >= self.pending_polls:
+            self.history.append(self.deferred)
+            self.deferred = None
+        return next((h for h in reversed(self.history) if h["plan_id"] == plan_id), None)
 
     def eplb_call(self, method: str, *args):
         if method == "eplb_placement":
@@ -59,11 +71,8 @@ class FakeRank:
                 "history": self.history,
             }
         if method == "eplb_outcome":
-            self.outcome_polls += 1
-            if self.deferred is not None and self.outcome_polls >= self.pending_polls:
-                self.history.append(self.deferred)
-                self.deferred = None
-            return next((h for h in reversed(self.history) if h["plan_id"] == args[0]), None)
+            self.engine_outcome_polls += 1
+            return self._outcome(*args)
         if method == "eplb_stage":
             msg = args[0]
             self.plans.append(msg)
@@ -95,7 +104,8 @@ class FakeRank:
         return self.resets
 
     def get_calls(self) -> dict:
-        return {"outcome_polls": self.outcome_polls, "status_calls": self.status_calls}
+        return {"outcome_polls": self.outcome_polls, "status_calls": self.status_calls,
+                "engine_outcome_polls": self.engine_outcome_polls}  # fmt: skip
 
 
 @pytest.fixture
@@ -142,8 +152,9 @@ def test_plans_when_window_completes_and_pushes_to_every_rank(fake_ranks):
 
 
 def test_waits_for_a_plan_with_small_outcome_polls_at_the_configured_interval(fake_ranks):
-    """While a plan applies, the actor asks each rank for that plan's record only (`eplb_outcome`),
-    every poll_interval_s: each poll runs on the engine's stepping thread, the full status is large."""
+    """While a plan applies, the actor asks each rank for that plan's record only, every poll_interval_s,
+    with `eplb_outcome_local` (the rank reads the worker's file; an engine call would run on the engine's
+    stepping thread), never the large full status."""
     import ray
 
     ranks = fake_ranks(pending_polls=4)  # the outcome appears at the 4th poll
@@ -156,6 +167,7 @@ def test_waits_for_a_plan_with_small_outcome_polls_at_the_configured_interval(fa
     elapsed = time.monotonic() - t0
     calls = ray.get([r.get_calls.remote() for r in ranks])
     assert [c["outcome_polls"] for c in calls] == [4, 4]
+    assert [c["engine_outcome_polls"] for c in calls] == [0, 0]  # the rank's local record, not the engine
     # One full status per rank before planning (is a plan pending?), none while waiting.
     assert [c["status_calls"] - b for c, b in zip(calls, status_before, strict=True)] == [1, 1]
     assert elapsed >= 3 * 0.1  # three sleeps between four polls

@@ -1,0 +1,51 @@
+"""DPRank.eplb_outcome_local: a plan's record read from the file the worker writes when the plan ends
+(eplb.applier set_outcome_dir), no call into the engine; the engine call only as a fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from deployments.rank import DPRank
+
+
+def _rank(outcome_dir):
+    r = DPRank.__new__(DPRank)
+    r.rank, r.engine = 0, SimpleNamespace(errored=False)
+    r._eplb_outcome_dir, r._eplb_misses = outcome_dir, {}
+    calls = []
+
+    async def eplb_call(method, *args):
+        calls.append((method, *args))
+        return {"plan_id": args[0], "outcome": "committed", "from": "engine"}
+
+    r.eplb_call = eplb_call
+    return r, calls
+
+
+def test_reads_the_workers_file_and_asks_the_engine_only_every_10th_miss(tmp_path):
+    r, calls = _rank(str(tmp_path))
+    run = asyncio.run
+    for _ in range(9):
+        assert run(r.eplb_outcome_local(5)) is None  # pending: no file yet
+    assert calls == []
+    assert run(r.eplb_outcome_local(5))["from"] == "engine"  # a lost write still ends the wait
+    assert calls == [("eplb_outcome", 5)]
+    (tmp_path / "plan-5.json").write_text(json.dumps({"plan_id": 5, "outcome": "failed", "error": "x"}))
+    assert run(r.eplb_outcome_local(5)) == {"plan_id": 5, "outcome": "failed", "error": "x"}
+    assert len(calls) == 1
+
+
+def test_without_outcome_files_it_asks_the_engine():
+    r, calls = _rank(None)
+    assert asyncio.run(r.eplb_outcome_local(3))["from"] == "engine" and calls == [("eplb_outcome", 3)]
+
+
+def test_a_dead_engine_raises(tmp_path):
+    r, _ = _rank(str(tmp_path))
+    r.engine = None
+    with pytest.raises(RuntimeError):
+        asyncio.run(r.eplb_outcome_local(1))
