@@ -94,6 +94,8 @@ VARIANTS: dict[str, dict] = {
     "async_inline_s1_stepprep": {"transfer": {"inline": True, "slots_per_step": 1, "prepare": "step"}},
     # The default, but its outcome polled with the engine call `eplb_outcome` (as before the outcome files).
     "async_inline_s1_enginepoll": {"transfer": {"inline": True, "slots_per_step": 1}, "_poll": "engine"},
+    # The default, but the outcome file polled every poll_interval_s (the rank does not wait for it).
+    "async_inline_s1_filepoll": {"transfer": {"inline": True, "slots_per_step": 1}, "_wait_s": 0.0},
     # Both of the above: the default as of 1c394b8.
     "async_inline_s1_old": {
         "transfer": {"inline": True, "slots_per_step": 1, "prepare": "step"},
@@ -109,8 +111,8 @@ DESCRIBE = {
     "async_inline_s1": "the default: as async_inline, but a layer's exchange in pieces of at most 1 slot per rank "
     "pair (sent from a view of the weights, no gather copy), one piece per step; a layer commits once all its "
     "pieces are in; the plan (diff, pieces, every layer's layout and tables) prepared in a background thread "
-    "after `eplb_stage` returns, its end read from the worker's outcome file by the rank actor "
-    "(`eplb_outcome_local`)",
+    "after `eplb_stage` returns, its end read from the worker's outcome file by the rank actor, "
+    f"which waits for it (`eplb_outcome_local(plan_id, {DEFAULTS['outcome_wait_s']})`: one call per plan and rank)",
     "async_inline_s2": "as async_inline_s1, at most 2 slots per rank pair per step",
     "async_inline_half": "as async_inline_s1, but a slot's w13 rows in one step and its w2 rows in the next",
     "async_thread": "background staging thread, one message per weight per layer and peer, nice 19 with 1 OpenMP "
@@ -124,11 +126,14 @@ DESCRIBE = {
     "stepping thread, each layer's layout and tables at its first piece (before the preparing thread)",
     "async_inline_s1_enginepoll": "as async_inline_s1, but the outcome polled with the engine call `eplb_outcome` "
     "(before the outcome files)",
+    "async_inline_s1_filepoll": "as async_inline_s1, but the rank actor does not wait for the outcome file: "
+    f"polled every {DEFAULTS['poll_interval_s']} s",
     "async_inline_s1_old": "as async_inline_s1 before both: prepared in the RPC and polled with `eplb_outcome`",
     "async_inline_s1_statuspoll": "as async_inline_s1, but the benchmark polls both ranks' full `eplb_status` "
     "every 10 ms while the plan applies (how it polled before 1c394b8; every other variant polls "
     f"`eplb_outcome_local` every {DEFAULTS['poll_interval_s']} s, as the EPLB actor does)",
 }
+OUTCOME_WAIT_S = DEFAULTS["outcome_wait_s"]  # how long one local poll waits in the rank for the outcome file
 POLL_S = DEFAULTS["poll_interval_s"]  # how often a pushed plan's outcome is polled (as the EPLB actor)
 STEADY_REQS = len(PROMPTS) // 2  # requests per rank in a full decode batch
 
@@ -218,6 +223,7 @@ async def engine_phases(
         poll_kind = opts.pop("_poll", "local")
         status_poll = poll_kind == "status"
         poll_s = float(opts.pop("_poll_s", POLL_S))
+        wait_s = float(opts.pop("_wait_s", OUTCOME_WAIT_S))
         polls: list[float] = []  # perf_counter when each poll was sent (CLOCK_MONOTONIC, as the step logs)
         msg = {"plan_id": pid, "old": old.tolist(), "new": new.tolist(), "num_ranks": 2, **opts}
         cpu0 = await call_all("eplb_thread_cpu")
@@ -244,8 +250,9 @@ async def engine_phases(
                 found = [next((h for h in s["history"] if h["plan_id"] == pid), None) for s in states]
             elif poll_kind == "engine":
                 found = await call_all("eplb_outcome", pid)
-            else:  # the rank actor reads the worker's outcome file: no call into the engine
-                found = await asyncio.gather(*[a.eplb_outcome_local.remote(pid) for a in actors])
+            else:  # the rank actor waits for the worker's outcome file (as the EPLB actor): no engine call
+                found = await asyncio.gather(*[a.eplb_outcome_local.remote(pid, wait_s)
+                                               for a in actors])  # fmt: skip
             if all(found):
                 break
             assert time.perf_counter() < deadline, f"plan {pid} not finished: {await call_all('eplb_status')}"

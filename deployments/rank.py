@@ -472,7 +472,7 @@ class DPRank:
         status = await self.eplb_call("eplb_setup", int(cfg.get("num_redundant", 0)),
                                       int(cfg.get("layers_per_step", 1)), outcome_dir)  # fmt: skip
         self._eplb_outcome_dir = status.get("outcome_dir")
-        self._eplb_misses: dict[int, int] = {}
+        self._eplb_misses: dict[int, float] = {}  # plan id -> since when no file
         placement = await self.eplb_call("eplb_placement")
         self._eplb_window = LoadWindow(
             len(placement), status["num_logical"], int(cfg.get("window_samples", 8))
@@ -498,33 +498,42 @@ class DPRank:
             "record_us_per_call": taken["record_us_per_call"],
         }
 
-    async def eplb_outcome_local(self, plan_id: int) -> dict[str, Any] | None:
+    async def eplb_outcome_local(self, plan_id: int, wait_s: float = 0.0) -> dict[str, Any] | None:
         """Plan `plan_id`'s record (as the worker's `eplb_outcome`), None while it is pending, read from
         the file the worker writes when the plan ends: no call into the engine, whose stepping thread
-        runs every call between steps. Asks the engine instead when the worker writes no files, and on
-        every 10th poll that found no file (a write that failed: the plan's end is still reported);
-        raises when the engine is gone, as the engine call would."""
+        runs every call between steps. With `wait_s`, waits up to that long for the file here (checked
+        every 50 ms in this actor), so a poller needs one call per plan instead of one per interval.
+        Asks the engine instead when the worker writes no files, and every 2 s without a file (a write
+        that failed: the plan's end is still reported); raises when the engine is gone, as the engine
+        call would."""
         import json
 
-        if self.engine is None or self.engine.errored:
-            raise RuntimeError(f"DP rank {self.rank} engine is not running")
         d = getattr(self, "_eplb_outcome_dir", None)
-        if not d:
-            return await self.eplb_call("eplb_outcome", int(plan_id))
-        try:
-            with open(os.path.join(d, f"plan-{int(plan_id)}.json")) as f:
-                rec = json.load(f)
-            self._eplb_misses.pop(int(plan_id), None)
-            return rec
-        except FileNotFoundError:
-            pass
-        n = self._eplb_misses[int(plan_id)] = self._eplb_misses.get(int(plan_id), 0) + 1
-        del_old = [k for k in self._eplb_misses if k < int(plan_id) - 20]
-        for k in del_old:
-            del self._eplb_misses[k]
-        if n % 10 == 0:
-            return await self.eplb_call("eplb_outcome", int(plan_id))
-        return None
+        pid = int(plan_id)
+        t_end = time.monotonic() + max(0.0, float(wait_s))
+        while True:
+            if self.engine is None or self.engine.errored:
+                raise RuntimeError(f"DP rank {self.rank} engine is not running")
+            if not d:
+                return await self.eplb_call("eplb_outcome", pid)
+            try:
+                with open(os.path.join(d, f"plan-{pid}.json")) as f:
+                    rec = json.load(f)
+                self._eplb_misses.pop(pid, None)
+                return rec
+            except FileNotFoundError:
+                pass
+            for k in [k for k in self._eplb_misses if k < pid - 20]:
+                del self._eplb_misses[k]
+            t_miss = self._eplb_misses.setdefault(pid, time.monotonic())
+            if time.monotonic() - t_miss >= 2.0:  # no file for 2 s: ask the engine once, then again 2 s on
+                self._eplb_misses[pid] = time.monotonic()
+                rec = await self.eplb_call("eplb_outcome", pid)
+                if rec is not None:
+                    return rec
+            if time.monotonic() >= t_end:
+                return None
+            await asyncio.sleep(min(0.05, max(0.0, t_end - time.monotonic())))
 
     def eplb_reset_window(self) -> None:
         """Forget the window (after a committed rebalance: the next plan sees the new regime)."""

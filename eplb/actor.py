@@ -12,9 +12,10 @@ A background thread runs `cycle()` every `interval_s`:
    `threshold` (0.95, vllm-ascend) x the current one;
 4. build and validate the TransferPlan (eplb.plan), push it to every rank (`eplb_stage`: the
    ranks stage in the background and switch together, see eplb.applier), wait for every rank to
-   report the outcome (polled every `poll_interval_s` with `rank.eplb_outcome_local(plan_id)`: the
-   rank reads the record from the file its worker writes when the plan ends, no call into the engine,
-   whose stepping thread runs every call between steps), then export metrics and reset the windows.
+   report the outcome (`rank.eplb_outcome_local(plan_id, outcome_wait_s)`: the rank waits for the
+   record in the file its worker writes when the plan ends, no call into the engine, whose stepping
+   thread runs every call between steps; polled again after `poll_interval_s` if it is not there),
+   then export metrics and reset the windows.
 
 Serving never waits on any of this: the ranks only ever receive short RPCs.
 """
@@ -47,6 +48,9 @@ DEFAULTS: dict[str, Any] = {
     # Seconds between polls of the ranks for a pushed plan's outcome (`eplb_outcome_local`: a file read
     # in the rank actor; it asks the engine - an RPC on the stepping thread - only when there is no file).
     "poll_interval_s": 0.2,
+    # Each poll waits in the rank up to this long for the outcome file (one call per plan and rank
+    # instead of one per poll_interval_s: every call wakes processes on the cores the forwards run on).
+    "outcome_wait_s": 5.0,
     "blocking": False,  # stop-the-world application (for comparison benchmarks)
 }
 
@@ -264,7 +268,8 @@ class EplbController:
         deadline = time.monotonic() + float(self.config["plan_timeout_s"])
         poll_s = float(self.config["poll_interval_s"])
         while True:
-            found = self._get([r.eplb_outcome_local.remote(plan_id) for r in self.ranks])
+            wait = max(0.0, min(float(self.config["outcome_wait_s"]), deadline - time.monotonic()))
+            found = self._get([r.eplb_outcome_local.remote(plan_id, wait) for r in self.ranks])
             if all(f is not None for f in found):
                 break
             if time.monotonic() > deadline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -26,17 +27,41 @@ def _rank(outcome_dir):
     return r, calls
 
 
-def test_reads_the_workers_file_and_asks_the_engine_only_every_10th_miss(tmp_path):
+def test_reads_the_workers_file_and_asks_the_engine_only_after_2s_without_one(tmp_path, monkeypatch):
     r, calls = _rank(str(tmp_path))
     run = asyncio.run
-    for _ in range(9):
+    now = [100.0]
+    monkeypatch.setattr("deployments.rank.time.monotonic", lambda: now[0])
+    for _ in range(5):
         assert run(r.eplb_outcome_local(5)) is None  # pending: no file yet
+        now[0] += 0.3
     assert calls == []
-    assert run(r.eplb_outcome_local(5))["from"] == "engine"  # a lost write still ends the wait
+    now[0] += 1.0  # 2 s without a file: a lost write must still end the wait
+    assert run(r.eplb_outcome_local(5))["from"] == "engine"
     assert calls == [("eplb_outcome", 5)]
     (tmp_path / "plan-5.json").write_text(json.dumps({"plan_id": 5, "outcome": "failed", "error": "x"}))
     assert run(r.eplb_outcome_local(5)) == {"plan_id": 5, "outcome": "failed", "error": "x"}
     assert len(calls) == 1
+
+
+def test_waits_in_the_rank_for_the_file(tmp_path):
+    r, calls = _rank(str(tmp_path))
+
+    async def go():
+        async def write_later():
+            await asyncio.sleep(0.2)
+            (tmp_path / "plan-7.json").write_text(json.dumps({"plan_id": 7, "outcome": "committed"}))
+
+        t0 = time.monotonic()
+        assert await r.eplb_outcome_local(7, 0.05) is None  # not there within the wait
+        assert 0.04 <= time.monotonic() - t0 < 1.0
+        w = asyncio.ensure_future(write_later())
+        rec = await r.eplb_outcome_local(7, 5.0)
+        await w
+        return rec, time.monotonic() - t0
+
+    rec, took = asyncio.run(go())
+    assert rec == {"plan_id": 7, "outcome": "committed"} and took < 2.0 and calls == []
 
 
 def test_without_outcome_files_it_asks_the_engine():

@@ -37,6 +37,7 @@ class FakeRank:
         self.resets = 0
         self.outcome_polls = 0
         self.engine_outcome_polls = 0
+        self.waits: list[float] = []
         self.status_calls = 0
         self.deferred: dict | None = None  # the outcome of a plan still "applying"
 
@@ -48,7 +49,8 @@ class FakeRank:
         self.resets += 1
         self.steps = 0
 
-    def eplb_outcome_local(self, plan_id: int):
+    def eplb_outcome_local(self, plan_id: int, wait_s: float = 0.0):
+        self.waits.append(wait_s)
         """DPRank.eplb_outcome_local: the record from the worker's file, no engine call."""
         return self._outcome(plan_id)
 
@@ -105,7 +107,7 @@ class FakeRank:
 
     def get_calls(self) -> dict:
         return {"outcome_polls": self.outcome_polls, "status_calls": self.status_calls,
-                "engine_outcome_polls": self.engine_outcome_polls}  # fmt: skip
+                "engine_outcome_polls": self.engine_outcome_polls, "waits": self.waits}  # fmt: skip
 
 
 @pytest.fixture
@@ -168,6 +170,7 @@ def test_waits_for_a_plan_with_small_outcome_polls_at_the_configured_interval(fa
     calls = ray.get([r.get_calls.remote() for r in ranks])
     assert [c["outcome_polls"] for c in calls] == [4, 4]
     assert [c["engine_outcome_polls"] for c in calls] == [0, 0]  # the rank's local record, not the engine
+    assert all(0 < w <= 5.0 for c in calls for w in c["waits"][-4:])  # each poll waits in the rank
     # One full status per rank before planning (is a plan pending?), none while waiting.
     assert [c["status_calls"] - b for c, b in zip(calls, status_before, strict=True)] == [1, 1]
     assert elapsed >= 3 * 0.1  # three sleeps between four polls
