@@ -491,7 +491,7 @@ DIAGNOSIS = [
     "21.2 / 20.2 / 21.2 / 26.1 with the new polling (steady 21.9 / 20.4 / 20.6 / 26.1). The target holds on "
     "these two measures in most runs, not in every run (median over 1.10x in one of seven, worst per plan in "
     "one of seven).",
-    "- What is left: the worst step of all plans against the steady p99 is 0.92x-1.56x (over 1.10x in six of "
+    "- What was left after v4: the worst step of all plans against the steady p99 is 0.92x-1.56x (over 1.10x in six of "
     "seven runs). A plan's first step takes 26-29 ms (median over plans and ranks, runs 1-4) against 20-23 "
     "steady: it agrees on the start and posts the first piece with its layer's tables (1-2.5 ms of EPLB work; "
     "6-8 ms in a run's first plan, first use of the transfer pair) while the pushing side's RPCs arrive. Each "
@@ -506,10 +506,36 @@ DIAGNOSIS = [
     "GIL-releasing calls per boundary): median 0.98x against 1.12x for `async_inline_s1` in run 3, 1.08x "
     "against 1.07x in run 4 (6 rounds), boundary wall time 0.63 against 0.93 ms, then 0.78 against 0.56 ms: "
     "no consistent gain.",
-    "- Not tried yet: the ranks reporting a plan's end themselves instead of being polled; rebinding the "
-    "parameters to prepared tensors at commit (removes the commit copies; needs in-place updates under CUDA "
-    "graphs, so a per-platform path); preparing every layer's tables when the plan is accepted; a py-spy/GIL "
-    "profile of the first step and of the bursts.",
+    "- v5, preparation off the stepping thread and outcome files (2026-11-30, 5e18c18 + 2d6fb16): `eplb_stage` "
+    "returns after the cheap checks (ids, options, group size, stale start placement); a background thread "
+    "(nice 19, one OpenMP thread) builds the TransferPlan, its pieces and every layer's layout, receive buffers "
+    "and commit tables (median 9-12 ms wall, 2-5 ms CPU per plan), and the rank adds the id to the start agreement "
+    "only then (a plan that fails there is reported `failed` through the agreement's failed row). The worker "
+    "also writes each plan record atomically to a per-rank file the rank actor reads "
+    "(`DPRank.eplb_outcome_local(plan_id, wait_s)`: it waits for the file, checked every 50 ms, asking the "
+    "engine only after 2 s without one), so the EPLB actor and this benchmark make one call per plan and "
+    "rank, none into the engine. Side by side in three 6-round runs of 11:28-11:38 UTC (runs 9-11 in "
+    "`eplb_online_inproc_runs.json`; run 9 is this file; the box was busier, steady 26-29 ms): a plan's first "
+    "step 32.9 / 28.4 / 30.3 ms against the window's other steps 30.9 / 28.4 / 30.2, where the preparation "
+    "inside the RPC (`async_inline_s1_stepprep`) had 40.1 / 33.8 / 33.1; steps an engine poll was sent in "
+    "(`async_inline_s1_enginepoll`, `_old`) 32.1-37.1 ms against 27.2-31.5 for the other steps (+3.6-6 ms), "
+    "none with the file wait. Against the old behaviour (`async_inline_s1_old`: both changes off): median "
+    "step during apply 1.075x / 1.073x / 1.055x steady against 1.117x / 1.051x / 1.104x, worst step per "
+    "plan 1.074x / 1.028x / 1.083x the same-length steady max against 1.115x / 1.113x / 1.089x, worst step "
+    "of all plans 1.032x / 1.214x / 1.029x the steady p99 against 1.078x / 1.132x / 1.057x. Each change "
+    "alone: `_stepprep` (file wait only) median 1.06-1.08x, worst per plan 1.01-1.21x; `_enginepoll` "
+    "(preparing thread only) 1.08-1.11x, 1.00-1.13x: the totals do not rank the single changes beyond the "
+    "run-to-run noise; the first-step and poll-step costs above are what each removes. Commit steps are "
+    "unchanged (1.9-2.7 ms of EPLB work; the tables were already prepared before commit, it is the index_copy_ and "
+    "table copies).",
+    "- What is left: the worst step of all plans against the steady p99 is over 1.10x in one of three runs "
+    "(1.21x, run 10: one 51 ms step with little EPLB work in it, as in v4's bursts); three runs on a busy box "
+    "are not yet a robust result. The step the plan is accepted in still carries the `eplb_stage` utility call "
+    "itself (the plan's message through the engine core), and the preparing thread competes for the GIL with "
+    "the forward during the next 1-2 steps.",
+    "- Not tried yet: rebinding the parameters to prepared tensors at commit (removes the commit copies; needs "
+    "in-place updates under CUDA graphs, so a per-platform path); handing the plan to the worker without a "
+    "utility call (e.g. a file, as for the outcome); a py-spy/GIL profile of the first step and of the bursts.",
 ]  # fmt: skip
 
 
@@ -606,7 +632,8 @@ def _md(res: dict) -> str:
                   "| --- | ---: | ---: | ---: |"]  # fmt: skip
         for v in variants:
             d = e[v]
-            lines.append(f"| {v} | {d['first_step_ms']:.1f} | {d['poll_step_ms']:.1f} ({d['poll_steps']}) | "
+            polled = f"{d['poll_step_ms']:.1f}" if d["poll_steps"] else "-"
+            lines.append(f"| {v} | {d['first_step_ms']:.1f} | {polled} ({d['poll_steps']}) | "
                          f"{d['no_poll_step_ms']:.1f} |")  # fmt: skip
     lines += _verdict(eng)
     lines += ["", "Where a window's steps go (median ms per step, both ranks; EPLB work = inside the step at the "
