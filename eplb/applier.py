@@ -16,7 +16,12 @@ with `AsyncLLM.collective_rpc`). Per MoE layer (i = ordinal among the model's Mo
   at start-up). `eplb_placement()` reports it; the EPLB actor plans from it.
 
 Applying a plan (TransferPlan from eplb.plan, rebuilt and validated here before anything moves):
-0. Accept: when DP > 1, every step's DP padding all-reduce carries [accepted_id, id^2, ready_id,
+0. Accept: `eplb_stage` (an RPC on the engine's stepping thread) does only the cheap checks (id, options,
+   group size, stale start placement, well-formed tables); an async plan is then prepared in a background thread (nice 19,
+   one OpenMP thread: TransferPlan diff and validation, pieces, every layer's exchange layout, receive
+   buffers and commit tables; transfer option `prepare`, "step" does it all in the RPC as before), and
+   the rank counts as having accepted the plan only once that is done (a plan failing there is dropped
+   by every rank through the failed row below). When DP > 1, every step's DP padding all-reduce carries [accepted_id, id^2, ready_id,
    id^2, failed] (npu_runtime.eplb_hooks); all ranks see the same sums at the same step. Staging
    starts on every rank at the step where all accepted the same id, so every p2p op has its peer
    (a plan a peer never got is dropped after `timeout_s` with nothing posted).
@@ -37,8 +42,9 @@ Applying a plan (TransferPlan from eplb.plan, rebuilt and validated here before 
 3. Commit: `layers_per_step` layers per step: one index_copy_ per weight, then the tables.
    Every rank does layer k at the same step, so gathered tokens never see mixed tables.
 Reporting: `eplb_status` (full state, with the last 20 plans' records) and `eplb_outcome(plan_id)` (one
-record, None while pending): pollers waiting for a plan use the latter, since every RPC runs on the engine
-core's stepping thread between steps. Engine-side step times (StepLog, `eplb_step_log`) and per-thread CPU (`eplb_thread_cpu`) are recorded
+record, None while pending). Every RPC runs on the engine core's stepping thread between steps, so with an
+outcome directory (`eplb_setup(..., outcome_dir)`) each record is also written atomically to
+`<dir>/plan-<id>.json`, which the rank actor (deployments.rank.DPRank.eplb_outcome_local) reads for pollers. Engine-side step times (StepLog, `eplb_step_log`) and per-thread CPU (`eplb_thread_cpu`) are recorded
 for benchmarks/eplb_online.py.
 With DP == 1 there is nobody to agree with: stage and commit happen inside the RPC, between steps.
 """
@@ -58,7 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eplb.plan import PlanError, TransferPlan, build_transfer_plan, validate_plan
+from eplb.plan import PlanError, TransferPlan, _check_pair, build_transfer_plan, validate_plan
 from eplb.policies import placement_from_phy2log
 from eplb.recorder import ExpertLoadRecorder
 
@@ -461,13 +467,16 @@ class EplbWorkerState:
 
     # ---- plans -----------------------------------------------------------------------------------
     def _check_start(self, msg: dict) -> tuple[np.ndarray, np.ndarray]:
-        """The cheap checks (group size, stale start placement): (old, new) phy2log."""
+        """The cheap checks (group size, stale start placement, both tables well-formed: vectorised): (old, new)
+        phy2log. A malformed plan is rejected here, before anything moves; the op-level diff and checks
+        (build_transfer_plan, validate_plan) are the heavy part."""
         old = np.asarray(msg["old"], dtype=np.int64)
         new = np.asarray(msg["new"], dtype=np.int64)
         if int(msg["num_ranks"]) != self.ep_size:
             raise PlanError(f"plan is for {msg['num_ranks']} EP ranks, this group has {self.ep_size}")
         if old.shape != self.phy2log.shape or not np.array_equal(old, self.phy2log):
             raise PlanError("plan starts from a placement this rank does not hold (stale plan)")
+        _check_pair(old, new, self.ep_size, self.num_logical)
         return old, new
 
     def _build_plan(self, old: np.ndarray, new: np.ndarray, opts: dict) -> tuple[TransferPlan, list]:

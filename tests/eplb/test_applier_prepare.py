@@ -89,21 +89,32 @@ def test_step_preparation_is_the_old_behaviour():
     assert s.contribute()[:2] == [1, 1]
 
 
-def test_a_plan_that_fails_preparation_is_reported_failed_through_the_agreement(tmp_path):
+def test_a_plan_that_fails_preparation_is_reported_failed_through_the_agreement(tmp_path, monkeypatch):
     s, old = _state()
     assert s.set_outcome_dir(str(tmp_path)) == str(tmp_path)
-    bad = old.copy()
-    bad[0, :] = 0  # every slot of layer 0 holds expert 0: the other experts would vanish
-    assert s.stage(_msg(1, old, bad))["accepted"]  # only the cheap checks in the RPC
+
+    def broken(self, *args):
+        raise applier.PlanError("op-level check failed")
+
+    monkeypatch.setattr(EplbWorkerState, "_build_plan", broken)
+    assert s.stage(_msg(1, old, random_placement(np.random.default_rng(4))))["accepted"]
     p = s.pending
     _wait(lambda: p.failed is not None)
     assert not p.prepared and s.contribute() == [0, 0, 0, 0, 1]
     s.on_sums([0, 0, 0, 0, 1], RANKS)  # every rank sees the failed row and drops it
     assert s.pending is None
     rec = s.outcome(1)
-    assert rec["outcome"] == "failed" and "PlanError" in rec["error"] and rec["layers"] == 0
+    assert rec["outcome"] == "failed" and "op-level check failed" in rec["error"] and rec["layers"] == 0
     assert json.loads((tmp_path / "plan-1.json").read_text())["outcome"] == "failed"
     assert (s.phy2log == old).all()
+
+
+def test_a_malformed_plan_is_still_rejected_in_the_rpc():
+    s, old = _state()
+    bad = old.copy()
+    bad[0, :] = 0  # every slot of layer 0 holds expert 0: the other experts would vanish
+    rep = s.stage(_msg(1, old, bad))
+    assert not rep["accepted"] and s.pending is None and s.outcome(1)["outcome"] == "rejected"
 
 
 def test_stale_plans_are_still_rejected_in_the_rpc_and_aborts_end_the_preparation(tmp_path):
