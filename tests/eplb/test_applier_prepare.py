@@ -125,9 +125,10 @@ def test_stale_plans_are_still_rejected_in_the_rpc_and_aborts_end_the_preparatio
     assert not rep["accepted"] and "stale" in rep["error"]
     assert json.loads((tmp_path / "plan-1.json").read_text())["outcome"] == "rejected"
     assert s.stage(_msg(2, old, random_placement(rng)))["accepted"]
+    p = s.pending
     assert s.abort(2)
     assert json.loads((tmp_path / "plan-2.json").read_text())["outcome"] == "aborted"
-    _wait(lambda: not any(t.name == "eplb-prep" for t in __import__("threading").enumerate()))
+    _wait(lambda: p.prep_ms > 0)  # the preparing thread saw the abort and stopped
     assert s.pending is None and (s.phy2log == old).all()
 
 
