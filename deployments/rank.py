@@ -249,6 +249,12 @@ class DPRank:
             self.engine.shutdown()
             self.engine = None
             self.stats.ready = False
+        outcome_dir = getattr(self, "_eplb_outcome_dir", None)
+        if outcome_dir:  # the EPLB plan records the worker wrote for this rank (eplb_outcome_local)
+            import shutil
+
+            shutil.rmtree(outcome_dir, ignore_errors=True)
+            self._eplb_outcome_dir = None
 
     # ---- requests --------------------------------------------------------------------------------
     def _prompt_token_ids(self, prompt: str | list[int] | None, messages: list[dict] | None) -> list[int]:

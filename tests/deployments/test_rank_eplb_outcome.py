@@ -74,3 +74,13 @@ def test_a_dead_engine_raises(tmp_path):
     r.engine = None
     with pytest.raises(RuntimeError):
         asyncio.run(r.eplb_outcome_local(1))
+
+
+def test_shutdown_removes_the_outcome_files(tmp_path):
+    d = tmp_path / "dpserve-eplb-1-r0"
+    d.mkdir()
+    (d / "plan-1.json").write_text("{}")
+    r, _ = _rank(str(d))
+    r.engine, r.stats = None, SimpleNamespace(ready=False)
+    r.shutdown()
+    assert not d.exists() and r._eplb_outcome_dir is None
