@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eplb.plan import PlanError, TransferPlan, _check_pair, build_transfer_plan, validate_plan
+from eplb.plan import PlanError, TransferPlan, build_transfer_plan, check_pair, validate_plan
 from eplb.policies import placement_from_phy2log
 from eplb.recorder import ExpertLoadRecorder
 
@@ -478,7 +478,7 @@ class EplbWorkerState:
             raise PlanError(f"plan is for {msg['num_ranks']} EP ranks, this group has {self.ep_size}")
         if old.shape != self.phy2log.shape or not np.array_equal(old, self.phy2log):
             raise PlanError("plan starts from a placement this rank does not hold (stale plan)")
-        _check_pair(old, new, self.ep_size, self.num_logical)
+        check_pair(old, new, self.ep_size, self.num_logical)
         return old, new
 
     def _build_plan(self, old: np.ndarray, new: np.ndarray, opts: dict) -> tuple[TransferPlan, list]:
@@ -489,10 +489,6 @@ class EplbWorkerState:
         if len(todo) >= 8192:  # their tags must stay inside the plan's tag range
             raise PlanError(f"{len(todo)} pieces: raise slots_per_step")
         return plan, todo
-
-    def _check_plan(self, msg: dict) -> TransferPlan:
-        old, new = self._check_start(msg)
-        return self._build_plan(old, new, TRANSFER_DEFAULTS)[0]
 
     def _prep_worker(self) -> queue.SimpleQueue:
         """The preparing thread's queue; the thread (daemon, "eplb-prep") is started on first use and then

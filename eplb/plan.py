@@ -122,7 +122,9 @@ def validate_placement(phy2log: np.ndarray, num_logical: int, num_ranks: int) ->
         )
 
 
-def _check_pair(old: np.ndarray, new: np.ndarray, num_ranks: int, num_logical: int) -> None:
+def check_pair(old: np.ndarray, new: np.ndarray, num_ranks: int, num_logical: int) -> None:
+    """Raise PlanError unless both phy2log tables (int [layers, num_physical]) are valid placements
+    (validate_placement) of the same shape: the vectorised check, no diff."""
     validate_placement(old, num_logical, num_ranks)
     validate_placement(new, num_logical, num_ranks)
     if old.shape != new.shape:
@@ -138,7 +140,7 @@ def build_transfer_plan(
     destination rank if possible (a local copy, no network), else on the holder rank that has sent the
     fewest experts so far in this layer (ties: lowest slot), which spreads the send load.
     """
-    _check_pair(old_phy2log, new_phy2log, num_ranks, num_logical)
+    check_pair(old_phy2log, new_phy2log, num_ranks, num_logical)
     old = old_phy2log.astype(np.int64)
     new = new_phy2log.astype(np.int64)
     spr = old.shape[1] // num_ranks
@@ -181,7 +183,7 @@ def validate_plan(plan: TransferPlan, num_logical: int) -> None:
     destination slot; finally the simulated result equals the new table.
     """
     old, new, num_ranks = plan.old_phy2log, plan.new_phy2log, plan.num_ranks
-    _check_pair(np.asarray(old), np.asarray(new), num_ranks, num_logical)
+    check_pair(np.asarray(old), np.asarray(new), num_ranks, num_logical)
     layers, num_phys = old.shape
     spr = num_phys // num_ranks
     for layer, ops in plan.ops_by_layer.items():

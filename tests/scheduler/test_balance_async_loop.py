@@ -174,26 +174,37 @@ def _step_until(llm, done, finished: dict[str, list[int]], limit: int = 200) -> 
 PROMPTS = {f"r{i}": [5 + i, 6, 7, 8 + 2 * i, 9, 10 + i] for i in range(4)}
 
 
+def _running_behind_open_gate(llm, prompts: dict[str, list[int]], names: tuple[str, ...], max_tokens: int):
+    """An open ManualGate on the engine's scheduler and requests `names` admitted and running.
+    Returns (submit, gate, finished): submit(name) adds prompts[name] with the same greedy params;
+    finished collects each finished request's tokens as `_step_until` steps."""
+    from vllm import SamplingParams
+
+    eng, sched = llm.llm_engine, _core(llm).scheduler
+    gate = ManualGate(admit=True)
+    sched.gate_client = gate
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    finished: dict[str, list[int]] = {}
+
+    def submit(name: str) -> None:
+        eng.add_request(name, {"prompt_token_ids": prompts[name]}, params)
+
+    for name in names:
+        submit(name)
+    _step_until(llm, lambda: len(sched.running) == len(names), finished)
+    return submit, gate, finished
+
+
 def _hold_then_admit(llm, rec: Recorder) -> dict[str, list[int]]:
     """Gate open: r0/r1 admitted. Gate closed: r2/r3 wait while r0/r1 keep decoding to the end.
     Gate open: r2/r3 admitted and finish. Returns each request's greedy tokens."""
-    from vllm import SamplingParams
-
-    eng = llm.llm_engine
-    sched = _core(llm).scheduler
-    gate = ManualGate(admit=True)
-    sched.gate_client = gate
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    finished: dict[str, list[int]] = {}
-
-    for r in ("r0", "r1"):
-        eng.add_request(r, {"prompt_token_ids": PROMPTS[r]}, params)
-    _step_until(llm, lambda: len(sched.running) == 2, finished)
+    eng, sched = llm.llm_engine, _core(llm).scheduler
+    submit, gate, finished = _running_behind_open_gate(llm, PROMPTS, ("r0", "r1"), max_tokens=8)
 
     gate.admit = False
     closed_from = len(rec.calls)
     for r in ("r2", "r3"):
-        eng.add_request(r, {"prompt_token_ids": PROMPTS[r]}, params)
+        submit(r)
     _step_until(llm, lambda: {"r0", "r1"} <= set(finished), finished)
     _step_until(llm, lambda: len(sched.running) == 0, finished, limit=5)
     # Held: not admitted, not started, still in arrival order; the running ones decoded meanwhile.
@@ -280,22 +291,12 @@ def _preempt_while_closed(llm, rec: Recorder) -> tuple[dict[str, list[int]], set
     """Gate open: p0/p1 run. Gate closed with p2 waiting: p0/p1 grow until the KV cache runs out and
     vLLM preempts one; it goes back in front of p2, is held (not re-admitted) while the gate is closed,
     and nothing is lost when the gate opens. Returns the tokens and the requests preempted while closed."""
-    from vllm import SamplingParams
-
-    eng = llm.llm_engine
-    sched = _core(llm).scheduler
-    gate = ManualGate(admit=True)
-    sched.gate_client = gate
-    params = SamplingParams(max_tokens=LONG_TOKENS, temperature=0.0, ignore_eos=True)
-    finished: dict[str, list[int]] = {}
-
-    for r in ("p0", "p1"):
-        eng.add_request(r, {"prompt_token_ids": LONG[r]}, params)
-    _step_until(llm, lambda: len(sched.running) == 2, finished)
+    eng, sched = llm.llm_engine, _core(llm).scheduler
+    submit, gate, finished = _running_behind_open_gate(llm, LONG, ("p0", "p1"), max_tokens=LONG_TOKENS)
 
     gate.admit = False
     closed_from = len(rec.calls)
-    eng.add_request("p2", {"prompt_token_ids": LONG["p2"]}, params)
+    submit("p2")
     _step_until(llm, lambda: any(c.preempted for c in rec.calls[closed_from:]), finished)
     preempted = set().union(*(c.preempted for c in rec.calls[closed_from:]))
     # Preempted requests sit in front of the held one, in vLLM's order; their KV was released.
