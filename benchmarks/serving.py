@@ -57,6 +57,14 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     # Direct ingress plus user code on the replica's main loop (the HTTP server's loop).
     "direct_same_loop": {"env": dict(SERVE_ENV) | {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
                                                    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}, "app": {}},
+    # Rank output batches reach the ingress as Ray streaming calls instead of ZMQ messages.
+    "ray_stream": {"env": dict(SERVE_ENV), "app": {"output_transport": "ray"}},
+    # Ray's daemons on slower housekeeping timers (resource reports, GC checks, memory monitor, task
+    # events, log-file scans): less background CPU on the engines' cores.
+    "lean_daemons": {"env": dict(SERVE_ENV) | {
+        "RAY_raylet_report_resources_period_milliseconds": "1000", "RAY_raylet_check_gc_period_milliseconds": "1000",
+        "RAY_memory_monitor_refresh_ms": "1000", "RAY_task_events_report_interval_ms": "5000",
+        "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "5"}, "app": {}},
     # Direct ingress, streamed chunks at most every 100 ms (fewer messages per token under load).
     "direct_chunks_100ms": {"env": dict(SERVE_ENV), "app": {"stream_interval_ms": 100.0}},
     # vLLM's own engine metrics recorded in every rank and exported through Ray (engine_metrics: true).

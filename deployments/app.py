@@ -30,6 +30,9 @@ from deployments.router import RankLoad, pick_rank
 logger = logging.getLogger("dpserve.app")
 
 STATS_POLL_S = 0.2
+# Ranks with no request in flight are polled this often instead (each poll is a Ray call on both
+# sides: at STATS_POLL_S an idle group's polls were most of the ingress's and the ranks' idle CPU).
+IDLE_STATS_POLL_S = 1.0
 # Ranks that miss this many consecutive stats polls are treated as dead (no new requests).
 DEAD_AFTER_MISSED_POLLS = 10
 
@@ -47,6 +50,11 @@ class AppConfig:
     # crosses two Ray hops (rank -> ingress -> proxy); per-token messages cost more CPU than decoding
     # the tiny model, and at DeepSeek scale tens of thousands of tokens/s pass one ingress.
     stream_interval_ms: float = 50.0
+    # How the ranks' output batches reach the ingress: "zmq" (a PUSH socket per rank to a PULL socket
+    # bound on the ingress's node; needs a TCP port open from the ranks' nodes to the ingress's node,
+    # like vLLM's DP ports) or "ray" (a Ray streaming call per rank; more CPU per step, no extra port).
+    output_transport: str = "zmq"
+    output_connect_timeout_s: float = 30.0  # then that rank's output goes through Ray instead
     ingress_num_cpus: float = 0.1
     # Graceful shutdown (`dpserve shutdown`, SIGTERM/Ctrl-C to `dpserve serve`): new API requests get
     # 503 + Retry-After, those in flight may finish for up to this long, then Serve is shut down.
@@ -58,10 +66,15 @@ class AppConfig:
         args = dict(args or {})
         serving = {k: args.pop(k) for k in list(args) if k in ("placement_strategy", "max_queued_per_rank",
                                                                 "rank_start_timeout_s", "recovery_wait_s", "stream_interval_ms",
-                                                                "ingress_num_cpus", "drain_timeout_s")}  # fmt: skip
+                                                                "output_transport", "output_connect_timeout_s", "ingress_num_cpus",
+                                                                "drain_timeout_s")}  # fmt: skip
         for ignored in ("http_host", "http_port"):  # set in the Serve config's http_options
             args.pop(ignored, None)
         return cls(engine=EngineSettings.from_dict(args), **serving)
+
+    def __post_init__(self) -> None:
+        if self.output_transport not in ("zmq", "ray"):
+            raise ValueError(f"output_transport must be 'zmq' or 'ray', not {self.output_transport!r}")
 
     @property
     def queue_bound(self) -> int:
@@ -136,6 +149,21 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return _error(str(exc.detail), exc.status_code, headers=getattr(exc, "headers", None))
 
 
+class OutputChannelUnreachable(ConnectionError):
+    """A rank's ZMQ output channel did not connect to the ingress (e.g. a firewalled port)."""
+
+
+def _cancel_ref(ref: Any) -> None:
+    """Stop a rank's long-running call (best effort: the rank may already be gone)."""
+    import ray
+
+    if isinstance(ref, ray.ObjectRef):
+        try:
+            ray.cancel(ref)
+        except Exception:
+            pass
+
+
 class Overloaded(Exception):
     pass
 
@@ -205,24 +233,101 @@ class DPServer:
         self._ready.set()
 
     async def _pump(self, rank: int, actor: Any, generation: int) -> None:
-        """Move rank `rank`'s batched output into the requests' inboxes. If the rank's stream breaks,
+        """Move rank `rank`'s batched output into the requests' inboxes. If the rank's channel breaks,
         every request waiting on that rank gets the error (and the group is re-formed)."""
         try:
+            if self.config.output_transport == "zmq":
+                try:
+                    await self._pump_zmq(rank, actor, generation)
+                except OutputChannelUnreachable as exc:
+                    logger.warning("%s; rank %d's output goes through Ray instead", exc, rank)
+                else:
+                    raise RuntimeError("the output channel ended")
             async for ref in actor.output_stream.options(num_returns="streaming").remote():
-                batch, stats = await ref
-                self._take_stats(rank, generation, stats)
-                for request_id, chunk in batch:
-                    entry = self._inboxes.get(request_id)
-                    if entry is not None and entry[1] == generation:
-                        entry[2].put_nowait(chunk)
+                self._deliver(rank, generation, *await ref)
+            raise RuntimeError("the output channel ended")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if generation == self.generation:
-                self._start_recovery(f"rank {rank}'s output stream broke ({type(exc).__name__})")
+                self._start_recovery(f"rank {rank}'s output channel broke ({type(exc).__name__})")
             for r, g, inbox in list(self._inboxes.values()):
                 if r == rank and g == generation:
                     inbox.put_nowait(exc)
+
+    def _deliver(self, rank: int, generation: int, batch: list, stats: dict[str, Any]) -> None:
+        self._take_stats(rank, generation, stats)
+        for request_id, chunk in batch:
+            entry = self._inboxes.get(request_id)
+            if entry is not None and entry[1] == generation:
+                entry[2].put_nowait(chunk)
+
+    async def _pump_zmq(self, rank: int, actor: Any, generation: int) -> None:
+        """The rank pushes its batches to a PULL socket bound here (`DPRank.push_outputs`); the Ray
+        call that does it stays open, and its failure (the rank died) ends the pump."""
+        import msgspec
+        import zmq
+        import zmq.asyncio
+
+        host = self._output_host(rank)
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.LINGER, 0)
+        port = sock.bind_to_random_port(f"tcp://{host}")
+        decode = msgspec.msgpack.Decoder().decode
+        pushing = actor.push_outputs.remote(f"tcp://{host}:{port}")
+
+        def take(message: Any) -> None:
+            try:
+                batch, stats = decode(message)
+                self._deliver(rank, generation, batch, stats)
+            except (msgspec.DecodeError, ValueError, TypeError) as exc:  # not from a rank: drop it
+                logger.warning("dropped a malformed message on rank %d's output channel: %s", rank, exc)
+
+        async def receive() -> None:
+            while True:
+                take(await sock.recv(copy=False))
+
+        first = asyncio.ensure_future(sock.recv(copy=False))
+        watching = asyncio.ensure_future(pushing)
+        receiving = None
+        try:
+            # The rank's first message (an empty batch) proves the channel; a firewalled port would
+            # otherwise leave every request on this rank waiting forever.
+            timeout = self.config.output_connect_timeout_s
+            done, _ = await asyncio.wait(
+                {first, watching}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if first not in done:
+                if watching in done:
+                    watching.result()  # the rank's failure
+                    raise RuntimeError("the rank's output channel ended")
+                raise OutputChannelUnreachable(
+                    f"rank {rank} did not reach this ingress at tcp://{host}:{port} within {timeout:.0f} s"
+                )
+            take(first.result())
+            receiving = asyncio.ensure_future(receive())
+            done, _ = await asyncio.wait({receiving, watching}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises the rank's failure (or a receive error)
+        finally:
+            for task in (first, receiving, watching):
+                if task is not None:
+                    task.cancel()
+            _cancel_ref(pushing)
+            ctx.destroy(linger=0)
+
+    def _output_host(self, rank: int) -> str:
+        """Where this ingress binds rank `rank`'s output socket: loopback when the rank runs on this
+        node (nothing off the node can reach it), else this node's Ray address."""
+        import ray
+
+        if not ray.is_initialized():
+            return "127.0.0.1"
+        infos = getattr(self, "start_info", None) or []
+        if rank < len(infos) and infos[rank].get("node_id") == ray.get_runtime_context().get_node_id():
+            return "127.0.0.1"
+        return ray.util.get_node_ip_address()
 
     def _start_recovery(self, reason: str) -> None:
         """Re-form the whole DP group: in lockstep MoE serving one lost rank breaks every rank's
@@ -272,14 +377,21 @@ class DPServer:
             self._metrics.rank_gauges(rank, stats)
 
     async def _poll_stats(self) -> None:
-        """Poll the stats of ranks that sent none with their output lately (idle ones): keeps the
-        router's view fresh and notices a dead or hung rank. Busy ranks cost no extra Ray call."""
+        """Poll the stats of ranks that sent none with their output lately: keeps the router's view
+        fresh and notices a dead or hung rank. Busy ranks cost no extra Ray call; ranks with nothing
+        in flight are polled every IDLE_STATS_POLL_S (a dead one is still seen at once: its output
+        channel's call fails)."""
         import ray
 
         while True:
             if self._ready.is_set():
                 actors, generation = list(self.actors), self.generation
-                due = [r for r in range(len(actors)) if time.monotonic() - self._stats_at[r] >= STATS_POLL_S]
+                now = time.monotonic()
+                due = [
+                    r
+                    for r in range(len(actors))
+                    if now - self._stats_at[r] >= (STATS_POLL_S if self.dispatched[r] else IDLE_STATS_POLL_S)
+                ]
                 results = await asyncio.gather(
                     *[asyncio.wait_for(actors[r].get_stats.remote(), STATS_POLL_S * 5) for r in due],
                     return_exceptions=True,

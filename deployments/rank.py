@@ -49,6 +49,13 @@ class RankStats:
         return dict(self.__dict__)
 
 
+def _ray_node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray: tests, the CLI)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -239,7 +246,8 @@ class DPRank:
         self.stats.ready = True
         startup = time.perf_counter() - t0
         logger.info("DP rank %d ready in %.1f s", self.rank, startup)
-        return {"rank": self.rank, "startup_s": startup, "max_model_len": self.max_model_len()}
+        return {"rank": self.rank, "startup_s": startup, "max_model_len": self.max_model_len(),
+                "node_id": _ray_node_id()}  # fmt: skip
 
     def max_model_len(self) -> int:
         return int(self._vllm_config.model_config.max_model_len) if self._vllm_config else 0
@@ -313,7 +321,7 @@ class DPRank:
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream one request's output as plain dicts: the first carries `prompt_tokens`, each later
         one the new text and token ids; the last has `finish_reason` set. (One Ray stream per
-        request: simple, for tools and tests; the ingress uses `submit` + `output_stream`.)"""
+        request: simple, for tools and tests; the ingress uses `submit` + `push_outputs`.)"""
         request_id, ids, params = self._prepare(request_id, prompt, sampling, messages)
         yield {"prompt_tokens": len(ids), "rank": self.rank}
         chunks = self._chunks(request_id, ids, params, stream_interval_ms)
@@ -367,8 +375,8 @@ class DPRank:
         messages: list[dict] | None = None,
         stream_interval_ms: float = 0.0,
     ) -> dict[str, Any]:
-        """Start a request whose chunks go to `output_stream`; returns `prompt_tokens` (or raises
-        RequestRejected for a request this model cannot take)."""
+        """Start a request whose chunks go to `push_outputs` (or `output_stream`); returns
+        `prompt_tokens` (or raises RequestRejected for a request this model cannot take)."""
         request_id, ids, params = self._prepare(request_id, prompt, sampling, messages)
         self._tasks[request_id] = asyncio.get_running_loop().create_task(
             self._run_to_outbox(request_id, ids, params, stream_interval_ms)
@@ -397,18 +405,52 @@ class DPRank:
         finally:
             self._tasks.pop(request_id, None)
 
+    async def _next_batch(self) -> list[tuple[str, dict[str, Any]]]:
+        """All chunks ready now (at least one): typically one engine step's worth for all running
+        requests."""
+        batch = [await self._outbox.get()]
+        while not self._outbox.empty():
+            batch.append(self._outbox.get_nowait())
+        return batch
+
     async def output_stream(
         self,
     ) -> AsyncIterator[tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]]]:
-        """Every submitted request's chunks, batched: each item is all that was ready at that moment
-        (typically one engine step's worth for all running requests) and the rank's stats
-        (`get_stats`) as of then, so a busy rank needs no separate stats call. One consumer (the
-        ingress)."""
+        """Every submitted request's chunks, batched, as a Ray stream: each item is one batch and the
+        rank's stats (`get_stats`) as of then, so a busy rank needs no separate stats call. One
+        consumer (the ingress with `output_transport: ray`; `push_outputs` is the default path)."""
         while True:
-            batch = [await self._outbox.get()]
-            while not self._outbox.empty():
-                batch.append(self._outbox.get_nowait())
-            yield batch, self.get_stats()
+            yield await self._next_batch(), self.get_stats()
+
+    async def push_outputs(self, address: str) -> None:
+        """The same batches and stats as `output_stream`, msgpack-encoded and pushed over ZMQ to the
+        ingress's PULL socket at `address` (``tcp://host:port``). Runs until cancelled; the ingress
+        holds this call's ref, which fails when the rank dies.
+
+        Why not a Ray stream: each streamed item costs a serialisation in an executor thread plus
+        core-worker RPCs on both sides, about half the rank actor's and much of the ingress's CPU at
+        one item per engine step (py-spy, benchmarks/results/serving.md). A ZMQ message is one
+        syscall; vLLM moves the same outputs from its engine core the same way."""
+        import msgspec
+        import zmq
+        import zmq.asyncio
+
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Sends wait for a completed connection instead of queueing: if the ingress cannot be reached
+        # no chunk is taken from the outbox, and the ingress's fallback (`output_stream`) gets them.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.connect(address)
+        encode = msgspec.msgpack.Encoder().encode
+        try:
+            # An empty batch first: tells the ingress the channel works.
+            await sock.send(encode(([], self.get_stats())), copy=False)
+            while True:
+                batch = await self._next_batch()
+                await sock.send(encode((batch, self.get_stats())), copy=False)
+        finally:
+            ctx.destroy(linger=0)
 
     async def _engine_outputs(self, ids: list[int], params, request_id: str):
         """vLLM's output stream; its input validation errors become RequestRejected (HTTP 400)."""

@@ -7,10 +7,11 @@ import asyncio
 import time
 from typing import Any
 
+import msgspec
 import pytest
 
 import deployments.app as app_module
-from deployments.app import DPServer
+from deployments.app import AppConfig, DPServer
 
 
 class _Metrics:
@@ -32,17 +33,48 @@ class _Method:
         async def call():
             return self.fn(*args)
 
-        return call()
+        return self.fn(*args) if asyncio.iscoroutinefunction(self.fn) else call()
 
 
 class _Rank:
     """Stands in for a DPRank actor handle: get_stats.remote() and output_stream."""
 
-    def __init__(self, rank: int, batches: list | None = None) -> None:
+    def __init__(
+        self,
+        rank: int,
+        batches: list | None = None,
+        fail_after_s: float | None = None,
+        reachable: bool = True,
+    ) -> None:
         self.rank = rank
         self.get_stats = _Method(lambda: {"rank": rank, "running": 1, "waiting": 0, "ready": True})
         self.batches = batches or []
         self.output_stream = self
+        self.push_outputs = _Method(self._push)
+        self.fail_after_s = fail_after_s
+        self.reachable = reachable
+
+    async def _push(self, address: str) -> None:
+        """DPRank.push_outputs' wire format over a real ZMQ socket; raises like a dead rank's call
+        after `fail_after_s`."""
+        import msgspec
+        import zmq
+        import zmq.asyncio
+
+        if not self.reachable:  # like a firewalled port: nothing ever arrives
+            await asyncio.Event().wait()
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.PUSH)
+        sock.connect(address)
+        try:
+            for item in self.batches:
+                await sock.send(item if isinstance(item, bytes) else msgspec.msgpack.encode(item))
+            if self.fail_after_s is not None:
+                await asyncio.sleep(self.fail_after_s)
+                raise ConnectionError("rank actor died")
+            await asyncio.Event().wait()
+        finally:
+            ctx.destroy(linger=0)
 
     def options(self, **_: Any) -> _Rank:
         return self
@@ -62,14 +94,16 @@ class _Rank:
         return stream()
 
 
-def _server(ranks: list[_Rank]) -> Any:
+def _server(ranks: list[_Rank], transport: str = "ray") -> Any:
     """A DPServer with its group state set by hand (its __init__ would start real ranks)."""
     server = object.__new__(DPServer.func_or_class)
+    server.config = AppConfig(output_transport=transport)
     n = len(ranks)
     server.actors = ranks
     server.generation = 1
     server.stats = {r: {} for r in range(n)}
     server.missed = {r: 0 for r in range(n)}
+    server.dispatched = {r: 0 for r in range(n)}
     server._stats_at = {r: 0.0 for r in range(n)}
     server._gauges_at = {r: 0.0 for r in range(n)}
     server._inboxes = {}
@@ -94,13 +128,14 @@ def test_stats_on_output_batches_reach_the_router_and_gauges_at_the_poll_rate() 
     assert server.recoveries_started == ["rank 1's engine died"]
 
 
-def test_pump_takes_stats_and_delivers_chunks() -> None:
+@pytest.mark.parametrize("transport", ["ray", "zmq"])
+def test_pump_takes_stats_and_delivers_chunks(transport: str) -> None:
     async def main() -> None:
         inbox: asyncio.Queue = asyncio.Queue()
         rank = _Rank(
             0, batches=[([("req-1", {"text": "a", "token_ids": [5]})], {"running": 3, "waiting": 1})]
         )
-        server = _server([rank])
+        server = _server([rank], transport)
         server._inboxes["req-1"] = (0, 1, inbox)
         pump = asyncio.create_task(server._pump(0, rank, 1))
         chunk = await asyncio.wait_for(inbox.get(), 5)
@@ -111,12 +146,66 @@ def test_pump_takes_stats_and_delivers_chunks() -> None:
     asyncio.run(main())
 
 
+def test_a_rank_whose_push_call_fails_ends_its_requests_and_reforms_the_group() -> None:
+    async def main() -> None:
+        inbox: asyncio.Queue = asyncio.Queue()
+        rank = _Rank(
+            0, batches=[([("req-1", {"text": "a", "token_ids": [5]})], {"running": 1})], fail_after_s=0.1
+        )
+        server = _server([rank], "zmq")
+        server._inboxes["req-1"] = (0, 1, inbox)
+        await asyncio.wait_for(server._pump(0, rank, 1), 5)
+        assert await inbox.get() == {"text": "a", "token_ids": [5]}
+        assert isinstance(await inbox.get(), ConnectionError)
+        assert server.recoveries_started == ["rank 0's output channel broke (ConnectionError)"]
+
+    asyncio.run(main())
+
+
+def test_an_unreachable_zmq_channel_falls_back_to_the_ray_stream() -> None:
+    async def main() -> None:
+        inbox: asyncio.Queue = asyncio.Queue()
+        rank = _Rank(
+            0, batches=[([("req-1", {"text": "a", "token_ids": [5]})], {"running": 1})], reachable=False
+        )
+        server = _server([rank], "zmq")
+        server.config.output_connect_timeout_s = 0.2
+        server._inboxes["req-1"] = (0, 1, inbox)
+        pump = asyncio.create_task(server._pump(0, rank, 1))
+        assert await asyncio.wait_for(inbox.get(), 5) == {"text": "a", "token_ids": [5]}
+        pump.cancel()
+        assert server.recoveries_started == []
+
+    asyncio.run(main())
+
+
+def test_malformed_messages_on_the_zmq_channel_are_dropped() -> None:
+    async def main() -> None:
+        inbox: asyncio.Queue = asyncio.Queue()
+        good = ([("req-1", {"text": "a", "token_ids": [5]})], {"running": 1})
+        rank = _Rank(0, batches=[b"not msgpack \xc1", msgspec.msgpack.encode([1, 2, 3]), good])
+        server = _server([rank], "zmq")
+        server._inboxes["req-1"] = (0, 1, inbox)
+        pump = asyncio.create_task(server._pump(0, rank, 1))
+        assert await asyncio.wait_for(inbox.get(), 5) == {"text": "a", "token_ids": [5]}
+        pump.cancel()
+        assert server.recoveries_started == []
+
+    asyncio.run(main())
+
+
+def test_output_transport_is_checked() -> None:
+    with pytest.raises(ValueError, match="output_transport"):
+        AppConfig.from_args({"output_transport": "carrier-pigeon"})
+
+
 def test_only_ranks_without_recent_output_are_polled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(app_module, "STATS_POLL_S", 0.05)
 
     async def main() -> None:
         ranks = [_Rank(0), _Rank(1)]
         server = _server(ranks)
+        server.dispatched[1] = 1  # rank 1 has a request in flight but sends no output
         poller = asyncio.create_task(server._poll_stats())
         deadline = time.monotonic() + 0.5
         while time.monotonic() < deadline:  # rank 0 streams output (with stats) all the while
@@ -126,6 +215,23 @@ def test_only_ranks_without_recent_output_are_polled(monkeypatch: pytest.MonkeyP
         assert ranks[0].get_stats.calls == 0
         assert ranks[1].get_stats.calls >= 3
         assert server.stats[1]["running"] == 1
+
+    asyncio.run(main())
+
+
+def test_ranks_with_nothing_in_flight_are_polled_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app_module, "STATS_POLL_S", 0.02)
+    monkeypatch.setattr(app_module, "IDLE_STATS_POLL_S", 0.2)
+
+    async def main() -> None:
+        ranks = [_Rank(0), _Rank(1)]
+        server = _server(ranks)
+        server.dispatched[0] = 2
+        poller = asyncio.create_task(server._poll_stats())
+        await asyncio.sleep(0.5)
+        poller.cancel()
+        busy, idle = ranks[0].get_stats.calls, ranks[1].get_stats.calls
+        assert 1 <= idle <= 4 and busy >= 2 * idle, (busy, idle)
 
     asyncio.run(main())
 
