@@ -72,6 +72,18 @@ def cpu_cores_for_rank(
     return [(start + i) % num_cores for i in range(per_rank)]
 
 
+def host_slots(node_of_rank: list[str]) -> list[tuple[int, int]]:
+    """For each rank, (its index among the ranks on its host, how many ranks that host has), from
+    the host each rank landed on (`node_of_rank[r]`); ranks are numbered in rank order per host.
+
+    `cpu_cores_for_rank(index, count, <that host's cores>)` then gives a rank its cores: CPU binding
+    is per host, so ranks spread over hosts each get their own host's cores."""
+    slots = []
+    for r, node in enumerate(node_of_rank):
+        slots.append((node_of_rank[:r].count(node), node_of_rank.count(node)))
+    return slots
+
+
 def create_rank_placement_group(dp_size: int, strategy: str = "PACK", platform: Platform | None = None,
                                 devices_per_rank: int = 1, extra: dict[str, float] | None = None,
                                 name: str = "", timeout_s: float = 120.0) -> Any:  # fmt: skip

@@ -128,7 +128,11 @@ class DPRank:
         rank: int,
         cpu_cores: list[int] | None = None,
         platform_name: str | None = None,
+        host_slot: tuple[int, int] | None = None,
     ):
+        """`cpu_cores`: the cores this rank's engine may use on CPU (None: no binding), or else
+        `host_slot` = (this rank's index among the ranks on its host, how many there are), from
+        which the rank picks its cores on its own host (`cpu_binding`)."""
         from npu_runtime.platform import by_name
 
         self.settings = (
@@ -136,13 +140,19 @@ class DPRank:
         )
         self.rank = rank
         self.platform: Platform = by_name(platform_name) if platform_name else detect()
+        # Ranks sharing this host (all of them when the caller gave no slot: one host).
+        self.ranks_on_host = host_slot[1] if host_slot else self.settings.data_parallel_size
+        if cpu_cores is None and host_slot is not None and self.platform.name == "cpu":
+            from cluster.placement import cpu_cores_for_rank
+
+            cpu_cores = cpu_cores_for_rank(*host_slot, binding=self.settings.cpu_binding)
         self.cpu_cores = cpu_cores
         self.stats = RankStats(rank=rank)
         self.engine = None
         self.tokenizer = None
         self._vllm_config = None
         # Multiplexed output: every request's chunks go into one outbox that the ingress drains
-        # through a single Ray stream (one message per batch instead of one per request and token).
+        # through one channel (`push_outputs`: one message per batch, not per request and token).
         self._outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self._tasks: dict[str, asyncio.Task] = {}
         # The rank's environment must be in place before vLLM is imported in this process.
@@ -187,11 +197,11 @@ class DPRank:
 
     def _omp_threads(self, cpu_cores: list[int] | None) -> int | None:
         """OpenMP threads for this rank's model on CPU with `shared` binding: its share of the cores
-        all ranks share (more threads than cores make OpenMP's barriers spin against each other).
-        None otherwise: `rank_env`'s default, one thread per core the rank owns."""
+        the ranks on its host share (more threads than cores make OpenMP's barriers spin against
+        each other). None otherwise: `rank_env`'s default, one thread per core the rank owns."""
         if not cpu_cores or self.settings.cpu_binding != "shared":
             return None
-        return max(1, len(cpu_cores) // max(1, self.settings.data_parallel_size))
+        return max(1, len(cpu_cores) // max(1, self.ranks_on_host))
 
     def _device_ids(self) -> list[int] | None:
         if not self.platform.visible_devices_env:

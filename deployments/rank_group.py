@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
-from cluster.placement import cpu_cores_for_rank, create_rank_placement_group, rank_bundle
+from cluster.placement import create_rank_placement_group, host_slots, rank_bundle
 from deployments.engine_config import EngineSettings
 from deployments.rank import DPRank
 from npu_runtime.platform import detect
@@ -20,6 +20,15 @@ def rank_actor_class():
     import ray
 
     return ray.remote(DPRank)
+
+
+def _host_slots(pg: Any, n: int) -> list[tuple[int, int]]:
+    """(index on its host, ranks on that host) per rank, from where the placement group's bundles
+    landed."""
+    import ray
+
+    nodes = ray.util.placement_group_table(pg)["bundles_to_node_id"]
+    return host_slots([nodes[r] for r in range(n)])
 
 
 async def start_rank_group(
@@ -47,6 +56,7 @@ async def start_rank_group(
     )
     actor_cls = rank_actor_class()
     actors = []
+    slots = await asyncio.to_thread(_host_slots, pg, n) if platform.name == "cpu" else [None] * n
     for r in range(n):
         bundle = rank_bundle(platform)
         opts: dict[str, Any] = {
@@ -60,8 +70,8 @@ async def start_rank_group(
         if name_prefix:
             opts["name"] = f"{name_prefix}rank{r}"
             opts["namespace"] = RANK_NAMESPACE
-        cores = cpu_cores_for_rank(r, n, binding=settings.cpu_binding) if platform.name == "cpu" else None
-        actors.append(actor_cls.options(**opts).remote(settings.to_dict(), r, cores, platform.name))
+        # Each rank picks its cores on its own host (this process may run on another one).
+        actors.append(actor_cls.options(**opts).remote(settings.to_dict(), r, None, platform.name, slots[r]))
     dp_address, dp_port = await actors[0].reserve_dp_endpoint.remote()
     starts = [a.start.remote(dp_address, dp_port) for a in actors]
     try:
