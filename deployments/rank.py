@@ -164,6 +164,10 @@ class DPRank:
                 os.environ[key] = value
             else:
                 os.environ.setdefault(key, value)
+        if self.settings.engine_nice is not None:  # read by npu_runtime.vllm_plugin in the engine core
+            from npu_runtime.vllm_plugin import ENGINE_NICE_ENV
+
+            os.environ.setdefault(ENGINE_NICE_ENV, str(self.settings.engine_nice))
         self.network_env = self._resolve_network_env()
 
     def _resolve_network_env(self) -> dict[str, str]:

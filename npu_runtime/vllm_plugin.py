@@ -78,10 +78,33 @@ def _patch_cpu_experts_expert_map() -> None:
     cls.apply = apply
 
 
+# Niceness for dpserve's engine-core processes (set by the rank actor; unset: inherited). Ray starts
+# its workers at nice 15, so engines inherit 15 while Ray's daemons run at 0.
+ENGINE_NICE_ENV = "DPSERVE_ENGINE_NICE"
+
+
+def _set_engine_priority() -> None:
+    """Give this engine-core process the niceness asked for in ENGINE_NICE_ENV (only engine cores:
+    vLLM names their processes EngineCore*; the frontend in the rank actor keeps Ray's)."""
+    nice = os.environ.get(ENGINE_NICE_ENV)
+    if not nice:
+        return
+    import multiprocessing
+
+    if not multiprocessing.current_process().name.startswith("EngineCore"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, int(nice))
+    except (PermissionError, ValueError) as exc:  # lowering niceness needs CAP_SYS_NICE
+        logger.warning("dpserve: engine core kept niceness %d (%s=%s: %s)", os.getpriority(os.PRIO_PROCESS, 0),
+                       ENGINE_NICE_ENV, nice, exc)  # fmt: skip
+
+
 def register() -> None:
     """vLLM general-plugin entry point."""
     if os.environ.get("DPSERVE_DISABLE_PLUGIN") == "1":
         return
+    _set_engine_priority()
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu() and "cpu" not in _APPLIED:

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import time
 
 import httpx
@@ -306,3 +307,22 @@ def test_fuzzed_requests_never_5xx(base_url):
 
     check()
     assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200  # no rank died
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="lowering an engine's niceness needs root or CAP_SYS_NICE")
+def test_engines_run_ahead_of_rays_workers(base_url):
+    """Engine cores at nice 0 (engine_nice's default), their rank actors at Ray's nice 15."""
+    engines = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0].decode()
+            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            parent = open(f"/proc/{ppid}/cmdline", "rb").read().split(b"\0")[0].decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if cmd.startswith("VLLM::EngineCore") and parent.startswith("ray::DPRank"):
+            engines[int(pid)] = ppid
+    assert len(engines) == 2, engines
+    for pid, rank_pid in engines.items():
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 0
+        assert os.getpriority(os.PRIO_PROCESS, rank_pid) == 15

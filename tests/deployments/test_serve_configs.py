@@ -49,6 +49,9 @@ def test_unknown_setting_is_rejected():
         AppConfig.from_args({"data_parallel_sise": 2})
     with pytest.raises(ValueError):
         AppConfig.from_args({"data_parallel_size": 0})
+    with pytest.raises(ValueError, match="engine_nice"):
+        AppConfig.from_args({"engine_nice": 25})
+    assert AppConfig.from_args({"engine_nice": None}).engine.engine_nice is None
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
