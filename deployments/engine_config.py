@@ -61,8 +61,8 @@ class EngineSettings:
     # Niceness of each rank's engine-core process. Ray starts its workers (the rank actors, the
     # ingress, Serve's controller and proxy) at nice 15 and the engines inherit it, below Ray's own
     # daemons at 0; at 0 the engines step ahead of that control plane, which then runs in the gaps
-    # of the lockstep (+5 % output throughput in each of 3 rounds on 2 cores,
-    # benchmarks/results/serving.md). Lowering niceness needs root or CAP_SYS_NICE: without it the
+    # of the lockstep (output throughput ahead in 5 of 7 side-by-side rounds on 2 cores, median
+    # +3 %, benchmarks/results/serving.md). Lowering niceness needs root or CAP_SYS_NICE: without it the
     # engine keeps Ray's value and logs a warning. None: keep what the engine inherits.
     engine_nice: int | None = 0
 
