@@ -128,34 +128,44 @@ def test_stats_on_output_batches_reach_the_router_and_gauges_at_the_poll_rate() 
     assert server.recoveries_started == ["rank 1's engine died"]
 
 
-@pytest.mark.parametrize("transport", ["ray", "zmq"])
-def test_pump_takes_stats_and_delivers_chunks(transport: str) -> None:
-    async def main() -> None:
+CHUNK = {"text": "a", "token_ids": [5]}
+
+
+def _first_chunk(rank: _Rank, transport: str, connect_timeout_s: float | None = None) -> tuple[Any, Any]:
+    """The first chunk for request req-1 that rank 0's pump delivers, and the server."""
+
+    async def main() -> tuple[Any, Any]:
         inbox: asyncio.Queue = asyncio.Queue()
-        rank = _Rank(
-            0, batches=[([("req-1", {"text": "a", "token_ids": [5]})], {"running": 3, "waiting": 1})]
-        )
         server = _server([rank], transport)
+        if connect_timeout_s is not None:
+            server.config.output_connect_timeout_s = connect_timeout_s
         server._inboxes["req-1"] = (0, 1, inbox)
         pump = asyncio.create_task(server._pump(0, rank, 1))
-        chunk = await asyncio.wait_for(inbox.get(), 5)
-        pump.cancel()
-        assert chunk == {"text": "a", "token_ids": [5]}
-        assert server.stats[0] == {"running": 3, "waiting": 1}
+        try:
+            return await asyncio.wait_for(inbox.get(), 5), server
+        finally:
+            pump.cancel()
 
-    asyncio.run(main())
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("transport", ["ray", "zmq"])
+def test_pump_takes_stats_and_delivers_chunks(transport: str) -> None:
+    chunk, server = _first_chunk(
+        _Rank(0, batches=[([("req-1", CHUNK)], {"running": 3, "waiting": 1})]), transport
+    )
+    assert chunk == CHUNK
+    assert server.stats[0] == {"running": 3, "waiting": 1}
 
 
 def test_a_rank_whose_push_call_fails_ends_its_requests_and_reforms_the_group() -> None:
     async def main() -> None:
         inbox: asyncio.Queue = asyncio.Queue()
-        rank = _Rank(
-            0, batches=[([("req-1", {"text": "a", "token_ids": [5]})], {"running": 1})], fail_after_s=0.1
-        )
+        rank = _Rank(0, batches=[([("req-1", CHUNK)], {"running": 1})], fail_after_s=0.1)
         server = _server([rank], "zmq")
         server._inboxes["req-1"] = (0, 1, inbox)
         await asyncio.wait_for(server._pump(0, rank, 1), 5)
-        assert await inbox.get() == {"text": "a", "token_ids": [5]}
+        assert await inbox.get() == CHUNK
         assert isinstance(await inbox.get(), ConnectionError)
         assert server.recoveries_started == ["rank 0's output channel broke (ConnectionError)"]
 
@@ -163,35 +173,18 @@ def test_a_rank_whose_push_call_fails_ends_its_requests_and_reforms_the_group() 
 
 
 def test_an_unreachable_zmq_channel_falls_back_to_the_ray_stream() -> None:
-    async def main() -> None:
-        inbox: asyncio.Queue = asyncio.Queue()
-        rank = _Rank(
-            0, batches=[([("req-1", {"text": "a", "token_ids": [5]})], {"running": 1})], reachable=False
-        )
-        server = _server([rank], "zmq")
-        server.config.output_connect_timeout_s = 0.2
-        server._inboxes["req-1"] = (0, 1, inbox)
-        pump = asyncio.create_task(server._pump(0, rank, 1))
-        assert await asyncio.wait_for(inbox.get(), 5) == {"text": "a", "token_ids": [5]}
-        pump.cancel()
-        assert server.recoveries_started == []
-
-    asyncio.run(main())
+    rank = _Rank(0, batches=[([("req-1", CHUNK)], {"running": 1})], reachable=False)
+    chunk, server = _first_chunk(rank, "zmq", connect_timeout_s=0.2)
+    assert chunk == CHUNK
+    assert server.recoveries_started == []
 
 
 def test_malformed_messages_on_the_zmq_channel_are_dropped() -> None:
-    async def main() -> None:
-        inbox: asyncio.Queue = asyncio.Queue()
-        good = ([("req-1", {"text": "a", "token_ids": [5]})], {"running": 1})
-        rank = _Rank(0, batches=[b"not msgpack \xc1", msgspec.msgpack.encode([1, 2, 3]), good])
-        server = _server([rank], "zmq")
-        server._inboxes["req-1"] = (0, 1, inbox)
-        pump = asyncio.create_task(server._pump(0, rank, 1))
-        assert await asyncio.wait_for(inbox.get(), 5) == {"text": "a", "token_ids": [5]}
-        pump.cancel()
-        assert server.recoveries_started == []
-
-    asyncio.run(main())
+    good = ([("req-1", CHUNK)], {"running": 1})
+    rank = _Rank(0, batches=[b"not msgpack \xc1", msgspec.msgpack.encode([1, 2, 3]), good])
+    chunk, server = _first_chunk(rank, "zmq")
+    assert chunk == CHUNK
+    assert server.recoveries_started == []
 
 
 def test_output_transport_is_checked() -> None:
