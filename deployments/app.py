@@ -47,8 +47,9 @@ class AppConfig:
     rank_start_timeout_s: float = 900.0
     recovery_wait_s: float = 300.0  # how long a new request waits for a re-forming DP group
     # Streamed tokens are sent in chunks at most this often (0: every token on its own). Each chunk
-    # crosses two Ray hops (rank -> ingress -> proxy); per-token messages cost more CPU than decoding
-    # the tiny model, and at DeepSeek scale tens of thousands of tokens/s pass one ingress.
+    # is work on every hop (rank -> ingress, ingress -> client as an SSE event); per-token messages
+    # cost more CPU than decoding the tiny model, and at DeepSeek scale tens of thousands of tokens/s
+    # pass one ingress.
     stream_interval_ms: float = 50.0
     # How the ranks' output batches reach the ingress: "zmq" (a PUSH socket per rank to a PULL socket
     # bound on the ingress's node; needs a TCP port open from the ranks' nodes to the ingress's node,
