@@ -65,8 +65,10 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "RAY_raylet_report_resources_period_milliseconds": "1000", "RAY_raylet_check_gc_period_milliseconds": "1000",
         "RAY_memory_monitor_refresh_ms": "1000", "RAY_task_events_report_interval_ms": "5000",
         "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "5"}, "app": {}},
-    # Engine cores keep the nice 15 Ray starts its workers at (dpserve's default, engine_nice 0, puts
-    # them at 0, level with Ray's daemons and ahead of its workers), or go to -5.
+    # Engine cores at nice 0 (level with Ray's daemons, ahead of its workers at 15) or -5; or keeping
+    # the 15 they inherit (dpserve's default since 2026-11-30 15:00; `default` in serving.md's
+    # 14:02 run had engine_nice 0).
+    "engine_nice0": {"env": dict(SERVE_ENV), "app": {"engine_nice": 0}},
     "engine_inherit": {"env": dict(SERVE_ENV), "app": {"engine_nice": None}},
     "engine_nice_m5": {"env": dict(SERVE_ENV), "app": {"engine_nice": -5}},
     # Direct ingress, streamed chunks at most every 100 ms (fewer messages per token under load).

@@ -27,7 +27,8 @@ def base_url(ray_local, tiny_model_dir):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"model": tiny_model_dir, "served_model_name": MODEL, "data_parallel_size": 2,
                      "enable_expert_parallel": True, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 8,
-                     "balance": {"policy": "any_at_cap"}, "max_queued_per_rank": QUEUE_BOUND})  # fmt: skip
+                     "balance": {"policy": "any_at_cap"}, "max_queued_per_rank": QUEUE_BOUND,
+                     "engine_nice": 0})  # fmt: skip
     serve.run(app, name="dpserve", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -311,7 +312,7 @@ def test_fuzzed_requests_never_5xx(base_url):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="lowering an engine's niceness needs root or CAP_SYS_NICE")
 def test_engines_run_ahead_of_rays_workers(base_url):
-    """Engine cores at nice 0 (engine_nice's default), their rank actors at Ray's nice 15."""
+    """With engine_nice 0 (this module's app), engine cores at 0, their rank actors at Ray's 15."""
     engines = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
