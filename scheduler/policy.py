@@ -18,10 +18,38 @@ Policies
                    after a TTFT regression; kept for comparison).
 ``cadence``        admit only on steps where ``step % interval == 0`` (upstream vLLM's
                    ``--prefill-schedule-interval`` lever).
+``bounded_hold``   hold new prefills until enough ranks can share the prefill step, never longer than
+                   a step budget, and never while the group is too empty for holding to pay (below).
+
+``bounded_hold``
+~~~~~~~~~~~~~~~~
+A prefill step costs every rank the slowest rank's prefill (lockstep), so it is nearly as cheap with
+prefills on all ranks as on one. Holding merges prefills into fewer steps; each held step adds to the
+held requests' TTFT. A rank is *ready* when it has waiting requests and a free slot
+(``waiting > 0 and running < max_num_seqs``). With ``L`` live ranks, for step ``s``:
+
+1. no rank ready                          -> closed (nothing to admit; a request arriving before the
+                                             step is held under the same bound as any other);
+2. ``s % max_hold_steps == 0``            -> open (*hold bound*: a request that could be admitted waits
+                                             at most ``max_hold_steps - 1`` steps for the gate);
+3. ready ranks ``>= ceil(quorum * L)``    -> open (the prefill step is shared widely enough to pay);
+4. ``sum(running) < min_occupancy * sum(max_num_seqs)``
+                                          -> open (*saturation guard*: with this many free slots a prefill
+                                             step stalls few decodes and throughput follows arrivals, so
+                                             holding only costs TTFT; it also lets an idle group start at once);
+5. otherwise                              -> closed.
+
+Parameters: ``max_hold_steps`` (int >= 1, default 8) is the operator's TTFT budget in steps: with a
+decode step of ``d`` ms a held request waits at most ``(max_hold_steps - 1) * d`` ms, and larger values
+move the policy along its own throughput/TTFT frontier. ``quorum`` (0 < q <= 1, default 0.5) is the
+fraction of live ranks that must be ready to open early. ``min_occupancy`` (0 <= m <= 1, default 0.5)
+is the saturation guard's threshold; 0 disables it. The rule reads only the snapshot and the step
+number, so every rank and the simulator get the same decision from the same counts.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -29,6 +57,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 __all__ = [
     "POLICIES",
     "AnyAtCap",
+    "BoundedHold",
     "Cadence",
     "GateDecision",
     "GatePolicy",
@@ -164,11 +193,70 @@ class Cadence:
         )
 
 
+@dataclass(frozen=True)
+class BoundedHold:
+    """Hold prefills until a quorum of ranks is ready, at most ``max_hold_steps`` (module docstring)."""
+
+    max_hold_steps: int = 8
+    quorum: float = 0.5
+    min_occupancy: float = 0.5
+    name: ClassVar[str] = "bounded_hold"
+
+    def __post_init__(self) -> None:
+        h = self.max_hold_steps
+        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+            raise ValueError(f"bounded_hold: max_hold_steps must be an integer >= 1, got {h!r}")
+        if (
+            isinstance(self.quorum, bool)
+            or not isinstance(self.quorum, (int, float))
+            or not 0 < self.quorum <= 1
+        ):
+            raise ValueError(f"bounded_hold: quorum must be a number in (0, 1], got {self.quorum!r}")
+        m = self.min_occupancy
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1:
+            raise ValueError(f"bounded_hold: min_occupancy must be a number in [0, 1], got {m!r}")
+
+    def decide(self, counts: Sequence[RankCounts], step: int) -> GateDecision:
+        """Apply rules 1-5 of the module docstring to one snapshot."""
+        if not counts:
+            return _empty(step)
+        ready = sum(1 for c in counts if c.waiting > 0 and c.running < c.max_num_seqs)
+        if ready == 0:
+            return GateDecision(
+                step=step, admit=False, reason="no rank has a waiting request and a free slot"
+            )
+        if step % self.max_hold_steps == 0:
+            return GateDecision(
+                step=step,
+                admit=True,
+                reason=f"hold bound: step {step} on {self.max_hold_steps}-step deadline",
+            )
+        need = math.ceil(self.quorum * len(counts))
+        if ready >= need:
+            return GateDecision(
+                step=step, admit=True, reason=f"quorum: {ready}/{len(counts)} ranks ready (need {need})"
+            )
+        running = sum(c.running for c in counts)
+        slots = sum(c.max_num_seqs for c in counts)
+        if running < self.min_occupancy * slots:
+            return GateDecision(
+                step=step,
+                admit=True,
+                reason=f"saturation guard: {running}/{slots} slots running, below {self.min_occupancy:g}",
+            )
+        return GateDecision(
+            step=step,
+            admit=False,
+            reason=f"holding: {ready}/{len(counts)} ranks ready (need {need}), {running}/{slots} slots running",
+        )
+
+
 POLICIES: dict[str, type] = {
     Off.name: Off,
     AnyAtCap.name: AnyAtCap,
     MaxMinusOne.name: MaxMinusOne,
     Cadence.name: Cadence,
+    BoundedHold.name: BoundedHold,
 }
 
 # The parameters each policy accepts; anything else is a configuration mistake worth stopping on.
@@ -177,6 +265,7 @@ _PARAMS: dict[str, frozenset[str]] = {
     "any_at_cap": frozenset(),
     "max_minus_one": frozenset(),
     "cadence": frozenset({"interval"}),
+    "bounded_hold": frozenset({"max_hold_steps", "quorum", "min_occupancy"}),
 }
 
 

@@ -97,4 +97,96 @@ def test_bad_names_and_params(name: str, params: dict, match: str) -> None:
 
 
 def test_registry_names() -> None:
-    assert set(POLICIES) == {"off", "any_at_cap", "max_minus_one", "cadence"}
+    assert set(POLICIES) == {"off", "any_at_cap", "max_minus_one", "cadence", "bounded_hold"}
+
+
+def _counts(*ranks: tuple[int, int], cap: int = 4) -> list[RankCounts]:
+    """Ranks as (running, waiting) pairs with a shared cap."""
+    return [RankCounts(rank=i, running=r, waiting=w, max_num_seqs=cap) for i, (r, w) in enumerate(ranks)]
+
+
+FULL = (4, 0)  # at cap, nothing waiting
+READY = (3, 1)  # a free slot and a waiting request
+BLOCKED = (4, 2)  # waiting, but no free slot
+
+# (params, ranks as (running, waiting), step, expected admit, expected reason prefix)
+HOLD_CASES = [
+    # Rule 1: nothing admissible keeps the gate closed, even on the deadline step.
+    ({}, (FULL, FULL, BLOCKED, FULL), 8, False, "no rank"),
+    # Rule 2, the hold bound: below quorum and above the occupancy threshold, only the deadline opens.
+    ({}, (READY, FULL, FULL, FULL), 1, False, "holding"),
+    ({}, (READY, FULL, FULL, FULL), 7, False, "holding"),
+    ({}, (READY, FULL, FULL, FULL), 8, True, "hold bound"),
+    ({}, (READY, FULL, FULL, FULL), 16, True, "hold bound"),
+    ({"max_hold_steps": 3}, (READY, FULL, FULL, FULL), 2, False, "holding"),
+    ({"max_hold_steps": 3}, (READY, FULL, FULL, FULL), 3, True, "hold bound"),
+    ({"max_hold_steps": 1}, (READY, FULL, FULL, FULL), 5, True, "hold bound"),
+    # Rule 3, quorum: ceil(0.5 * 4) = 2 ready ranks open early; blocked ranks do not count.
+    ({}, (READY, READY, FULL, FULL), 1, True, "quorum"),
+    ({}, (READY, BLOCKED, BLOCKED, FULL), 1, False, "holding"),
+    ({"quorum": 1.0}, (READY, READY, READY, FULL), 1, False, "holding"),
+    ({"quorum": 1.0}, (READY, READY, READY, READY), 1, True, "quorum"),
+    ({"quorum": 0.2}, (READY, FULL, FULL, FULL), 1, True, "quorum"),  # ceil(0.8) = 1
+    # Rule 4, the saturation guard: 7 of 16 slots running is below 0.5 of them.
+    ({}, ((3, 1), (2, 0), (1, 0), (1, 0)), 1, True, "saturation guard"),
+    ({}, ((3, 1), (2, 0), (2, 0), (1, 0)), 1, False, "holding"),  # 8 of 16: not below
+    ({"min_occupancy": 0.0}, ((1, 1), (0, 0), (0, 0), (0, 0)), 1, False, "holding"),
+    ({"min_occupancy": 1.0}, (READY, FULL, FULL, FULL), 1, True, "saturation guard"),
+    # An idle group starts at once (guard), and a single-rank group is its own quorum.
+    ({}, ((0, 3), (0, 0), (0, 0), (0, 0)), 3, True, "saturation guard"),
+    ({"min_occupancy": 0.0}, ((3, 1),), 5, True, "quorum"),
+]
+
+
+@pytest.mark.parametrize(("params", "ranks", "step", "admit", "reason"), HOLD_CASES)
+def test_bounded_hold_table(
+    params: dict, ranks: tuple[tuple[int, int], ...], step: int, admit: bool, reason: str
+) -> None:
+    decision = make_policy("bounded_hold", **params).decide(_counts(*ranks), step)
+    assert decision.admit is admit, decision.reason
+    assert decision.step == step
+    assert decision.reason.startswith(reason), decision.reason
+
+
+@pytest.mark.parametrize("hold", [1, 2, 5, 8, 13])
+def test_bounded_hold_never_holds_past_the_bound(hold: int) -> None:
+    # A snapshot the gate would hold forever without the bound: one ready rank, the group full.
+    policy = make_policy("bounded_hold", max_hold_steps=hold)
+    snap = _counts(READY, FULL, FULL, FULL, FULL, FULL)
+    opens = [s for s in range(200) if policy.decide(snap, s).admit]
+    assert opens, "the gate never opened"
+    # Any request that could be admitted at step s is admitted within max_hold_steps - 1 steps.
+    gaps = [b - a for a, b in zip([-1, *opens], [*opens, 200], strict=True)]
+    assert max(gaps) <= hold
+
+
+def test_bounded_hold_uses_each_ranks_own_cap() -> None:
+    counts = [
+        RankCounts(rank=0, running=8, waiting=1, max_num_seqs=16),  # ready under its own cap
+        RankCounts(rank=1, running=4, waiting=1, max_num_seqs=4),  # blocked
+    ]
+    assert make_policy("bounded_hold", min_occupancy=0.0, quorum=0.5).decide(counts, 1).admit is True
+    assert make_policy("bounded_hold", min_occupancy=0.0, quorum=1.0).decide(counts, 1).admit is False
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"max_hold_steps": 0},
+        {"max_hold_steps": 2.5},
+        {"max_hold_steps": True},
+        {"quorum": 0},
+        {"quorum": 1.5},
+        {"quorum": "half"},
+        {"min_occupancy": -0.1},
+        {"min_occupancy": 1.1},
+    ],
+)
+def test_bounded_hold_rejects_bad_params(params: dict) -> None:
+    with pytest.raises(ValueError, match="bounded_hold"):
+        make_policy("bounded_hold", **params)
+
+
+def test_bounded_hold_rejects_unknown_param() -> None:
+    with pytest.raises(ValueError, match="accepted: max_hold_steps, min_occupancy, quorum"):
+        make_policy("bounded_hold", interval=4)
