@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -36,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--eplb", help="EPLB policy from eplb.policies, or 'none' (eplb.policy)")
     parser.add_argument("--seed", type=int, help="random seed")
+    parser.add_argument(
+        "--loads",
+        metavar="FILE.npy",
+        help="drive expert routing with a recorded load trace instead of the synthetic model: float "
+        "[layers, experts] as `dpserve eplb plan --loads` takes, or [windows, layers, experts] (experts.loads_file)",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -63,6 +70,8 @@ def build_config(args: argparse.Namespace) -> SimConfig:
         overrides.append(f"eplb.policy={args.eplb}")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
+    if getattr(args, "loads", None) is not None:
+        overrides.append(f"experts.loads_file={json.dumps(str(args.loads))}")
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
@@ -100,8 +109,6 @@ def run(args: argparse.Namespace) -> int:
             rows[f"seed {label} (measured)"] = ref
     text = table(rows, extra=[("prefill_step_frac", "steps w/ prefill", "{:.3f}")])
     if args.json:
-        import json
-
         print(json.dumps(payload, indent=2, default=str))
     else:
         print(

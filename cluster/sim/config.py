@@ -90,6 +90,20 @@ class ExpertConfig:
     drift_timescale_s: float = 120.0
     # Redundant physical slots in total; at start-up slot E + j holds expert j % E (EPLB's default).
     num_redundant: int = 0
+    # Share of each layer's log-popularity variance that is common to all layers: expert j is hot in
+    # many layers at once, so under the identity placement one rank is the busiest in most layers
+    # (per-layer max/mean then adds up instead of averaging out over the 58 layers).
+    layer_correlation: float = 0.0
+    # Per-layer skew grows with depth: a layer at relative depth d in [0, 1] has std
+    # skew_sigma * (1 + depth_skew * (2 d - 1)); 0 gives every layer skew_sigma. Published DeepSeek-R1
+    # serving traces show the first layers close to balanced and deeper ones more skewed.
+    depth_skew: float = 0.0
+    # A recorded load trace replaces the synthetic model: a .npy in `dpserve eplb plan --loads` format,
+    # float [layers, num_experts] (a fixed popularity), or a stack float [windows, layers, num_experts]
+    # replayed window by window, each for `trace_window_steps` steps (cycling). Layers are sampled
+    # evenly down to sim_layers.
+    loads_file: str | None = None
+    trace_window_steps: int = 1000
 
 
 @dataclass
@@ -98,8 +112,9 @@ class EplbConfig:
 
     policy: str = "none"
     interval_steps: int = 1000  # re-plan every this many steps on the load seen since the last plan
-    # async: layers are moved one per step after the plan, each adding its transfer time to that step
-    # (vllm-ascend/dpserve style); sync: all layers move in one stop-the-world stall.
+    # async: one layer moves per step after the plan, on a side stream overlapped with that step's
+    # compute (vllm-ascend/dpserve style); sync: every layer moves in one stop-the-world stall. The
+    # costs are `TransferConfig`'s (see `cluster.sim.transfer`).
     mode: str = "async"
     params: dict[str, Any] = field(default_factory=dict)  # passed to eplb.policies.rebalance
 
@@ -125,7 +140,43 @@ class CostConfig:
     moe_per_expert_token_s: float = 0.15e-6  # grouped GEMM per routed (token, expert) on the busiest rank
     a2a_layer_fixed_s: float = 0.0002  # dispatch + combine latency per layer
     a2a_per_expert_token_s: float = 0.08e-6  # dispatch + combine bytes per routed (token, expert)
-    eplb_transfer_per_expert_s: float = 0.002  # moving one expert's weights into a slot, per layer
+
+
+@dataclass
+class TransferConfig:
+    """What moving expert weights costs (EPLB); the formulas are in `cluster.sim.transfer`.
+
+    Defaults: DeepSeek-V3 experts in 8-bit weights on Ascend A2-class nodes. Each field names its
+    source; only ``p2p_op_latency_s`` is fitted (benchmarks/fit_eplb_transfer.py).
+    """
+
+    # DeepSeek-V3 config.json: hidden_size 7168, moe_intermediate_size 2048; an expert is three
+    # matrices (gate, up, down) of hidden x intermediate.
+    hidden_size: int = 7168
+    moe_intermediate_size: int = 2048
+    # Bytes per weight: 1 for fp8 (DeepSeek-V3's released weights) or w8a8 int8 (vllm-ascend's
+    # quantised DeepSeek), 2 for bf16. 8-bit weights carry one fp32 scale per 128 x 128 block
+    # (DeepSeek-V3 fp8 block quantisation); bf16 none.
+    bytes_per_param: float = 1.0
+    scale_block: int = 128
+    ranks_per_node: int = 8  # Atlas 800 A2 / HGX: 8 accelerators per node
+    # One HCCS link of Ascend 910B: 56 GB/s (Huawei Atlas 800T A2 datasheet: 7 links, 392 GB/s).
+    # An expert moves over one link; NVLink 4 (H100) would be 450 GB/s per direction.
+    intra_node_bw_Bps: float = 56e9
+    # Scale-out NIC per accelerator: 200 Gb/s RoCE = 25 GB/s (Atlas 800T A2: 8 x 200GE; H100 HGX
+    # nodes carry 400 Gb/s = 50 GB/s per GPU).
+    inter_node_bw_Bps: float = 25e9
+    # HBM bandwidth, for the copy from the receive buffer into the expert weights (read + write):
+    # Ascend 910B HBM2e about 1.6 TB/s (H100 SXM 3.35 TB/s).
+    hbm_bw_Bps: float = 1.6e12
+    # Fixed cost per p2p send/recv op (HCCL set-up, rendezvous, launch). Fitted to SwiftBalancer's
+    # measurement: batch_isend_irecv of 16 experts took more than 100 ms on an A2 server
+    # (vllm-ascend PR "SwiftBalancer", vllm-project/vllm-ascend); see benchmarks/fit_eplb_transfer.py.
+    p2p_op_latency_s: float = 0.00546
+    # Per layer applied asynchronously: wait on the side stream's event and swap the layer's
+    # expert map (log2phy) on the device: one host-device synchronisation plus a few small kernels,
+    # about 0.1 ms on NPU/GPU runtimes. A prior, not fitted.
+    async_sync_s: float = 1e-4
 
 
 @dataclass
@@ -147,6 +198,7 @@ class SimConfig:
     experts: ExpertConfig = field(default_factory=ExpertConfig)
     eplb: EplbConfig = field(default_factory=EplbConfig)
     costs: CostConfig = field(default_factory=CostConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     seed: int = 0
     # The measured figures this config is calibrated against, carried into reports unchanged.
@@ -170,6 +222,17 @@ class SimConfig:
             raise ValueError(f"router.kind {self.router.kind!r} unknown")
         if self.eplb.mode not in ("async", "sync"):
             raise ValueError("eplb.mode must be 'async' or 'sync'")
+        if not 0.0 <= e.layer_correlation <= 1.0:
+            raise ValueError("experts.layer_correlation must be in [0, 1]")
+        if not 0.0 <= e.depth_skew <= 1.0:
+            raise ValueError("experts.depth_skew must be in [0, 1]")
+        if e.trace_window_steps < 1:
+            raise ValueError("experts.trace_window_steps must be >= 1")
+        tr = self.transfer
+        if min(tr.intra_node_bw_Bps, tr.inter_node_bw_Bps, tr.hbm_bw_Bps, tr.bytes_per_param) <= 0:
+            raise ValueError("transfer: bandwidths and bytes_per_param must be > 0")
+        if tr.ranks_per_node < 1:
+            raise ValueError("transfer.ranks_per_node must be >= 1")
         bad = [p for p in self.gate.policies if not isinstance(p, str)]
         if bad:
             raise ValueError(

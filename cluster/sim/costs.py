@@ -18,7 +18,8 @@ recv[l, rank] is the number of (token, expert) pairs routed to the experts that 
 (from every rank's tokens: EP spans the DP group), send_r = tokens_r * top_k. MoE and all-to-all are
 synchronised per layer, so every rank pays the busiest EP rank's expert time: that is how expert
 imbalance enters the step time. An idle rank still runs a dummy batch (step_overhead_s + rank_fixed_s)
-and takes part in every all-to-all, as vLLM's DP engines do.
+and takes part in every all-to-all, as vLLM's DP engines do. Expert-weight transfers (EPLB) are
+costed in `cluster.sim.transfer`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class CostModel:
         a2a = self.layer_scale * (n * c.a2a_layer_fixed_s + c.a2a_per_expert_token_s * float(volume.sum()))
         return moe, a2a
 
-    def transfer(self, moved_slots_max: int) -> float:
-        """Seconds to move ``moved_slots_max`` expert slots into the busiest receiving rank, one layer."""
-        return self.c.eplb_transfer_per_expert_s * moved_slots_max
+    def a2a_link(self, max_recv: np.ndarray, max_send: float) -> float:
+        """The bandwidth-bound part of the step's all-to-all (seconds): what shares the link with an
+        asynchronous expert transfer. max_recv float [sim_layers]."""
+        volume = np.maximum(max_recv, max_send)
+        return self.layer_scale * self.c.a2a_per_expert_token_s * float(volume.sum())

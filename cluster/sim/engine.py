@@ -66,6 +66,11 @@ class SimResult:
     moe_imbalance: np.ndarray  # [steps] mean over layers of busiest / mean EP rank load
     eplb_rebalances: int = 0
     eplb_moved_slots: int = 0
+    # [steps] seconds of expert-weight transfer each step carried (0 outside EPLB moves)
+    transfer_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    eplb_plan_moves: list[int] = field(default_factory=list)  # slots moved per plan, all layers
+    eplb_async_layer_s: list[float] = field(default_factory=list)  # per async layer move, seconds
+    eplb_sync_stall_s: list[float] = field(default_factory=list)  # per stop-the-world move, seconds
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -97,6 +102,7 @@ class SimResult:
             else float("nan"),
             "mean_moe_imbalance": float(self.moe_imbalance.mean()) if self.steps else float("nan"),
             "eplb_rebalances": float(self.eplb_rebalances),
+            "max_step_ms": float(self.step_time.max() * 1e3) if self.steps else 0.0,
             "wall_s": self.wall_s,
         }
 
@@ -128,9 +134,7 @@ def simulate(
     R = cfg.cluster.num_ranks
     router = Router(cfg.router, R, rng_router)
     costs = CostModel(cfg.costs, cfg.model.num_moe_layers, cfg.experts.sim_layers, cfg.model.top_k)
-    experts = ExpertModel(
-        cfg.model, cfg.experts, cfg.eplb, R, rng_expert, cfg.costs.eplb_transfer_per_expert_s
-    )
+    experts = ExpertModel(cfg.model, cfg.experts, cfg.eplb, R, rng_expert, cfg.transfer)
     mns = cfg.cluster.max_num_seqs
     B = cfg.cluster.max_num_batched_tokens
     thr = cfg.cluster.long_prefill_token_threshold
@@ -236,8 +240,11 @@ def simulate(
         rl = experts.rank_loads(loads)
         max_recv = rl.max(axis=1)
         moe, a2a = costs.moe_and_a2a(max_recv, float(tokens.max()) * top_k)
-        transfer = experts.transfer_step()
-        rank_time = costs.attention(tokens, ctx, pairs) + (moe + a2a + transfer)
+        rank_time = costs.attention(tokens, ctx, pairs) + (moe + a2a)
+        transfer = experts.transfer_step(
+            float(rank_time.max()), costs.a2a_link(max_recv, float(tokens.max()) * top_k)
+        )
+        rank_time += transfer
         T = float(rank_time.max())
         t_end = t + T
 
@@ -285,6 +292,7 @@ def simulate(
 
         rec["start"].append(t)
         rec["time"].append(T)
+        rec["transfer"].append(transfer)
         if record_rank_time:
             rec["rank_time"].append(rank_time)
         rec["running"].append([c.running for c in counts])
@@ -332,6 +340,10 @@ def simulate(
         moe_imbalance=arr("imb", np.float64),
         eplb_rebalances=experts.rebalances,
         eplb_moved_slots=experts.moved_slots,
+        transfer_s=arr("transfer", np.float64),
+        eplb_plan_moves=list(experts.plan_moves),
+        eplb_async_layer_s=list(experts.async_layer_costs),
+        eplb_sync_stall_s=list(experts.sync_stalls),
         wall_s=time.perf_counter() - wall0,
         notes=list(dict.fromkeys(experts.notes)),
     )

@@ -5,9 +5,16 @@ layer count in `costs`): the per-step work is then independent of the layer coun
 64 ranks x 10,000 requests run in seconds. Each layer has its own popularity, so layer-to-layer
 variation in imbalance is kept.
 
-Placement uses the EPLB package's conventions: ``phy2log [layers, num_ranks * slots_per_rank]`` with
-rank r owning slots ``r * S .. (r + 1) * S - 1``; a token for an expert with k replicas is split
-evenly over them (vLLM picks replicas by token position, so the split is even in expectation).
+Popularity: per layer l and expert e, log-popularity = sigma_l * (sqrt(c) * shared[e] + sqrt(1 - c) *
+own[l, e]) with ``shared`` and ``own`` independent unit-variance Ornstein-Uhlenbeck processes (c =
+``layer_correlation``; sigma_l grows with depth by ``depth_skew``), or a recorded trace
+(``loads_file``). Routed counts per step are Poisson around tokens * top_k * popularity.
+
+Placement uses the EPLB package's conventions and functions: ``phy2log [layers, num_ranks *
+slots_per_rank]`` with rank r owning slots ``r * S .. (r + 1) * S - 1``, start-up placement
+`eplb.policies.default_placement`, plans from `eplb.policies.rebalance`, transfer ops from
+`eplb.plan.build_transfer_plan`. A token for an expert with k replicas is split evenly over them
+(vLLM picks replicas by token position, so the split is even in expectation).
 """
 
 from __future__ import annotations
@@ -17,16 +24,54 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.sim.config import EplbConfig, ExpertConfig, ModelConfig
+from cluster.sim.config import EplbConfig, ExpertConfig, ModelConfig, TransferConfig
+from cluster.sim.transfer import LayerTransfer, async_step_cost_s, layer_transfer, sync_stall_s
+from eplb.plan import build_transfer_plan
+from eplb.policies import default_placement
 
 
-def default_phy2log(layers: int, num_experts: int, num_redundant: int) -> np.ndarray:
-    """Start-up placement: expert i in slot i, redundant slot E + j holding expert j % E.
+def load_trace(path: str, num_experts: int, sim_layers: int) -> np.ndarray:
+    """Read a recorded load trace: float [windows, sim_layers, num_experts], rows summing to 1.
 
-    Identical to `eplb.policies.default_placement`, repeated here so the simulator runs without EPLB.
+    The file is a .npy of `dpserve eplb plan --loads` format, float [layers, num_experts], or a stack
+    of them [windows, layers, num_experts]. ``sim_layers`` layers are taken evenly spaced over the
+    file's layers (first and last included). A layer with no load gets a uniform popularity.
     """
-    row = np.arange(num_experts + num_redundant, dtype=np.int64) % num_experts
-    return np.tile(row, (layers, 1))
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"experts.loads_file {path!r}: cannot read as .npy ({exc})") from exc
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"experts.loads_file {path!r}: loads must be numeric, got dtype {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(
+            f"experts.loads_file {path!r}: expected [layers, experts] or [windows, layers, experts], "
+            f"got shape {arr.shape}"
+        )
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError(f"experts.loads_file {path!r}: loads must be finite and >= 0")
+    if arr.shape[2] != num_experts:
+        raise ValueError(
+            f"experts.loads_file {path!r}: {arr.shape[2]} experts per layer, model has {num_experts}"
+        )
+    if arr.shape[1] < sim_layers:
+        raise ValueError(
+            f"experts.loads_file {path!r}: {arr.shape[1]} layers, fewer than experts.sim_layers={sim_layers}"
+        )
+    idx = np.round(np.linspace(0, arr.shape[1] - 1, sim_layers)).astype(np.int64)
+    arr = arr[:, idx]
+    tot = arr.sum(axis=2, keepdims=True)
+    return np.where(tot > 0, arr / np.where(tot > 0, tot, 1.0), 1.0 / num_experts)
+
+
+def real_layers_per_sim_layer(num_moe_layers: int, sim_layers: int) -> np.ndarray:
+    """How many real MoE layers each simulated layer stands for: int64 [sim_layers], summing to the
+    model's layer count (58 over 4 gives 14, 15, 14, 15)."""
+    edges = np.round(np.linspace(0, num_moe_layers, sim_layers + 1)).astype(np.int64)
+    return np.diff(edges)
 
 
 def _load_eplb():
@@ -45,7 +90,7 @@ class Transfer:
     """An accepted re-placement on its way to the ranks."""
 
     phy2log: np.ndarray  # the new placement, in force once the transfer ends
-    layer_costs: list[float]  # seconds each remaining layer's move adds to the step carrying it
+    layers: list[LayerTransfer]  # real layers still to move, in order (async: one per step)
 
 
 class ExpertModel:
@@ -58,7 +103,7 @@ class ExpertModel:
         eplb: EplbConfig,
         num_ranks: int,
         rng: np.random.Generator,
-        transfer_cost_per_slot: float,
+        transfer: TransferConfig | None = None,
     ) -> None:
         self.E = model.num_experts
         self.top_k = model.top_k
@@ -70,8 +115,20 @@ class ExpertModel:
         self.rng = rng
         self.sigma = experts.skew_sigma
         self.tau = experts.drift_timescale_s
-        self.logits = rng.normal(0.0, experts.skew_sigma, size=(self.L, self.E))
-        self._probs = self._softmax(self.logits)
+        depth = (np.arange(self.L) + 0.5) / self.L
+        self.layer_sigma = experts.skew_sigma * (1.0 + experts.depth_skew * (2.0 * depth - 1.0))  # [L]
+        self.corr = experts.layer_correlation
+        # Unit-variance OU states: per layer, and common to all layers (drawn only when used, so the
+        # stream of an uncorrelated run does not depend on this option).
+        self.own = rng.normal(size=(self.L, self.E))
+        self.shared = rng.normal(size=self.E) if self.corr > 0 else np.zeros(self.E)
+        self.trace = (
+            load_trace(experts.loads_file, self.E, self.L) if experts.loads_file is not None else None
+        )
+        self.trace_window_steps = experts.trace_window_steps
+        self.steps_routed = 0
+        self.real_layers = real_layers_per_sim_layer(model.num_moe_layers, self.L)
+        self._set_probs()
         self.eplb = eplb
         self._rebalance = None
         if eplb.policy != "none":
@@ -80,13 +137,16 @@ class ExpertModel:
                 raise ValueError(
                     f"eplb.policy {eplb.policy!r} unknown; choose from {sorted(policies)} or none"
                 )
-        self.phy2log = default_phy2log(self.L, self.E, self.num_redundant)
+        self.phy2log = default_placement(self.L, self.E, num_ranks, self.num_redundant)
         self._refresh_split()
         self.window = np.zeros((self.L, self.E))
         self.transfer: Transfer | None = None
-        self.transfer_cost_per_slot = transfer_cost_per_slot
+        self.tcfg = transfer if transfer is not None else TransferConfig()
         self.rebalances = 0  # accepted plans
         self.moved_slots = 0  # slots moved over all simulated layers
+        self.plan_moves: list[int] = []  # per accepted plan: slots moved, scaled to the model's layers
+        self.async_layer_costs: list[float] = []  # seconds each async layer move added to its step
+        self.sync_stalls: list[float] = []  # seconds of each stop-the-world transfer
         self.notes: list[str] = []
 
     @staticmethod
@@ -100,19 +160,32 @@ class ExpertModel:
         np.add.at(counts, (np.arange(self.L)[:, None], self.phy2log), 1.0)
         self._slot_share = 1.0 / np.take_along_axis(counts, self.phy2log, axis=1)
 
+    def _set_probs(self) -> None:
+        if self.trace is not None:
+            self._probs = self.trace[(self.steps_routed // self.trace_window_steps) % len(self.trace)]
+            return
+        c = self.corr
+        z = math.sqrt(c) * self.shared[None, :] + math.sqrt(1.0 - c) * self.own  # unit variance
+        self.logits = self.layer_sigma[:, None] * z
+        self._probs = self._softmax(self.logits)
+
     def drift(self, dt: float) -> None:
         """Advance the log-popularities by ``dt`` seconds of an Ornstein-Uhlenbeck process."""
-        if dt <= 0 or self.sigma == 0 or math.isinf(self.tau):
+        if self.trace is not None or dt <= 0 or self.sigma == 0 or math.isinf(self.tau):
             return
         a = math.exp(-dt / self.tau)
-        # Exact OU update: stationary std stays skew_sigma whatever the step length.
-        self.logits = a * self.logits + self.sigma * math.sqrt(1 - a * a) * self.rng.normal(
-            size=self.logits.shape
-        )
-        self._probs = self._softmax(self.logits)
+        b = math.sqrt(1 - a * a)
+        # Exact OU update: the stationary std stays 1 (so sigma_l after scaling) whatever the step length.
+        self.own = a * self.own + b * self.rng.normal(size=self.own.shape)
+        if self.corr > 0:
+            self.shared = a * self.shared + b * self.rng.normal(size=self.shared.shape)
+        self._set_probs()
 
     def route(self, total_tokens: int) -> np.ndarray:
         """Per-layer, per-logical-expert routed (token, expert) counts for a step: float [L, E]."""
+        if self.trace is not None and self.steps_routed % self.trace_window_steps == 0:
+            self._set_probs()
+        self.steps_routed += 1
         if total_tokens == 0:
             return np.zeros((self.L, self.E))
         loads = self.rng.poisson(total_tokens * self.top_k * self._probs).astype(np.float64)
@@ -159,25 +232,42 @@ class ExpertModel:
         changed = new != self.phy2log  # [L, P]
         if not changed.any():
             return
-        # A rank receives the weights of each of its slots whose expert changed; the busiest receiver
-        # sets the transfer time of a layer.
-        per_rank = changed.reshape(self.L, self.R, self.S).sum(axis=2).max(axis=1)  # [L]
-        self.moved_slots += int(changed.sum())
-        self.rebalances += 1
-        # Each simulated layer stands for layer_scale real layers: one real layer moves per step.
-        costs = []
+        # The product's transfer planning picks each op's source (local copy, else the least-used
+        # holder); its ranks decide which links the bytes cross.
+        ops = build_transfer_plan(self.phy2log, new, self.R, self.E).ops_by_layer
+        per_layer = []
         for layer in range(self.L):
-            costs += [self.transfer_cost_per_slot * float(per_rank[layer])] * round(self.layer_scale)
-        if self.eplb.mode == "sync":
-            costs = [sum(costs)]
-        self.transfer = Transfer(phy2log=new, layer_costs=costs)
+            lops = ops.get(layer, [])
+            src = np.fromiter((op.src_rank for op in lops), dtype=np.int64, count=len(lops))
+            dst = np.fromiter((op.dst_rank for op in lops), dtype=np.int64, count=len(lops))
+            per_layer.append(layer_transfer(src, dst, self.R, self.tcfg))
+        self.moved_slots += int(changed.sum())
+        self.plan_moves.append(
+            int(sum(x.moved_slots * int(n) for x, n in zip(per_layer, self.real_layers, strict=True)))
+        )
+        self.rebalances += 1
+        # Each simulated layer stands for its share of the real layers; async moves one real layer
+        # per step, so a plan takes num_moe_layers steps to be in force.
+        layers = [x for x, n in zip(per_layer, self.real_layers, strict=True) for _ in range(int(n))]
+        self.transfer = Transfer(phy2log=new, layers=layers)
 
-    def transfer_step(self) -> float:
-        """Seconds of weight transfer that this step carries; applies the placement when done."""
+    def transfer_step(self, step_s: float = 0.0, a2a_link_s: float = 0.0) -> float:
+        """Seconds of weight transfer that this step carries; applies the placement when done.
+
+        step_s: the step's time without the transfer; a2a_link_s: its all-to-all's bandwidth-bound
+        time (what an asynchronous transfer competes with on the scale-out link).
+        """
         if self.transfer is None:
             return 0.0
-        cost = self.transfer.layer_costs.pop(0)
-        if not self.transfer.layer_costs:
+        if self.eplb.mode == "sync":
+            cost = sync_stall_s(self.transfer.layers)
+            self.sync_stalls.append(cost)
+            self.transfer.layers = []
+        else:
+            x = self.transfer.layers.pop(0)
+            cost = async_step_cost_s(x, step_s, a2a_link_s, self.tcfg)
+            self.async_layer_costs.append(cost)
+        if not self.transfer.layers:
             self.phy2log = self.transfer.phy2log
             self._refresh_split()
             self.transfer = None
