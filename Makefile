@@ -29,7 +29,7 @@ serve: model
 	$(BIN)/dpserve serve --config ray_configs/serve-local.yaml
 
 test: model
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

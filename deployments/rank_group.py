@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from cluster.placement import create_rank_placement_group, host_slots, rank_bundle
@@ -91,6 +92,26 @@ async def start_rank_group(
     return actors, pg, list(infos)
 
 
+async def wait_group_idle(
+    actors: list[Any], quiet_s: float = 1.0, poll_s: float = 0.25, timeout_s: float = 300.0
+) -> list[int]:
+    """Wait until no rank's DP step counter has moved for `quiet_s`: the DP wave has ended on every
+    rank. A rank whose own requests are done keeps stepping dummy batches until the wave ends, and a
+    collective started on one rank between steps (EPLB set-up's process group) while a peer is
+    inside a step's all-reduce deadlocks both until gloo's timeout. Returns the counters."""
+    deadline = time.monotonic() + timeout_s
+    last = await asyncio.gather(*[a.eplb_call.remote("eplb_dp_steps") for a in actors])
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < quiet_s:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the DP group kept stepping for {timeout_s:.0f} s (steps {last})")
+        await asyncio.sleep(poll_s)
+        now = await asyncio.gather(*[a.eplb_call.remote("eplb_dp_steps") for a in actors])
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+    return list(last)
+
+
 # EPLB actor per rank group, keyed by the rank-0 actor id (stop_rank_group kills it with the group).
 _EPLB_ACTORS: dict[str, Any] = {}
 
@@ -105,6 +126,7 @@ async def start_eplb(actors: list[Any], settings: EngineSettings, name_prefix: s
     from eplb.actor import eplb_actor_class
 
     cfg = dict(settings.eplb or {})
+    await wait_group_idle(actors)
     await asyncio.gather(*[a.eplb_setup.remote() for a in actors])
     # Restartable: it gets the rank handles and config as constructor arguments, so a restarted
     # actor re-initializes from the ranks and resumes (eplb.actor.EplbActor). Calls made while it is

@@ -1078,7 +1078,9 @@ class EplbWorkerExtension:
         self, num_redundant: int = 0, layers_per_step: int = 1, outcome_dir: str | None = None
     ) -> dict:
         """Enlarge weights to physical slots and install the routing tables (idempotent). Must run on
-        every rank while the group is idle (it adds rows to the per-step DP all-reduce). `outcome_dir`:
+        every rank while the group is idle with its DP wave ended (it creates a process group, a
+        collective that deadlocks against a peer still inside a step's all-reduce; see
+        deployments.rank_group.wait_group_idle) and adds rows to the per-step DP all-reduce. `outcome_dir`:
         also write plan records there (see EplbWorkerState.set_outcome_dir; status["outcome_dir"])."""
         global _STATE
         if _STATE is None:
@@ -1086,6 +1088,13 @@ class EplbWorkerExtension:
         if outcome_dir is not None:
             _STATE.set_outcome_dir(outcome_dir)
         return self.eplb_status()
+
+    def eplb_dp_steps(self) -> int:
+        """DP steps this worker has taken part in, dummy batches included (available before
+        eplb_setup: the rank group waits for it to stop moving before calling setup)."""
+        from npu_runtime.eplb_hooks import dp_steps
+
+        return dp_steps()
 
     def eplb_take_load(self) -> dict:
         """Drain recorded counts: {"counts": [[...]] int [layers, E], "steps", "record_us_per_call"}."""

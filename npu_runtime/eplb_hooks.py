@@ -40,6 +40,7 @@ class StepSyncParticipant(Protocol):
 # At most one participant (the EPLB applier of this worker); a list keeps the wire format explicit.
 _PARTICIPANTS: list[StepSyncParticipant] = []
 _APPLIED = False
+_DP_STEPS = 0  # calls of the per-step DP all-reduce in this process (see dp_steps)
 
 
 def register_step_sync(p: StepSyncParticipant) -> None:
@@ -82,6 +83,8 @@ def _patch_dp_sync() -> None:
 
     def _run_ar(should_ubatch, orig_num_tokens_per_ubatch, padded_num_tokens_per_ubatch, cudagraph_mode,
                 parallel_config):  # fmt: skip
+        global _DP_STEPS
+        _DP_STEPS += 1
         if not _PARTICIPANTS:
             return original(should_ubatch, orig_num_tokens_per_ubatch, padded_num_tokens_per_ubatch,
                             cudagraph_mode, parallel_config)  # fmt: skip
@@ -115,6 +118,13 @@ def _patch_dp_sync() -> None:
 
     _run_ar._dpserve = True  # type: ignore[attr-defined]
     dp_utils._run_ar = _run_ar
+
+
+def dp_steps() -> int:
+    """DP steps this process has taken part in (dummy batches included). Unchanged on every rank
+    over a while means the DP wave has ended: no rank is inside a step's collectives, so a new
+    collective (a process group's creation) cannot interleave with one."""
+    return _DP_STEPS
 
 
 def install() -> None:

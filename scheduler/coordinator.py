@@ -75,6 +75,7 @@ class CoordinatorState:
         self.decisions: OrderedDict[StepKey, GateDecision] = OrderedDict()
         self.closed_steps = 0
         self.decided_steps = 0
+        self.gathers = 0  # steps every live rank reported (each one observed in the gather-latency metric)
         # Per step key: (first report time, ranks that reported) — for the gather latency.
         self._gather: OrderedDict[StepKey, tuple[float, set[int]]] = OrderedDict()
         self.on_exclude: Callable[[int, float], None] | None = None
@@ -91,7 +92,7 @@ class CoordinatorState:
         self.ranks.clear()
         self.decisions.clear()
         self._gather.clear()
-        self.closed_steps = self.decided_steps = 0
+        self.closed_steps = self.decided_steps = self.gathers = 0
 
     # ---- liveness --------------------------------------------------------------------------------
     def live_counts(self, now: float | None = None) -> list[RankCounts]:
@@ -181,6 +182,7 @@ class CoordinatorState:
         live = {r for r, st in self.ranks.items() if not st.excluded and now - st.seen <= self.timeout_s}
         if live and live <= seen:
             del self._gather[key]
+            self.gathers += 1
             return (now - first) * 1e3
         return None
 
@@ -197,6 +199,7 @@ class CoordinatorState:
             "params": dict(self.policy_params),
             "decided_steps": self.decided_steps,
             "closed_steps": self.closed_steps,
+            "gathers": self.gathers,
             "live_ranks": sorted(live),
             "ranks": {
                 r: {

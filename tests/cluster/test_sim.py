@@ -199,7 +199,6 @@ def test_cli_bad_policy(capsys) -> None:
 
 
 def test_eplb_rebalances_with_the_real_policy(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("eplb.policies")
     common = ["experts.skew_sigma=1.2", "experts.drift_timescale_s=1e9", "eplb.interval_steps=50"]
     none = simulate(small(*common), "off")
     calls = []
@@ -223,6 +222,5 @@ def test_eplb_rebalances_with_the_real_policy(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_unknown_eplb_policy() -> None:
-    pytest.importorskip("eplb.policies")
     with pytest.raises(ValueError, match="eplb.policy 'nope' unknown"):
         simulate(small("eplb.policy=nope"), "off")

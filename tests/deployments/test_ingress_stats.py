@@ -192,18 +192,40 @@ def test_output_transport_is_checked() -> None:
         AppConfig.from_args({"output_transport": "carrier-pigeon"})
 
 
+class _Clock:
+    """The ingress's clock, moved by the test: what is due for a poll depends on this clock only,
+    however slowly the machine runs the poller's loop."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+async def _until(cond, timeout_s: float = 30.0) -> None:
+    """Yield to the poller until `cond()` holds; the timeout only guards against a hang."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "the poller stopped"
+        await asyncio.sleep(0.001)
+
+
 def test_only_ranks_without_recent_output_are_polled(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(app_module, "STATS_POLL_S", 0.05)
+    clock = _Clock()
+    monkeypatch.setattr(app_module, "time", clock)
 
     async def main() -> None:
         ranks = [_Rank(0), _Rank(1)]
         server = _server(ranks)
         server.dispatched[1] = 1  # rank 1 has a request in flight but sends no output
         poller = asyncio.create_task(server._poll_stats())
-        deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline:  # rank 0 streams output (with stats) all the while
+        for _ in range(3):
+            server._take_stats(0, 1, {"running": 8, "waiting": 0})  # rank 0's output carries stats
+            polled = ranks[1].get_stats.calls
+            clock.now += app_module.STATS_POLL_S * 1.5  # rank 1 is due, rank 0 reported just now
             server._take_stats(0, 1, {"running": 8, "waiting": 0})
-            await asyncio.sleep(0.01)
+            await _until(lambda polled=polled: ranks[1].get_stats.calls > polled)
         poller.cancel()
         assert ranks[0].get_stats.calls == 0
         assert ranks[1].get_stats.calls >= 3
@@ -213,18 +235,22 @@ def test_only_ranks_without_recent_output_are_polled(monkeypatch: pytest.MonkeyP
 
 
 def test_ranks_with_nothing_in_flight_are_polled_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(app_module, "STATS_POLL_S", 0.02)
-    monkeypatch.setattr(app_module, "IDLE_STATS_POLL_S", 0.2)
+    clock = _Clock()
+    monkeypatch.setattr(app_module, "time", clock)
+    busy_s, idle_s = app_module.STATS_POLL_S, app_module.IDLE_STATS_POLL_S
 
     async def main() -> None:
         ranks = [_Rank(0), _Rank(1)]
         server = _server(ranks)
         server.dispatched[0] = 2
         poller = asyncio.create_task(server._poll_stats())
-        await asyncio.sleep(0.5)
+        periods = int(2.5 * idle_s / busy_s)  # 2.5 idle poll periods
+        for i in range(1, periods + 1):
+            await _until(lambda i=i: ranks[0].get_stats.calls >= i)
+            clock.now += busy_s * 1.05  # a little over STATS_POLL_S: exactly one busy poll falls due
         poller.cancel()
         busy, idle = ranks[0].get_stats.calls, ranks[1].get_stats.calls
-        assert 1 <= idle <= 4 and busy >= 2 * idle, (busy, idle)
+        assert busy == periods and idle == 3, (busy, idle)  # at the start, after 1 and 2 idle periods
 
     asyncio.run(main())
 
@@ -241,9 +267,7 @@ def test_a_rank_that_stops_answering_is_given_up_after_missed_polls(monkeypatch:
         ranks[0].get_stats = _Method(hung)
         server = _server(ranks)
         poller = asyncio.create_task(server._poll_stats())
-        deadline = time.monotonic() + 5
-        while not server.recoveries_started and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await _until(lambda: server.recoveries_started)
         poller.cancel()
         assert server.recoveries_started == [
             f"rank 0 stopped answering for {app_module.DEAD_AFTER_MISSED_POLLS} polls"

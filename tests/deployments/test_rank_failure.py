@@ -74,7 +74,7 @@ def test_rank_killed_under_load(base_url, ray_local):
     print(f"\nrank failure: sent 16, {report}, {time.time() - t0:.0f} s")
     assert report["hung"] == 0 and report["truncated"] == 0 and report["unclear_error"] == 0
     assert report["wrong"] == 0 and report["connection_error"] == 0
-    assert sum(report.values()) == 16  # none lost
+    assert report["ok"] + report["clear_error"] == 16, report  # none lost: each got an answer or an error
     assert late == ["ok"] * 4  # requests that had not started went to the re-formed group
 
     status = httpx.get(f"{base_url}/dpserve/status", timeout=10).json()

@@ -104,7 +104,7 @@ def _peer_stops(rank: int, port: int, errors, slots: int) -> None:
         dist.all_reduce(fails)  # step 3's sums carry rank 1's failure
         t0 = time.perf_counter()
         state.on_sums([0, 0, 0, 0, int(fails.item())], RANKS)
-        assert time.perf_counter() - t0 < 5.0  # no wait on rank 0's unmatched layer B
+        assert time.perf_counter() - t0 < 15.0  # no wait on rank 0's unmatched layer B (the group times out at 30 s)
         assert state.pending is None and state.history[-1]["outcome"] == "failed", state.history
         assert state.group_error is not None
         assert (state.phy2log == old).all()

@@ -62,10 +62,8 @@ def test_stage_returns_before_preparing_and_contributes_the_id_only_once_prepare
 
     monkeypatch.setattr(EplbWorkerState, "_build_plan", slow_build)
     rng = np.random.default_rng(1)
-    t0 = time.perf_counter()
     assert s.stage(_msg(1, old, random_placement(rng)))["accepted"]
-    assert time.perf_counter() - t0 < 1.0  # did not wait for the preparation
-    p = s.pending
+    p = s.pending  # the build is still held by `gate`: stage returned without waiting for it
     assert p is not None and not p.prepared and p.plan is None
     assert s.contribute() == [0, 0, 0, 0, 0]  # not accepted in the agreement yet
     s.on_sums([1, 1, 0, 0, 0], RANKS)  # a peer that is prepared: no start here

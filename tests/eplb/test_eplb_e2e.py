@@ -20,6 +20,7 @@ from deployments.rank_group import (
     start_eplb,
     start_rank_group,
     stop_rank_group,
+    wait_group_idle,
 )
 from tests.helpers import PROMPTS, generate_on_ranks, greedy, random_placement
 
@@ -72,14 +73,44 @@ def group(ray_local, tiny_model_dir):
     loop = asyncio.new_event_loop()
     actors, pg, _ = loop.run_until_complete(start_rank_group(settings))
     reference = loop.run_until_complete(_generate(actors))  # plain vLLM: tables not installed yet
-    loop.run_until_complete(start_eplb(actors, settings))  # slots + tables on both ranks, the actor idle
-    yield loop, actors, reference
+    setup = loop.run_until_complete(_setup_during_a_wave_with_one_rank_late(actors))
+    loop.run_until_complete(start_eplb(actors, settings))  # set up already (idempotent); the actor idle
+    yield loop, actors, reference, setup
     loop.run_until_complete(stop_rank_group(actors, pg))
     loop.close()
 
 
+async def _setup_during_a_wave_with_one_rank_late(actors) -> dict:
+    """EPLB set-up asked for while a DP wave runs (a long request on rank 0; rank 1 steps dummy
+    batches) and reaching rank 1 a second after rank 0: the set-up's process group is a collective,
+    and one started between steps while the peer is inside a step's all-reduce deadlocks both. The
+    rank group waits for the wave to end (wait_group_idle) before any rank starts it."""
+    long = asyncio.ensure_future(
+        collect_stream(actors[0], "a long one", {"max_tokens": 96, "temperature": 0.0, "ignore_eos": True})
+    )
+    await asyncio.sleep(0.5)
+    wave_running = not long.done()
+    steps = await wait_group_idle(actors)
+    long_done_at_idle = long.done()
+    first = asyncio.ensure_future(actors[0].eplb_setup.remote())
+    await asyncio.sleep(1.0)  # rank 1 late
+    statuses = await asyncio.wait_for(asyncio.gather(first, actors[1].eplb_setup.remote()), timeout=120)
+    out = await long
+    return {"wave_running": wave_running, "long_done_at_idle": long_done_at_idle, "steps": steps,
+            "statuses": statuses, "long_tokens": len(out["token_ids"])}  # fmt: skip
+
+
+def test_setup_waits_for_the_wave_to_end_and_survives_a_late_rank(group):
+    _, actors, reference, setup = group
+    assert setup["wave_running"], "the long request ended before set-up was asked for: nothing was tested"
+    assert setup["long_done_at_idle"], setup  # the wait covered the whole wave
+    assert setup["long_tokens"] == 96
+    assert min(setup["steps"]) >= 96  # every rank stepped the wave, rank 1 with dummy batches
+    assert [s["ep_rank"] for s in setup["statuses"]] == [0, 1]
+
+
 def test_rank_side_apply_keeps_outputs_identical(group):
-    loop, actors, reference = group
+    loop, actors, reference, _ = group
 
     async def go():
         states = await asyncio.gather(*[a.eplb_call.remote("eplb_status") for a in actors])
@@ -143,7 +174,7 @@ def test_rank_side_apply_keeps_outputs_identical(group):
 
 def test_actor_driven_rebalance_under_traffic(group):
     """The EPLB actor pulls the real windows, plans, and commits while requests keep flowing."""
-    loop, actors, reference = group
+    loop, actors, reference, _ = group
     controller = get_eplb_actor(actors)
     assert controller is not None
 
@@ -178,7 +209,7 @@ def test_policy_that_raises_is_skipped_on_real_ranks(group):
     logged, counted, skipped, the actor keeps cycling, nothing is pushed, outputs stay identical."""
     from eplb.actor import eplb_actor_class
 
-    loop, actors, reference = group
+    loop, actors, reference, _ = group
 
     async def go():
         before = [await a.eplb_call.remote("eplb_placement") for a in actors]

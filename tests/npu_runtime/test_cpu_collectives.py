@@ -21,6 +21,17 @@ def _rank_tensors(rank: int):
     return hidden, ids, weights
 
 
+def _plain(t: torch.Tensor) -> tuple[str, list]:
+    """A tensor as plain data: a tensor put on a queue is shared through a file descriptor that
+    disappears when the worker exits, before the parent may have unpickled it."""
+    return str(t.dtype), t.float().tolist()
+
+
+def _tensor(plain: tuple[str, list]) -> torch.Tensor:
+    dtype, values = plain
+    return torch.tensor(values, dtype=getattr(torch, dtype.removeprefix("torch.")))
+
+
 def _worker(rank: int, port: int, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -32,7 +43,7 @@ def _worker(rank: int, port: int, queue):
         rs = reduce_scatterv(group, 2, rank, x, 0, [2, 3])
         xb = torch.ones(4, 2, dtype=torch.bfloat16)
         rs_even = reduce_scatterv(group, 2, rank, xb, 0, None)
-        queue.put((rank, [t.clone() for t in out], single.clone(), rs.clone(), rs_even.clone()))
+        queue.put((rank, [_plain(t) for t in out], _plain(single), _plain(rs), _plain(rs_even)))
     finally:
         dist.destroy_process_group()
 
@@ -46,7 +57,7 @@ def test_all_gatherv_and_reduce_scatterv_over_gloo():
     procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r, rest) for r, *rest in (queue.get(timeout=120) for _ in range(2)))
+    results = {r: rest for r, *rest in (queue.get(timeout=120) for _ in range(2))}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -54,6 +65,7 @@ def test_all_gatherv_and_reduce_scatterv_over_gloo():
     expected = [torch.cat([_rank_tensors(r)[i] for r in range(2)]) for i in range(3)]
     x = torch.arange(15, dtype=torch.float32).reshape(5, 3)
     for rank, (out, single, rs, rs_even) in results.items():
+        out, single, rs, rs_even = [_tensor(t) for t in out], _tensor(single), _tensor(rs), _tensor(rs_even)
         for got, want in zip(out, expected, strict=True):
             assert got.dtype == want.dtype and torch.equal(got, want)
         assert torch.equal(single, expected[0])

@@ -77,8 +77,8 @@ def test_zmq_clients_get_the_frozen_decisions(gil_held: bool) -> None:
         assert True in got[0] and False in got[0]
         # Nothing was asked for a step: None at once (no wait), not counted late.
         t0 = time.perf_counter()
-        assert clients[0].decision((0, 500), 1.0) is None
-        assert time.perf_counter() - t0 < 0.1 and clients[0].late == 0
+        assert clients[0].decision((0, 500), 60.0) is None
+        assert time.perf_counter() - t0 < 30.0 and clients[0].late == 0  # far below the 60 s wait
         assert clients[0].calls == 40 and srv.served == 80
     finally:
         for c in clients:
@@ -108,11 +108,11 @@ def test_zmq_client_outage_falls_back_without_waiting_then_reconnects() -> None:
     c = ZmqGateClient(BalanceConfig(dead_after_s=0.3), 0, resolve=lambda: where["address"], retry_s=0.05)
     step = 0
 
-    def one_step() -> bool | None:
+    def one_step(wait_s: float = 0.05) -> bool | None:
         nonlocal step
         step += 1
         c.report((0, step), running=4, waiting=1, max_num_seqs=4, lead=1)  # at cap: gate closed
-        return c.decision((0, step + 1), 0.05)
+        return c.decision((0, step + 1), wait_s)
 
     try:
         c.connect()
@@ -121,12 +121,12 @@ def test_zmq_client_outage_falls_back_without_waiting_then_reconnects() -> None:
         t_dead = time.monotonic()
         while not c.down:
             assert one_step() is None  # fallback: the scheduler admits
-            assert time.monotonic() - t_dead < 2.0, "outage not noticed"
-        assert c.outages == 1 and 0.3 <= time.monotonic() - t_dead < 1.0
+            assert time.monotonic() - t_dead < 30.0, "outage not noticed"
+        assert c.outages == 1 and time.monotonic() - t_dead >= 0.3  # not before dead_after_s
         # Down: decisions come back at once instead of after wait_s.
         t0 = time.perf_counter()
-        assert one_step() is None
-        assert time.perf_counter() - t0 < 0.02
+        assert one_step(wait_s=60.0) is None
+        assert time.perf_counter() - t0 < 30.0  # far below the 60 s wait
         # A successor on a new address, with its own (empty) state.
         state2 = CoordinatorState("any_at_cap")
         srv = _server(state2)
@@ -136,7 +136,7 @@ def test_zmq_client_outage_falls_back_without_waiting_then_reconnects() -> None:
         while not decisions or decisions[-1] is None:
             decisions.append(one_step())
             time.sleep(0.005)
-            assert time.monotonic() - t_new < 3.0, "did not reconnect"
+            assert time.monotonic() - t_new < 30.0, "did not reconnect"
         assert decisions[-1] is False and not c.down
         assert c.reconnects == 1 and c.address == srv.address and c.last_outage_s is not None
         assert 0 in state2.ranks
