@@ -71,6 +71,9 @@ class SimResult:
     eplb_plan_moves: list[int] = field(default_factory=list)  # slots moved per plan, all layers
     eplb_async_layer_s: list[float] = field(default_factory=list)  # per async layer move, seconds
     eplb_sync_stall_s: list[float] = field(default_factory=list)  # per stop-the-world move, seconds
+    eplb_plans: list[dict[str, float]] = field(default_factory=list)  # `ExpertModel.plan_log`
+    # [steps] max/mean under the popularity itself (no per-step sampling noise), mean over layers
+    moe_imbalance_expected: np.ndarray = field(default_factory=lambda: np.zeros(0))
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -293,6 +296,7 @@ def simulate(
         rec["start"].append(t)
         rec["time"].append(T)
         rec["transfer"].append(transfer)
+        rec["imb_expected"].append(experts.expected_imbalance())
         if record_rank_time:
             rec["rank_time"].append(rank_time)
         rec["running"].append([c.running for c in counts])
@@ -344,6 +348,8 @@ def simulate(
         eplb_plan_moves=list(experts.plan_moves),
         eplb_async_layer_s=list(experts.async_layer_costs),
         eplb_sync_stall_s=list(experts.sync_stalls),
+        eplb_plans=list(experts.plan_log),
+        moe_imbalance_expected=arr("imb_expected", np.float64),
         wall_s=time.perf_counter() - wall0,
         notes=list(dict.fromkeys(experts.notes)),
     )

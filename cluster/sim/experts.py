@@ -28,6 +28,7 @@ from cluster.sim.config import EplbConfig, ExpertConfig, ModelConfig, TransferCo
 from cluster.sim.transfer import LayerTransfer, async_step_cost_s, layer_transfer, sync_stall_s
 from eplb.plan import build_transfer_plan
 from eplb.policies import default_placement
+from eplb.stats import imbalance
 
 
 def load_trace(path: str, num_experts: int, sim_layers: int) -> np.ndarray:
@@ -69,7 +70,7 @@ def load_trace(path: str, num_experts: int, sim_layers: int) -> np.ndarray:
 
 def real_layers_per_sim_layer(num_moe_layers: int, sim_layers: int) -> np.ndarray:
     """How many real MoE layers each simulated layer stands for: int64 [sim_layers], summing to the
-    model's layer count (58 over 4 gives 14, 15, 14, 15)."""
+    model's layer count (58 over 4 gives 14, 15, 15, 14)."""
     edges = np.round(np.linspace(0, num_moe_layers, sim_layers + 1)).astype(np.int64)
     return np.diff(edges)
 
@@ -147,6 +148,10 @@ class ExpertModel:
         self.plan_moves: list[int] = []  # per accepted plan: slots moved, scaled to the model's layers
         self.async_layer_costs: list[float] = []  # seconds each async layer move added to its step
         self.sync_stalls: list[float] = []  # seconds of each stop-the-world transfer
+        # Per accepted plan: the placement's mean max/mean on the window it was planned from (before
+        # and after), and on the popularity in force when it was planned and when it took effect
+        # (no sampling noise): where a plan's balance is lost between planner and steps.
+        self.plan_log: list[dict[str, float]] = []
         self.notes: list[str] = []
 
     @staticmethod
@@ -246,9 +251,23 @@ class ExpertModel:
             int(sum(x.moved_slots * int(n) for x, n in zip(per_layer, self.real_layers, strict=True)))
         )
         self.rebalances += 1
-        # Each simulated layer stands for its share of the real layers; async moves one real layer
-        # per step, so a plan takes num_moe_layers steps to be in force.
-        layers = [x for x, n in zip(per_layer, self.real_layers, strict=True) for _ in range(int(n))]
+        self.plan_log.append(
+            {
+                "step": float(step),
+                "window_before": float(imbalance(load, self.phy2log, self.R).mean()),
+                "window_after": float(imbalance(load, new, self.R).mean()),
+                "popularity_before": float(imbalance(self._probs, self.phy2log, self.R).mean()),
+                "popularity_after": float(imbalance(self._probs, new, self.R).mean()),
+            }
+        )
+        # Each simulated layer stands for its share of the real layers; async moves one changed real
+        # layer per step (unchanged layers cost nothing and take no step).
+        layers = [
+            x
+            for x, n in zip(per_layer, self.real_layers, strict=True)
+            if x.moved_slots
+            for _ in range(int(n))
+        ]
         self.transfer = Transfer(phy2log=new, layers=layers)
 
     def transfer_step(self, step_s: float = 0.0, a2a_link_s: float = 0.0) -> float:
@@ -271,4 +290,5 @@ class ExpertModel:
             self.phy2log = self.transfer.phy2log
             self._refresh_split()
             self.transfer = None
+            self.plan_log[-1]["popularity_at_apply"] = self.expected_imbalance()
         return cost
