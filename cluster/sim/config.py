@@ -51,6 +51,12 @@ class WorkloadConfig:
     # [len * (1 - r), len * (1 + r)].
     len_range_ratio: float = 0.0
     request_rate: float = math.inf  # requests/s (Poisson); inf = all ready at t = 0
+    # Requests per arrival event: events are Poisson at request_rate / burst_size and each brings
+    # burst_size requests at once (1 = plain Poisson arrivals).
+    burst_size: int = 1
+    # Spread of output lengths alone (same meaning as len_range_ratio); None = len_range_ratio. An EOS
+    # before the requested length is what spreads output lengths in a run without --ignore-eos.
+    output_len_range_ratio: float | None = None
     max_concurrency: int | None = 128  # client-side cap on requests in flight; None = unlimited
     # Time from the client sending a request to the engine holding it (HTTP, tokenizing 3.5K tokens,
     # queues in the API server). TTFT is measured from the send, as vLLM's benchmark does.
@@ -241,6 +247,8 @@ class SimConfig:
         w = self.workload
         if w.num_requests < 1 or w.input_len < 1 or w.output_len < 1:
             raise ValueError("workload: num_requests, input_len and output_len must be >= 1")
+        if w.burst_size < 1:
+            raise ValueError("workload.burst_size must be >= 1")
         if w.max_concurrency is not None and w.max_concurrency < 1:
             raise ValueError("workload.max_concurrency must be >= 1 or null")
 

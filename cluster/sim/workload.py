@@ -34,18 +34,22 @@ def make_requests(w: WorkloadConfig, rng: np.random.Generator) -> Requests:
     """Draw the request set (lengths and ready times) for workload ``w``."""
     n = w.num_requests
 
-    def lengths(mean: int) -> np.ndarray:
-        if w.len_range_ratio <= 0:
+    def lengths(mean: int, ratio: float) -> np.ndarray:
+        if ratio <= 0:
             return np.full(n, mean, dtype=np.int64)
-        lo = max(1, int(mean * (1 - w.len_range_ratio)))
-        hi = max(lo, int(mean * (1 + w.len_range_ratio)))
+        lo = max(1, int(mean * (1 - ratio)))
+        hi = max(lo, int(mean * (1 + ratio)))
         return rng.integers(lo, hi + 1, size=n, dtype=np.int64)
 
-    prompt, output = lengths(w.input_len), lengths(w.output_len)
+    out_ratio = w.len_range_ratio if w.output_len_range_ratio is None else w.output_len_range_ratio
+    prompt, output = lengths(w.input_len, w.len_range_ratio), lengths(w.output_len, out_ratio)
     if math.isinf(w.request_rate):
         ready = np.zeros(n)
     else:
-        ready = np.cumsum(rng.exponential(1.0 / w.request_rate, size=n))
+        events = -(-n // w.burst_size)
+        ready = np.repeat(
+            np.cumsum(rng.exponential(w.burst_size / w.request_rate, size=events)), w.burst_size
+        )[:n]
         ready -= ready[0]  # the benchmark clock starts with the first request
     return Requests(prompt_len=prompt, output_len=output, ready_t=ready)
 

@@ -34,7 +34,7 @@ def small(*overrides: str):
     return apply_overrides(load_config(None), base + list(overrides))
 
 
-@pytest.mark.parametrize("policy", ["off", "any_at_cap", "max_minus_one", "cadence"])
+@pytest.mark.parametrize("policy", ["off", "any_at_cap", "max_minus_one", "cadence", "bounded_hold"])
 @pytest.mark.parametrize("threshold", [0, 100])
 def test_conservation(policy: str, threshold: int) -> None:
     cfg = small(f"cluster.long_prefill_token_threshold={threshold}")
@@ -224,3 +224,35 @@ def test_eplb_rebalances_with_the_real_policy(monkeypatch: pytest.MonkeyPatch) -
 def test_unknown_eplb_policy() -> None:
     with pytest.raises(ValueError, match="eplb.policy 'nope' unknown"):
         simulate(small("eplb.policy=nope"), "off")
+
+
+@pytest.mark.parametrize("hold", [2, 5])
+def test_bounded_hold_bound_is_honoured(hold: int) -> None:
+    """Whenever some rank could admit (waiting and a free slot), the gate opens within max_hold_steps."""
+    policy = make_policy("bounded_hold", max_hold_steps=hold, min_occupancy=0.0, quorum=1.0)
+    res = simulate(small("cluster.num_ranks=4", "workload.max_concurrency=24"), policy)
+    admissible = ((res.waiting > 0) & (res.running < 6)).any(axis=1)
+    closed_run = 0
+    longest = 0
+    for can, admit in zip(admissible, res.admit, strict=True):
+        closed_run = closed_run + 1 if can and not admit else 0
+        longest = max(longest, closed_run)
+    assert not res.admit.all(), "the gate never held, so the bound was never exercised"
+    assert longest <= hold - 1
+
+
+def test_burst_arrivals_come_in_groups() -> None:
+    from cluster.sim.workload import make_requests
+
+    cfg = small("workload.request_rate=5.0", "workload.burst_size=4", "workload.num_requests=10")
+    ready = make_requests(cfg.workload, np.random.default_rng(0)).ready_t
+    assert ready[0] == ready[3] < ready[4] == ready[7] < ready[8] == ready[9]
+
+
+def test_output_len_range_ratio_spreads_outputs_only() -> None:
+    from cluster.sim.workload import make_requests
+
+    cfg = small("workload.len_range_ratio=0", "workload.output_len_range_ratio=0.2")
+    reqs = make_requests(cfg.workload, np.random.default_rng(0))
+    assert (reqs.prompt_len == 300).all()
+    assert reqs.output_len.min() >= 32 and reqs.output_len.max() <= 48 and len(set(reqs.output_len)) > 1
