@@ -244,7 +244,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"120 s drift time. The same first plan is {p0.get('popularity_after', float('nan')):.2f} on the popularity "
         f"in force when it is made and {p0.get('popularity_at_apply', float('nan')):.2f} when it takes effect. "
         f"Without drift the plan holds: expected {nodrift['moe_imbalance_expected']:.2f} over the run "
-        f"(1.02 after the first plan), realised {nodrift['moe_imbalance_realised']:.2f}.",
+        f"({nodrift['plans'][0]['popularity_after']:.3f} right after the first plan), realised "
+        f"{nodrift['moe_imbalance_realised']:.2f}.",
         f"3. Per-step sampling noise: at {issue['mean_tokens_per_step']:.0f} tokens per step an expert gets "
         f"about {issue['mean_tokens_per_step'] * 8 / 256:.0f} tokens, so even the drift-free, perfectly planned "
         f"run realises {nodrift['moe_imbalance_realised']:.2f}. With every slot filled (concurrency 2048, "
@@ -259,7 +260,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "imb = MoE max/mean on steady decode steps (realised / under the popularity); step = steady decode "
         "step; moves = slots per plan over 58 layers; async = ms added per moved layer (mean / max); "
-        "stall = worst stop-the-world transfer; worst = worst step carrying a transfer.",
+        "stall = worst stop-the-world transfer; worst = worst step carrying a transfer (a step that also "
+        "prefills takes about 1 s by itself at these prompt lengths, so for async read the async column).",
         "",
         "| EP | policy | red./rank | mode | interval | imb | step ms | TPOT ms | out tok/s | plans | moves | "
         "async ms | stall ms | worst ms |",
