@@ -32,7 +32,9 @@ JITTER = "workload.client_delay_jitter_s=0.2"
 STALE = "router.stats_interval_s=0.5"
 EOS = "workload.output_len_range_ratio=0.05"
 BUDGET = "cluster.max_num_batched_tokens=2048"
-# (label, overrides, refit the token budget too)
+LAG = "cluster.gate_lag_steps=2"
+# 32 requests x (3500 + 1500) tokens = 160,000 tokens of KV per rank at the end of a generation.
+KV = "cluster.kv_cache_tokens=158000"
 CONDITIONS: list[tuple[str, list[str]]] = [
     ("as calibrated", []),
     ("exact router counts (no staleness)", ["router.kind=least_loaded"]),
@@ -40,10 +42,13 @@ CONDITIONS: list[tuple[str, list[str]]] = [
     ("client refill delay jitter (exp., mean 0.2 s)", [JITTER]),
     ("output lengths +-5 % (early EOS)", [EOS]),
     ("chunked-prefill budget 2048 tokens", [BUDGET]),
+    ("async scheduling: gate reads counts 2 steps old", [LAG]),
+    ("KV cache 158K tokens/rank (98.75 % of 32 x 5000)", [KV]),
+    ("KV cache 150K tokens/rank (94 %)", ["cluster.kv_cache_tokens=150000"]),
     ("jitter + stale stats", [JITTER, STALE]),
-    ("jitter + EOS", [JITTER, EOS]),
-    ("budget 2048 + jitter", [BUDGET, JITTER]),
-    ("jitter + stale stats + EOS + budget 2048", [JITTER, STALE, EOS, BUDGET]),
+    ("KV 158K + jitter", [KV, JITTER]),
+    ("KV 158K + stale stats + async", [KV, STALE, LAG]),
+    ("KV 158K + jitter + stale stats + async", [KV, JITTER, STALE, LAG]),
 ]
 
 

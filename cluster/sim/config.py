@@ -38,6 +38,13 @@ class ClusterConfig:
     max_num_seqs: int = 32  # vLLM --max-num-seqs, per rank
     max_num_batched_tokens: int = 8192  # vLLM token budget per step, per rank
     long_prefill_token_threshold: int = 0  # vLLM: cap on a prefill chunk; 0 = no cap (chunk at budget)
+    # Steps between the counts a gate decision reads and the step it applies to: the coordinator
+    # decides step s + lead from the reports of step s, and async scheduling adds one more.
+    gate_lag_steps: int = 0
+    # KV-cache capacity per rank in tokens; 0 = unlimited. When the running requests' next tokens do
+    # not fit, the newest running request is preempted and later recomputed (vLLM's recompute mode),
+    # and waiting requests are admitted only while KV is free.
+    kv_cache_tokens: int = 0
 
 
 @dataclass
@@ -215,6 +222,17 @@ class SimConfig:
         c, m, e = self.cluster, self.model, self.experts
         if c.num_ranks < 1 or c.max_num_seqs < 1:
             raise ValueError("cluster.num_ranks and cluster.max_num_seqs must be >= 1")
+        if c.gate_lag_steps < 0:
+            raise ValueError("cluster.gate_lag_steps must be >= 0")
+        w = self.workload
+        longest = int(w.input_len * (1 + w.len_range_ratio)) + int(
+            w.output_len
+            * (1 + (w.len_range_ratio if w.output_len_range_ratio is None else w.output_len_range_ratio))
+        )
+        if c.kv_cache_tokens and c.kv_cache_tokens < longest:
+            raise ValueError(
+                f"cluster.kv_cache_tokens must be 0 (unlimited) or hold the longest request ({longest})"
+            )
         if c.max_num_batched_tokens < c.max_num_seqs:
             raise ValueError("cluster.max_num_batched_tokens must be >= max_num_seqs (vLLM requires it)")
         if (m.num_experts + e.num_redundant) % c.num_ranks:

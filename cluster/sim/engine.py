@@ -66,6 +66,7 @@ class SimResult:
     moe_imbalance: np.ndarray  # [steps] mean over layers of busiest / mean EP rank load
     eplb_rebalances: int = 0
     eplb_moved_slots: int = 0
+    preemptions: int = 0  # requests pushed back to waiting for lack of KV cache (recompute)
     # [steps] seconds of expert-weight transfer each step carried (0 outside EPLB moves)
     transfer_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     eplb_plan_moves: list[int] = field(default_factory=list)  # slots moved per plan, all layers
@@ -105,6 +106,7 @@ class SimResult:
             else float("nan"),
             "mean_moe_imbalance": float(self.moe_imbalance.mean()) if self.steps else float("nan"),
             "eplb_rebalances": float(self.eplb_rebalances),
+            "preemptions": float(self.preemptions),
             "max_step_ms": float(self.step_time.max() * 1e3) if self.steps else 0.0,
             "wall_s": self.wall_s,
         }
@@ -146,6 +148,10 @@ def simulate(
     n = reqs.n
     prompt = reqs.prompt_len.tolist()  # Python ints: the per-request hot paths are scalar
     out_len = reqs.output_len.tolist()
+    # Tokens the next (re)prefill computes: the prompt, or after a preemption (vLLM's recompute mode)
+    # the prompt plus the tokens generated before it.
+    plen = list(prompt)
+    gen0 = [0] * n  # tokens generated before the current (re)prefill
     computed = [0] * n
     rank_of = np.full(n, -1, dtype=np.int64)
     first_t = np.full(n, np.nan)
@@ -159,8 +165,31 @@ def simulate(
     prefilling = [0] * R  # running requests whose prompt is not fully computed
     n_dec = [0] * R  # running requests that decode
     dec_ctx = np.zeros(R)  # sum over decoding requests of their context length
+    kv_cap = cfg.cluster.kv_cache_tokens  # per rank; 0 = unlimited
+    pf_kv = [0] * R  # KV tokens held by running requests whose prefill is not complete
+    preemptions = 0
+
+    def preempt(r: int) -> None:
+        """vLLM's recompute preemption: the newest running request frees its KV and goes back to the
+        front of the waiting queue; its next prefill recomputes its prompt and generated tokens."""
+        nonlocal preemptions
+        rid = running[r].pop()
+        preemptions += 1
+        if computed[rid] < plen[rid]:
+            prefilling[r] -= 1
+            pf_kv[r] -= computed[rid]
+        else:
+            ctx_now = prompt[rid] + out_len[rid] - (finish_step[rid] - step + 1)
+            finish_at[finish_step[rid]].remove(rid)
+            n_dec[r] -= 1
+            dec_ctx[r] -= ctx_now
+            gen0[rid] = ctx_now - prompt[rid]
+            plen[rid] = ctx_now
+        computed[rid] = 0
+        waiting[r].appendleft(rid)
 
     rec: dict[str, list[Any]] = defaultdict(list)
+    snapshots: deque[list[RankCounts]] = deque(maxlen=cfg.cluster.gate_lag_steps + 1)
     t = 0.0
     step = 0
     done = 0
@@ -186,9 +215,10 @@ def simulate(
             admit_arrivals(math.nextafter(t, math.inf), None)
             continue
 
-        # 1. One snapshot, one decision for every rank.
+        # 1. One snapshot, one decision for every rank (from the snapshot gate_lag_steps old).
         counts = [RankCounts(r, len(running[r]), len(waiting[r]), mns, step) for r in range(R)]
-        decision = gate.decide(counts, step)
+        snapshots.append(counts)
+        decision = gate.decide(snapshots[0], step)
         admit = decision.admit
 
         # 2. Per-rank scheduling.
@@ -200,7 +230,13 @@ def simulate(
         n_admitted = 0
         for r in range(R):
             run = running[r]
-            can_admit = admit and waiting[r] and len(run) < mns
+            free_kv = math.inf
+            if kv_cap:
+                # Every decode writes one token of KV this step; preempt until they fit.
+                while run and dec_ctx[r] + pf_kv[r] + n_dec[r] > kv_cap:
+                    preempt(r)
+                free_kv = kv_cap - dec_ctx[r] - pf_kv[r] - n_dec[r]
+            can_admit = admit and waiting[r] and len(run) < mns and free_kv > 0
             if not prefilling[r] and not can_admit:
                 tokens[r] = n_dec[r]  # decode only: len(run) <= max_num_seqs <= budget
                 continue
@@ -209,7 +245,7 @@ def simulate(
                 budget -= n_dec[r]
             else:
                 for rid in run:  # vLLM's RUNNING loop, in order
-                    rem = prompt[rid] - computed[rid]
+                    rem = plen[rid] - computed[rid]
                     if budget <= 0:
                         if rem <= 0:
                             starved.append(rid)
@@ -219,6 +255,10 @@ def simulate(
                         continue
                     if rem > 0:
                         nt = min(rem, budget, thr) if thr > 0 else min(rem, budget)
+                        nt = int(min(nt, free_kv))
+                        if nt <= 0:
+                            continue  # no KV for its next chunk: it waits for a finish to free some
+                        free_kv -= nt
                         prefills.append((r, rid, nt))
                         pairs[r] += nt * (computed[rid] + nt / 2)
                         budget -= nt
@@ -226,9 +266,11 @@ def simulate(
                         budget -= 1
             if can_admit:
                 w = waiting[r]
-                while w and budget > 0 and len(run) < mns:  # vLLM's WAITING loop
+                while w and budget > 0 and len(run) < mns and free_kv > 0:  # vLLM's WAITING loop
                     rid = w.popleft()
-                    nt = min(prompt[rid], budget, thr) if thr > 0 else min(prompt[rid], budget)
+                    nt = min(plen[rid], budget, thr) if thr > 0 else min(plen[rid], budget)
+                    nt = int(min(nt, free_kv))
+                    free_kv -= nt
                     run.append(rid)
                     prefilling[r] += 1
                     prefills.append((r, rid, nt))
@@ -272,13 +314,16 @@ def simulate(
         for r, rid, nt in prefills:
             prefill_tokens += nt
             computed[rid] += nt
-            if computed[rid] == prompt[rid]:
+            pf_kv[r] += nt
+            if computed[rid] == plen[rid]:
                 prefilling[r] -= 1
-                first_t[rid] = t_end
+                pf_kv[r] -= plen[rid]
+                if math.isnan(first_t[rid]):
+                    first_t[rid] = t_end
                 produced += 1
                 n_dec[r] += 1
-                dec_ctx[r] += prompt[rid] + 1
-                finish_step[rid] = step + out_len[rid] - 1
+                dec_ctx[r] += plen[rid] + 1
+                finish_step[rid] = step + out_len[rid] - gen0[rid] - 1
                 finish_at[finish_step[rid]].append(rid)
         for rid in finish_at.pop(step, ()):
             r = int(rank_of[rid])
@@ -343,6 +388,7 @@ def simulate(
         output_tokens=arr("output", np.int64),
         moe_imbalance=arr("imb", np.float64),
         eplb_rebalances=experts.rebalances,
+        preemptions=preemptions,
         eplb_moved_slots=experts.moved_slots,
         transfer_s=arr("transfer", np.float64),
         eplb_plan_moves=list(experts.plan_moves),

@@ -256,3 +256,38 @@ def test_output_len_range_ratio_spreads_outputs_only() -> None:
     reqs = make_requests(cfg.workload, np.random.default_rng(0))
     assert (reqs.prompt_len == 300).all()
     assert reqs.output_len.min() >= 32 and reqs.output_len.max() <= 48 and len(set(reqs.output_len)) > 1
+
+
+@pytest.mark.parametrize("policy", ["off", "any_at_cap", "bounded_hold"])
+def test_kv_pressure_preempts_and_conserves(policy: str) -> None:
+    # 6 slots x (up to 450 prompt + 60 output) tokens need up to 3060 tokens of KV; 1200 forces preemption.
+    cfg = small("cluster.kv_cache_tokens=1200")
+    res = simulate(cfg, policy)
+    assert res.preemptions > 0
+    assert (res.finish_count == 1).all()
+    assert res.output_tokens.sum() == res.output_len.sum()  # recomputed tokens are not emitted twice
+    assert res.prefill_tokens.sum() > res.prompt_len.sum()  # the recompute is paid for
+    assert (res.first_t >= res.send_t).all() and (res.finish_t >= res.first_t).all()
+    unlimited = simulate(small(), policy)
+    assert unlimited.preemptions == 0
+    assert res.metrics()["duration_s"] > unlimited.metrics()["duration_s"]
+
+
+def test_kv_cache_smaller_than_a_request_is_rejected() -> None:
+    with pytest.raises(ValueError, match="kv_cache_tokens"):
+        small("cluster.kv_cache_tokens=100")
+
+
+def test_gate_lag_decides_from_an_older_snapshot() -> None:
+    seen: list[tuple[int, int]] = []
+
+    class Spy:
+        name = "spy"
+
+        def decide(self, counts, step):  # noqa: ANN001, ANN202
+            seen.append((step, counts[0].step))
+            return GateDecision(step=step, admit=True, reason="spy")
+
+    simulate(small("cluster.gate_lag_steps=2"), Spy(), max_steps=10_000)
+    assert seen[0] == (0, 0) and seen[1] == (1, 0)
+    assert all(step - snap == 2 for step, snap in seen[2:])
