@@ -88,7 +88,7 @@ async def _workload(actors: list[Any], args: argparse.Namespace, seed: int) -> d
 
 
 def _settings(args: argparse.Namespace, balance: dict[str, Any] | None):
-    from deployments.engine_config import EngineSettings
+    from deployments.config import EngineSettings
 
     return EngineSettings(
         data_parallel_size=2,

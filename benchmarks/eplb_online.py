@@ -186,7 +186,7 @@ def _cpu_delta(before: dict, after: dict, labels: dict[int, str]) -> dict[str, f
 async def engine_phases(
     rounds: int, max_tokens: int, variants: dict[str, dict], pyspy_dir: str | None
 ) -> dict:
-    from deployments.engine_config import EngineSettings
+    from deployments.config import EngineSettings
     from deployments.rank_group import start_rank_group, stop_rank_group
     from npu_runtime.tiny_model import build_tiny_moe
 

@@ -32,8 +32,7 @@ sys.path.insert(0, str(ROOT))
 from cluster import proc_cpu  # noqa: E402
 from cluster.bench import format_summary, run_workload  # noqa: E402
 from cluster.bench_cmd import add_workload_arguments, workload_from_args  # noqa: E402
-from deployments.app import AppConfig  # noqa: E402
-from deployments.engine_config import UNIPROC_EXECUTOR  # noqa: E402
+from deployments.config import UNIPROC_EXECUTOR, ServingSection  # noqa: E402
 from deployments.rank import free_port  # noqa: E402
 from deployments.serve_env import SERVE_ENV  # noqa: E402
 from npu_runtime.platform import apply_vllm_env  # noqa: E402
@@ -58,7 +57,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "direct_same_loop": {"env": dict(SERVE_ENV) | {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
                                                    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}, "app": {}},
     # Rank output batches reach the ingress as Ray streaming calls instead of ZMQ messages.
-    "ray_stream": {"env": dict(SERVE_ENV), "app": {"output_transport": "ray"}},
+    "ray_stream": {"env": dict(SERVE_ENV), "app": {"serving": {"output_transport": "ray"}}},
     # Ray's daemons on slower housekeeping timers (resource reports, GC checks, memory monitor, task
     # events, log-file scans): less background CPU on the engines' cores.
     "lean_daemons": {"env": dict(SERVE_ENV) | {
@@ -68,19 +67,20 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     # Engine cores at nice 0 (level with Ray's daemons, ahead of its workers at 15) or -5; or keeping
     # the 15 they inherit (dpserve's default since 2026-11-30 15:00; `default` in serving.md's
     # 14:02 run had engine_nice 0).
-    "engine_nice0": {"env": dict(SERVE_ENV), "app": {"engine_nice": 0}},
-    "engine_inherit": {"env": dict(SERVE_ENV), "app": {"engine_nice": None}},
-    "engine_nice_m5": {"env": dict(SERVE_ENV), "app": {"engine_nice": -5}},
+    "engine_nice0": {"env": dict(SERVE_ENV), "app": {"engine": {"engine_nice": 0}}},
+    "engine_inherit": {"env": dict(SERVE_ENV), "app": {"engine": {"engine_nice": None}}},
+    "engine_nice_m5": {"env": dict(SERVE_ENV), "app": {"engine": {"engine_nice": -5}}},
     # Direct ingress, streamed chunks at most every 100 ms (fewer messages per token under load).
-    "direct_chunks_100ms": {"env": dict(SERVE_ENV), "app": {"stream_interval_ms": 100.0}},
+    "direct_chunks_100ms": {"env": dict(SERVE_ENV), "app": {"serving": {"stream_interval_ms": 100.0}}},
     # vLLM's own engine metrics recorded in every rank and exported through Ray (engine_metrics: true).
-    "engine_metrics": {"env": dict(SERVE_ENV), "app": {"engine_metrics": True}},
+    "engine_metrics": {"env": dict(SERVE_ENV), "app": {"engine": {"engine_metrics": True}}},
     # Serve's controller loop at Serve's default 0.1 s instead of dpserve's 0.5 s (SERVE_ENV; the
     # controller runs on the same cores as the engines).
     "ctl_100ms": {"env": dict(SERVE_ENV) | {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1"}, "app": {}},
     # Each rank's model in a worker process that its engine core busy-polls (what vLLM's CPU platform
     # does with "uni"; dpserve's default runs it in the engine-core process, as on a GPU with TP=1).
-    "mp_executor": {"env": dict(SERVE_ENV), "app": {"engine_kwargs": {"distributed_executor_backend": "mp"}}},
+    "mp_executor": {"env": dict(SERVE_ENV),
+                    "app": {"engine": {"engine_kwargs": {"distributed_executor_backend": "mp"}}}},
     # Serve's bundle: direct ingress, same loop, gRPC handles, no stderr logs, frozen GC.
     "throughput": {"env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
                            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}, "app": {}},
@@ -106,6 +106,21 @@ def engine_settings(args) -> dict:
 
 def dpserve_settings(args) -> dict:
     return engine_settings(args) | {"cpu_binding": args.cpu_binding}
+
+
+def dpserve_app_args(args, model_dir: str, variant_app: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The app's config (deployments.config.DPServeConfig): the benchmark's engine settings, each
+    section updated by the variant's."""
+    engine = {
+        "model": model_dir,
+        "served_model_name": MODEL,
+        "data_parallel_size": 2,
+        **dpserve_settings(args),
+    }
+    app: dict[str, Any] = {"engine": engine}
+    for section, values in variant_app.items():
+        app[section] = app.get(section, {}) | values
+    return app
 
 
 def serve_url(proxy_port: int, app_name: str = "dpserve", timeout_s: float = 120) -> str:
@@ -191,8 +206,7 @@ def run_dpserve_child(args, model_dir: str, workload, variant: str) -> dict:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         t0 = time.perf_counter()
-        serve.run(build_app({"model": model_dir, "served_model_name": MODEL, "data_parallel_size": 2,
-                             **dpserve_settings(args), **VARIANTS[variant]["app"]}),
+        serve.run(build_app(dpserve_app_args(args, model_dir, VARIANTS[variant]["app"])),
                   name="dpserve", route_prefix="/")  # fmt: skip
         url = serve_url(port)
         wait_ready(url)
@@ -390,7 +404,7 @@ def main() -> int:
           f"Tiny MoE model, CPU (2 cores), DP=2{' + EP' if args.expert_parallel else ''}, float32, eager; "
           f"{w.num_prompts} prompts x {w.input_len} in / {w.output_len} out, concurrency {w.max_concurrency}, "
           f"rate {w.request_rate}; dpserve CPU binding `{args.cpu_binding}`, streamed chunks >= "
-          f"{AppConfig.stream_interval_ms:g} ms (`stream_interval_ms`); vLLM streams every token; "
+          f"{ServingSection().stream_interval_ms:g} ms (`serving.stream_interval_ms`); vLLM streams every token; "
           f"{args.warmup} warm-up requests per server (not measured), medians over {args.rounds} round(s), "
           f"servers run one at a time, order alternating between rounds.\n\n"
           + "\n".join(rows) + "\n")  # fmt: skip

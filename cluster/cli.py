@@ -22,6 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "drain requests in flight (new ones get 503), then shut Serve down (use instead of `serve shutdown`)",
     ),
     "status": ("cluster.status_cmd", "show ranks, gate state and EPLB state of the running cluster"),
+    "config": (
+        "cluster.config_cmd",
+        "validate a Serve config (`dpserve config check FILE`) and print its effective settings",
+    ),
     "make-model": ("cluster.model_cmd", "build the tiny MoE checkpoint (random weights, local tokenizer)"),
     "bench": ("cluster.bench_cmd", "run the serving benchmark against an OpenAI-compatible endpoint"),
     "eplb": ("eplb.cli", "expert-parallel load balancing tools (`dpserve eplb plan ...`)"),

@@ -17,6 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MAX_TOKENS_LIMIT = 1 << 20
 
 
+class RequestRejected(ValueError):
+    """The request is invalid for this model (maps to an HTTP 4xx)."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False

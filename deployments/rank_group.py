@@ -7,8 +7,8 @@ import logging
 import time
 from typing import Any
 
-from cluster.placement import create_rank_placement_group, host_slots, rank_bundle
-from deployments.engine_config import EngineSettings
+from deployments.config import BalanceSection, EngineSettings, EplbSection
+from deployments.placement import create_rank_placement_group, host_slots, rank_bundle
 from deployments.rank import DPRank
 from npu_runtime.platform import detect
 
@@ -72,7 +72,7 @@ async def start_rank_group(
             opts["name"] = f"{name_prefix}rank{r}"
             opts["namespace"] = RANK_NAMESPACE
         # Each rank picks its cores on its own host (this process may run on another one).
-        actors.append(actor_cls.options(**opts).remote(settings.to_dict(), r, None, platform.name, slots[r]))
+        actors.append(actor_cls.options(**opts).remote(settings, r, None, platform.name, slots[r]))
     dp_address, dp_port = await actors[0].reserve_dp_endpoint.remote()
     starts = [a.start.remote(dp_address, dp_port) for a in actors]
     try:
@@ -83,11 +83,7 @@ async def start_rank_group(
         ray.util.remove_placement_group(pg)
         raise
     logger.info("started %d DP ranks: %s", n, infos)
-    if (
-        settings.eplb is not None
-        and settings.eplb.get("enabled", True)
-        and settings.eplb.get("setup_on_start", True)
-    ):
+    if settings.eplb_enabled and settings.eplb.setup_on_start:
         await start_eplb(actors, settings, name_prefix)
     return actors, pg, list(infos)
 
@@ -122,21 +118,21 @@ def _group_key(actors: list[Any]) -> str:
 
 async def start_eplb(actors: list[Any], settings: EngineSettings, name_prefix: str = "") -> Any:
     """Install EPLB slots/tables on every rank (together, while the group is idle), then create the
-    EPLB actor for the group and start its background cycles unless `eplb["autostart"]` is False."""
+    EPLB actor for the group and start its background cycles unless `eplb.autostart` is off."""
     from eplb.actor import eplb_actor_class
 
-    cfg = dict(settings.eplb or {})
+    cfg = settings.eplb or EplbSection()
     await wait_group_idle(actors)
     await asyncio.gather(*[a.eplb_setup.remote() for a in actors])
     # Restartable: it gets the rank handles and config as constructor arguments, so a restarted
     # actor re-initializes from the ranks and resumes (eplb.actor.EplbActor). Calls made while it is
     # down fail (nobody waits on it on the serving path); stop_rank_group's ray.kill ends it for good.
-    opts: dict[str, Any] = {"num_cpus": 0, "max_restarts": int(cfg.get("max_restarts", -1))}
+    opts: dict[str, Any] = {"num_cpus": 0, "max_restarts": cfg.max_restarts}
     if name_prefix:
         opts["name"] = f"{name_prefix}eplb"
-    controller = eplb_actor_class().options(**opts).remote(actors, cfg)
+    controller = eplb_actor_class().options(**opts).remote(actors, cfg.model_dump())
     await controller.initialize.remote()
-    if cfg.get("autostart", True):
+    if cfg.autostart:
         await controller.start.remote()
     _EPLB_ACTORS[_group_key(actors)] = controller
     return controller
@@ -150,29 +146,28 @@ def get_eplb_actor(actors: list[Any]) -> Any | None:
 async def start_balance_coordinator(settings: EngineSettings) -> EngineSettings:
     """Start (or reuse, by name) the BalanceCoordinator actor for `settings.balance`, reset it for a
     new group, and return settings whose balance block tells the engines how to reach it."""
-    import dataclasses
-
     import ray
 
-    from scheduler.coordinator import DEFAULT_NAME, DEFAULT_NAMESPACE, get_or_create_coordinator
+    from scheduler.coordinator import get_or_create_coordinator
 
-    balance = dict(settings.balance or {})
-    balance.setdefault("coordinator_name", DEFAULT_NAME)
-    balance.setdefault("namespace", DEFAULT_NAMESPACE)
-    # The engine core is a subprocess of the rank actor, not a Ray worker: it joins by GCS address.
-    balance.setdefault("ray_address", ray.get_runtime_context().gcs_address)
+    balance = settings.balance or BalanceSection()
+    # The engines reach the coordinator by name; the engine core is a subprocess of the rank actor,
+    # not a Ray worker: it joins by GCS address.
+    ray_address = balance.ray_address or ray.get_runtime_context().gcs_address
+    balance = balance.model_copy(update={"coordinator_name": balance.coordinator_name,
+                                         "namespace": balance.namespace, "ray_address": ray_address})  # fmt: skip
     # get_or_create_coordinator waits on Ray (actor creation, set_policy): in a thread, so the
     # caller's event loop (the ingress) keeps serving meanwhile.
     coordinator = await asyncio.to_thread(
         get_or_create_coordinator,
-        balance["coordinator_name"],
-        balance["namespace"],
-        balance.get("policy", "any_at_cap"),
-        balance.get("params"),
-        float(balance.get("timeout_s", 5.0)),
+        balance.coordinator_name,
+        balance.namespace,
+        balance.policy,
+        balance.params,
+        balance.timeout_s,
     )
     await coordinator.reset.remote()  # a new group starts its waves at 0 again
-    return dataclasses.replace(settings, balance=balance)
+    return settings.model_copy(update={"balance": balance})
 
 
 async def stop_rank_group(actors: list[Any], pg: Any | None = None, timeout_s: float = 30.0) -> None:
@@ -196,23 +191,3 @@ async def stop_rank_group(actors: list[Any], pg: Any | None = None, timeout_s: f
         ray.kill(a)
     if pg is not None:
         ray.util.remove_placement_group(pg)
-
-
-async def collect_stream(actor: Any, prompt: Any, sampling: dict[str, Any], request_id: str | None = None,
-                         messages: list[dict] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Run one request on a rank actor to completion; returns text, token ids and finish reason."""
-    text, token_ids, finish, prompt_tokens = [], [], None, 0
-    async for ref in actor.generate.options(num_returns="streaming").remote(
-        request_id, prompt, sampling, messages
-    ):
-        chunk = await ref
-        prompt_tokens = chunk.get("prompt_tokens", prompt_tokens)
-        text.append(chunk.get("text", ""))
-        token_ids.extend(chunk.get("token_ids", []))
-        finish = chunk.get("finish_reason") or finish
-    return {
-        "text": "".join(text),
-        "token_ids": token_ids,
-        "finish_reason": finish,
-        "prompt_tokens": prompt_tokens,
-    }

@@ -25,6 +25,26 @@ PROMPTS = [
 ]
 
 
+async def collect_stream(actor: Any, prompt: Any, sampling: dict[str, Any], request_id: str | None = None,
+                         messages: list[dict] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run one request on a rank actor to completion; returns text, token ids and finish reason."""
+    text, token_ids, finish, prompt_tokens = [], [], None, 0
+    async for ref in actor.generate.options(num_returns="streaming").remote(
+        request_id, prompt, sampling, messages
+    ):
+        chunk = await ref
+        prompt_tokens = chunk.get("prompt_tokens", prompt_tokens)
+        text.append(chunk.get("text", ""))
+        token_ids.extend(chunk.get("token_ids", []))
+        finish = chunk.get("finish_reason") or finish
+    return {
+        "text": "".join(text),
+        "token_ids": token_ids,
+        "finish_reason": finish,
+        "prompt_tokens": prompt_tokens,
+    }
+
+
 def greedy(max_tokens: int) -> dict[str, Any]:
     """Greedy sampling of exactly `max_tokens` tokens (vLLM sampling params as a dict)."""
     return {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
@@ -34,8 +54,6 @@ async def generate_on_ranks(
     actors: list[Any], prompts: list[str], sampling: dict[str, Any]
 ) -> list[list[int]]:
     """Token ids of `prompts`, sent concurrently to the rank actors round robin."""
-    from deployments.rank_group import collect_stream
-
     outs = await asyncio.gather(
         *[collect_stream(actors[i % len(actors)], p, sampling) for i, p in enumerate(prompts)]
     )

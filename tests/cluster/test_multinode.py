@@ -41,7 +41,7 @@ def test_ranks_spread_over_hosts_with_own_network_identity(netns_ray_cluster):
     code = f"""
 import json, ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from cluster.placement import create_rank_placement_group, rank_bundle
+from deployments.placement import create_rank_placement_group, rank_bundle
 from npu_runtime.platform import CPU, host_network_env
 ray.init()
 pg = create_rank_placement_group(2, strategy="STRICT_SPREAD", platform=CPU, timeout_s=60)
@@ -97,19 +97,20 @@ if __name__ == "__main__":
 
 def _deploy(cluster, model_dir: str) -> None:
     """`serve.run` from a driver on the head host (the ingress is pinned to the head)."""
-    args = {"model": model_dir, "served_model_name": MODEL, "data_parallel_size": 2,
-            "enable_expert_parallel": True, "max_model_len": 512, "max_num_seqs": 8,
-            "placement_strategy": "STRICT_SPREAD", "recovery_wait_s": 20.0,
-            "rank_start_timeout_s": 600.0}  # fmt: skip
+    args = {"engine": {"model": model_dir, "served_model_name": MODEL, "data_parallel_size": 2,
+                       "enable_expert_parallel": True, "max_model_len": 512, "max_num_seqs": 8},
+            "serving": {"placement_strategy": "STRICT_SPREAD", "recovery_wait_s": 20.0,
+                        "rank_start_timeout_s": 600.0}}  # fmt: skip
     code = f"""
 import ray
 from ray import serve
-from deployments.app import AppConfig, DPServer
+from deployments.app import DPServer
+from deployments.config import DPServeConfig
 ray.init()
 serve.start(proxy_location="HeadOnly", http_options={{"host": "{cluster.head.ip}", "port": {HTTP_PORT}}})
 args = {args!r}
-cfg = AppConfig.from_args(args)
-app = DPServer.options(ray_actor_options={{"num_cpus": cfg.ingress_num_cpus,
+cfg = DPServeConfig.from_args(args)
+app = DPServer.options(ray_actor_options={{"num_cpus": cfg.serving.ingress_num_cpus,
                                            "resources": {{"{HEAD_RESOURCE}": 0.01}}}}).bind(args)
 serve.run(app, name="dpserve", route_prefix="/")
 print("deployed")

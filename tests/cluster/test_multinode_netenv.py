@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from cluster.netns import HOST_IFNAME, NetnsCluster, netns_supported, tcp_reachable
-from cluster.placement import RANK_RESOURCES_ENV, rank_bundle, rank_resources_from_env
+from deployments.placement import RANK_RESOURCES_ENV, rank_bundle, rank_resources_from_env
 from npu_runtime import platform as plat
 
 

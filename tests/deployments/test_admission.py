@@ -10,7 +10,8 @@ import httpx
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-from deployments.app import _Admission, _AdmissionMiddleware
+from deployments.admission import Admission as _Admission
+from deployments.admission import AdmissionMiddleware as _AdmissionMiddleware
 
 
 def _app(release: asyncio.Event) -> FastAPI:

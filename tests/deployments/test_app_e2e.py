@@ -25,10 +25,10 @@ def base_url(ray_local, tiny_model_dir):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model": tiny_model_dir, "served_model_name": MODEL, "data_parallel_size": 2,
-                     "enable_expert_parallel": True, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 8,
-                     "balance": {"policy": "any_at_cap"}, "max_queued_per_rank": QUEUE_BOUND,
-                     "engine_nice": 0})  # fmt: skip
+    app = build_app({"engine": {"model": tiny_model_dir, "served_model_name": MODEL, "data_parallel_size": 2,
+                                "enable_expert_parallel": True, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 8,
+                                "engine_nice": 0},
+                     "balance": {"policy": "any_at_cap"}, "serving": {"max_queued_per_rank": QUEUE_BOUND}})  # fmt: skip
     serve.run(app, name="dpserve", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from deployments.engine_config import EngineSettings
+from deployments.config import EngineSettings
 from deployments.rank_group import start_rank_group, stop_rank_group
 from tests.helpers import PROMPTS, generate_on_ranks, greedy
 

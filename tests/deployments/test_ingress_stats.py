@@ -10,8 +10,9 @@ from typing import Any
 import msgspec
 import pytest
 
-import deployments.app as app_module
-from deployments.app import AppConfig, DPServer
+import deployments.group_supervisor as supervisor_module
+from deployments.config import DPServeConfig
+from deployments.group_supervisor import RankGroupSupervisor
 
 
 class _Metrics:
@@ -95,36 +96,27 @@ class _Rank:
 
 
 def _server(ranks: list[_Rank], transport: str = "ray") -> Any:
-    """A DPServer with its group state set by hand (its __init__ would start real ranks)."""
-    server = object.__new__(DPServer.func_or_class)
-    server.config = AppConfig(output_transport=transport)
-    n = len(ranks)
-    server.actors = ranks
-    server.generation = 1
-    server.stats = {r: {} for r in range(n)}
-    server.missed = {r: 0 for r in range(n)}
-    server.dispatched = {r: 0 for r in range(n)}
-    server._stats_at = {r: 0.0 for r in range(n)}
-    server._gauges_at = {r: 0.0 for r in range(n)}
-    server._inboxes = {}
-    server._metrics = _Metrics()
-    server._ready = asyncio.Event()
-    server._ready.set()
+    """The ingress's rank group over stand-in ranks, adopted as generation 1 (no real group starts)."""
+    config = DPServeConfig.from_args(
+        {"engine": {"data_parallel_size": len(ranks)}, "serving": {"output_transport": transport}}
+    )
+    server = RankGroupSupervisor(config, _Metrics())
+    server.adopt(ranks, None, [{} for _ in ranks])
     server.recoveries_started: list[str] = []
-    server._start_recovery = server.recoveries_started.append
+    server.start_recovery = server.recoveries_started.append
     return server
 
 
 def test_stats_on_output_batches_reach_the_router_and_gauges_at_the_poll_rate() -> None:
     server = _server([_Rank(0), _Rank(1)])
     for step in range(5):
-        server._take_stats(0, 1, {"running": step, "waiting": 0})
+        server.take_stats(0, 1, {"running": step, "waiting": 0})
     assert server.stats[0] == {"running": 4, "waiting": 0}
-    assert server._stats_at[0] > 0 and server._stats_at[1] == 0.0
-    assert len(server._metrics.gauges) == 1  # five batches within one poll period: one gauge update
-    server._take_stats(0, 0, {"running": 99})  # an old group's stream: ignored
+    assert server.stats_at[0] > 0 and server.stats_at[1] == 0.0
+    assert len(server.metrics.gauges) == 1  # five batches within one poll period: one gauge update
+    server.take_stats(0, 0, {"running": 99})  # an old group's stream: ignored
     assert server.stats[0]["running"] == 4
-    server._take_stats(1, 1, {"errored": True})
+    server.take_stats(1, 1, {"errored": True})
     assert server.recoveries_started == ["rank 1's engine died"]
 
 
@@ -138,9 +130,9 @@ def _first_chunk(rank: _Rank, transport: str, connect_timeout_s: float | None = 
         inbox: asyncio.Queue = asyncio.Queue()
         server = _server([rank], transport)
         if connect_timeout_s is not None:
-            server.config.output_connect_timeout_s = connect_timeout_s
-        server._inboxes["req-1"] = (0, 1, inbox)
-        pump = asyncio.create_task(server._pump(0, rank, 1))
+            server.channel.serving.output_connect_timeout_s = connect_timeout_s
+        server.channel.inboxes["req-1"] = (0, 1, inbox)
+        pump = asyncio.create_task(server.channel.pump(0, rank, 1))
         try:
             return await asyncio.wait_for(inbox.get(), 5), server
         finally:
@@ -163,8 +155,8 @@ def test_a_rank_whose_push_call_fails_ends_its_requests_and_reforms_the_group() 
         inbox: asyncio.Queue = asyncio.Queue()
         rank = _Rank(0, batches=[([("req-1", CHUNK)], {"running": 1})], fail_after_s=0.1)
         server = _server([rank], "zmq")
-        server._inboxes["req-1"] = (0, 1, inbox)
-        await asyncio.wait_for(server._pump(0, rank, 1), 5)
+        server.channel.inboxes["req-1"] = (0, 1, inbox)
+        await asyncio.wait_for(server.channel.pump(0, rank, 1), 5)
         assert await inbox.get() == CHUNK
         assert isinstance(await inbox.get(), ConnectionError)
         assert server.recoveries_started == ["rank 0's output channel broke (ConnectionError)"]
@@ -189,7 +181,7 @@ def test_malformed_messages_on_the_zmq_channel_are_dropped() -> None:
 
 def test_output_transport_is_checked() -> None:
     with pytest.raises(ValueError, match="output_transport"):
-        AppConfig.from_args({"output_transport": "carrier-pigeon"})
+        DPServeConfig.from_args({"serving": {"output_transport": "carrier-pigeon"}})
 
 
 class _Clock:
@@ -213,19 +205,22 @@ async def _until(cond, timeout_s: float = 30.0) -> None:
 
 def test_only_ranks_without_recent_output_are_polled(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock()
-    monkeypatch.setattr(app_module, "time", clock)
+    monkeypatch.setattr(supervisor_module, "time", clock)
 
     async def main() -> None:
         ranks = [_Rank(0), _Rank(1)]
         server = _server(ranks)
         server.dispatched[1] = 1  # rank 1 has a request in flight but sends no output
-        poller = asyncio.create_task(server._poll_stats())
+        poller = asyncio.create_task(server.poll_stats())
         for _ in range(3):
-            server._take_stats(0, 1, {"running": 8, "waiting": 0})  # rank 0's output carries stats
+            server.take_stats(0, 1, {"running": 8, "waiting": 0})  # rank 0's output carries stats
             polled = ranks[1].get_stats.calls
-            clock.now += app_module.STATS_POLL_S * 1.5  # rank 1 is due, rank 0 reported just now
-            server._take_stats(0, 1, {"running": 8, "waiting": 0})
-            await _until(lambda polled=polled: ranks[1].get_stats.calls > polled)
+            clock.now += supervisor_module.STATS_POLL_S * 1.5  # rank 1 is due, rank 0 reported just now
+            server.take_stats(0, 1, {"running": 8, "waiting": 0})
+            # Polled, and its answer taken at this clock time (before the clock moves on).
+            await _until(
+                lambda polled=polled: ranks[1].get_stats.calls > polled and server.stats_at[1] == clock.now
+            )
         poller.cancel()
         assert ranks[0].get_stats.calls == 0
         assert ranks[1].get_stats.calls >= 3
@@ -236,17 +231,17 @@ def test_only_ranks_without_recent_output_are_polled(monkeypatch: pytest.MonkeyP
 
 def test_ranks_with_nothing_in_flight_are_polled_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock()
-    monkeypatch.setattr(app_module, "time", clock)
-    busy_s, idle_s = app_module.STATS_POLL_S, app_module.IDLE_STATS_POLL_S
+    monkeypatch.setattr(supervisor_module, "time", clock)
+    busy_s, idle_s = supervisor_module.STATS_POLL_S, supervisor_module.IDLE_STATS_POLL_S
 
     async def main() -> None:
         ranks = [_Rank(0), _Rank(1)]
         server = _server(ranks)
         server.dispatched[0] = 2
-        poller = asyncio.create_task(server._poll_stats())
+        poller = asyncio.create_task(server.poll_stats())
         periods = int(2.5 * idle_s / busy_s)  # 2.5 idle poll periods
         for i in range(1, periods + 1):
-            await _until(lambda i=i: ranks[0].get_stats.calls >= i)
+            await _until(lambda i=i: ranks[0].get_stats.calls >= i and server.stats_at[0] == clock.now)
             clock.now += busy_s * 1.05  # a little over STATS_POLL_S: exactly one busy poll falls due
         poller.cancel()
         busy, idle = ranks[0].get_stats.calls, ranks[1].get_stats.calls
@@ -256,7 +251,7 @@ def test_ranks_with_nothing_in_flight_are_polled_less_often(monkeypatch: pytest.
 
 
 def test_a_rank_that_stops_answering_is_given_up_after_missed_polls(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(app_module, "STATS_POLL_S", 0.01)
+    monkeypatch.setattr(supervisor_module, "STATS_POLL_S", 0.01)
 
     async def main() -> None:
         ranks = [_Rank(0)]
@@ -266,11 +261,11 @@ def test_a_rank_that_stops_answering_is_given_up_after_missed_polls(monkeypatch:
 
         ranks[0].get_stats = _Method(hung)
         server = _server(ranks)
-        poller = asyncio.create_task(server._poll_stats())
+        poller = asyncio.create_task(server.poll_stats())
         await _until(lambda: server.recoveries_started)
         poller.cancel()
         assert server.recoveries_started == [
-            f"rank 0 stopped answering for {app_module.DEAD_AFTER_MISSED_POLLS} polls"
+            f"rank 0 stopped answering for {supervisor_module.DEAD_AFTER_MISSED_POLLS} polls"
         ]
 
     asyncio.run(main())

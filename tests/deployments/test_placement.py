@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from cluster.placement import cpu_cores_for_rank, host_slots
+from deployments.placement import cpu_cores_for_rank, host_slots
 
 
 def test_host_slots_number_ranks_per_host() -> None:
@@ -42,4 +42,4 @@ def test_rank_binds_from_its_host_slot(
     rank = DPRank({"data_parallel_size": 4, "cpu_binding": binding}, 3, platform_name="cpu", host_slot=slot)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == bind
     assert env["OMP_NUM_THREADS"] == threads
-    assert rank.ranks_on_host == slot[1]
+    assert rank.env.ranks_on_host == slot[1]

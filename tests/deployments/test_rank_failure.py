@@ -21,8 +21,8 @@ def base_url(ray_local, tiny_model_dir):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model": tiny_model_dir, "served_model_name": MODEL, "data_parallel_size": 2,
-                     "enable_expert_parallel": True, "max_model_len": 512, "max_num_seqs": 8})  # fmt: skip
+    app = build_app({"engine": {"model": tiny_model_dir, "served_model_name": MODEL, "data_parallel_size": 2,
+                                "enable_expert_parallel": True, "max_model_len": 512, "max_num_seqs": 8}})  # fmt: skip
     serve.run(app, name="dpserve_failure", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     # Shut Serve down, not just the app: a later module's serve.start() with its own port would

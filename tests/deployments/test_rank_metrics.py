@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.engine_config import EngineSettings
-from deployments.rank import RankStats, _make_stats_logger_factory, _vllm_metrics_logger
+from deployments.config import EngineSettings
+from deployments.rank_stats import RankStats, stats_logger_factory, vllm_metrics_logger
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +19,13 @@ def _manager(vllm_config, engine_metrics: bool):
     from vllm.v1.metrics.loggers import StatLoggerManager
 
     stats = RankStats(rank=0)
-    factories = [_make_stats_logger_factory(stats), _vllm_metrics_logger(engine_metrics)]
+    factories = [stats_logger_factory(stats), vllm_metrics_logger(engine_metrics)]
     return StatLoggerManager(vllm_config, engine_idxs=[0], custom_stat_loggers=factories), stats
 
 
 def test_engine_metrics_default_off() -> None:
     assert EngineSettings().engine_metrics is False
-    assert EngineSettings.from_dict({"engine_metrics": True}).engine_metrics is True
+    assert EngineSettings.model_validate({"engine_metrics": True}).engine_metrics is True
 
 
 def test_metrics_off_adds_no_prometheus_logger_and_rank_stats_still_update(vllm_config) -> None:

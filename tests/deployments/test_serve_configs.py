@@ -6,7 +6,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.app import AppConfig
+from deployments.config import DPServeConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "ray_configs").glob("serve-*.yaml"))
 
@@ -22,7 +22,7 @@ def test_serve_config_valid(path):
         ServeDeploySchema.parse_obj(raw))  # fmt: skip
     (app,) = schema.applications
     assert app.import_path == "deployments.app:build_app"
-    config = AppConfig.from_args(app.args)  # our own validation of the args
+    config = DPServeConfig.from_args(app.args)  # our own validation of the args
     assert config.engine.data_parallel_size >= 2
 
 
@@ -30,7 +30,7 @@ def test_local_config_is_the_embedded_default():
     raw = yaml.safe_load((CONFIGS[0].parent / "serve-local.yaml").read_text())
     assert raw["http_options"] == {"host": "127.0.0.1", "port": 8000}
     args = raw["applications"][0]["args"]
-    assert args.get("model") is None and args["data_parallel_size"] == 2
+    assert args["engine"].get("model") is None and args["engine"]["data_parallel_size"] == 2
 
 
 def test_local_config_starts_serve_with_dpserves_serve_options():
@@ -45,13 +45,13 @@ def test_local_config_starts_serve_with_dpserves_serve_options():
 
 
 def test_unknown_setting_is_rejected():
-    with pytest.raises(ValueError, match="unknown engine setting"):
-        AppConfig.from_args({"data_parallel_sise": 2})
-    with pytest.raises(ValueError):
-        AppConfig.from_args({"data_parallel_size": 0})
+    with pytest.raises(ValueError, match="unknown key 'engine.data_parallel_sise'"):
+        DPServeConfig.from_args({"engine": {"data_parallel_sise": 2}})
+    with pytest.raises(ValueError, match="engine.data_parallel_size"):
+        DPServeConfig.from_args({"engine": {"data_parallel_size": 0}})
     with pytest.raises(ValueError, match="engine_nice"):
-        AppConfig.from_args({"engine_nice": 25})
-    assert AppConfig.from_args({"engine_nice": None}).engine.engine_nice is None
+        DPServeConfig.from_args({"engine": {"engine_nice": 25}})
+    assert DPServeConfig.from_args({"engine": {"engine_nice": None}}).engine.engine_nice is None
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -59,6 +59,6 @@ def test_shutdown_timeouts_are_set(path):
     """Every config states its drain budget, and Serve's own drain outlasts the ingress's."""
     (app,) = yaml.safe_load(path.read_text())["applications"]
     (ingress,) = [d for d in app["deployments"] if d["name"] == "DPServer"]
-    drain = AppConfig.from_args(app["args"]).drain_timeout_s
-    assert "drain_timeout_s" in app["args"] and ingress["graceful_shutdown_wait_loop_s"] <= 2
+    drain = DPServeConfig.from_args(app["args"]).serving.drain_timeout_s
+    assert "drain_timeout_s" in app["args"]["serving"] and ingress["graceful_shutdown_wait_loop_s"] <= 2
     assert ingress["graceful_shutdown_timeout_s"] >= drain

@@ -42,9 +42,9 @@ EPLB = {"enabled": True, "num_redundant": 4, "policy": "deepseek", "window_steps
         "threshold": 0.99, "window_samples": 4, "resume_retry_s": 0.5}  # fmt: skip
 
 
-def _app_args(model: str, **extra: Any) -> dict[str, Any]:
-    return {"model": model, "served_model_name": MODEL, "data_parallel_size": 2, "enable_expert_parallel": True,
-            "max_model_len": 512, "max_num_seqs": 8, **extra}  # fmt: skip
+def _app_args(model: str, engine: dict[str, Any] | None = None, **sections: Any) -> dict[str, Any]:
+    return {"engine": {"model": model, "served_model_name": MODEL, "data_parallel_size": 2, "enable_expert_parallel": True,
+                       "max_model_len": 512, "max_num_seqs": 8, **(engine or {})}, **sections}  # fmt: skip
 
 
 def _start_serve(port: int, env: dict[str, str]) -> None:
@@ -327,7 +327,7 @@ def test_sigterm_to_dpserve_serve_drains_then_shuts_down(served, ray_local, tmp_
         serve.delete(APP)
     config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
               "applications": [{"name": "dpserve_sigterm", "route_prefix": "/", "import_path": "deployments.app:build_app",
-                                "args": _app_args(served["model"], drain_timeout_s=60)}]}  # fmt: skip
+                                "args": _app_args(served["model"], serving={"drain_timeout_s": 60})}]}  # fmt: skip
     path = tmp_path / "serve-sigterm.yaml"
     path.write_text(yaml.safe_dump(config))
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
@@ -395,7 +395,11 @@ def test_dpserve_shutdown_command_drains_then_ends_serve(served, ray_local):
     # The SIGTERM test ended the module's Serve: a new one, same options; one rank (starts faster).
     _start_serve(served["port"], served["env"])
     app = "dpserve_shutdown"
-    args = _app_args(served["model"], data_parallel_size=1, enable_expert_parallel=False, drain_timeout_s=60)
+    args = _app_args(
+        served["model"],
+        {"data_parallel_size": 1, "enable_expert_parallel": False},
+        serving={"drain_timeout_s": 60},
+    )
     serve.run(build_app(args), name=app, route_prefix="/")
     assert httpx.get(f"{urls[1]}/health", timeout=30).status_code == 200
 

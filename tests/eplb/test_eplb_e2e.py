@@ -13,16 +13,15 @@ import time
 import numpy as np
 import pytest
 
-from deployments.engine_config import EngineSettings
+from deployments.config import EngineSettings
 from deployments.rank_group import (
-    collect_stream,
     get_eplb_actor,
     start_eplb,
     start_rank_group,
     stop_rank_group,
     wait_group_idle,
 )
-from tests.helpers import PROMPTS, generate_on_ranks, greedy, random_placement
+from tests.helpers import PROMPTS, collect_stream, generate_on_ranks, greedy, random_placement
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from deployments.engine_config import EngineSettings
-from deployments.rank_group import collect_stream, start_eplb, start_rank_group, stop_rank_group
-from tests.helpers import PROMPTS, generate_on_ranks, greedy, random_placement
+from deployments.config import EngineSettings
+from deployments.rank_group import start_eplb, start_rank_group, stop_rank_group
+from tests.helpers import PROMPTS, collect_stream, generate_on_ranks, greedy, random_placement
 
 pytestmark = pytest.mark.slow
 

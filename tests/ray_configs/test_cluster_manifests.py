@@ -39,18 +39,7 @@ NETWORK_VARS = ("HCCL_IF_IP", "HCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "TP_SO
 ENV_FILE = "dpserve-node-env.sh"
 VLLM_ASCEND_RELEASE = "v0.23.0"  # vllm-ascend v0.23.0 (vLLM 0.23.0)
 APP_IMPORT_PATH = "deployments.app:build_app"
-APP_ARGS = {
-    "model",
-    "served_model_name",
-    "data_parallel_size",
-    "enable_expert_parallel",
-    "max_model_len",
-    "max_num_seqs",
-    "balance",
-    "eplb",
-    "http_host",
-    "http_port",
-}
+APP_ARGS = {"engine", "balance", "eplb"}  # sections of deployments.config.DPServeConfig
 
 
 def load(path: Path) -> dict:
@@ -301,9 +290,7 @@ def test_kuberay_app_args_match_the_code():
     assert args["balance"] == {"policy": "any_at_cap"} and args["balance"]["policy"] in GATE_POLICIES
     assert args["eplb"] == {"enabled": True, "policy": "swift", "window_steps": 1000, "num_redundant": 16}
     assert args["eplb"]["policy"] in EPLB_POLICIES
-    assert args["enable_expert_parallel"] is True
-    assert args["http_port"] == config["http_options"]["port"]
-    assert args["http_host"] == config["http_options"]["host"]
+    assert args["engine"]["enable_expert_parallel"] is True
 
 
 def test_kuberay_npu_workers_are_consistent():
@@ -325,7 +312,7 @@ def test_kuberay_npu_workers_are_consistent():
         assert group["replicas"] == group["minReplicas"] == group["maxReplicas"]
         total_npus += group["replicas"] * npus
     args = serve_config(manifest)["applications"][0]["args"]
-    assert args["data_parallel_size"] == total_npus, "one DP rank per NPU"
+    assert args["engine"]["data_parallel_size"] == total_npus, "one DP rank per NPU"
 
 
 def test_broken_serve_config_missing_import_path_is_rejected():

@@ -11,8 +11,9 @@ import asyncio
 
 import pytest
 
-from deployments.engine_config import EngineSettings
-from deployments.rank_group import collect_stream, start_rank_group, stop_rank_group
+from deployments.config import EngineSettings
+from deployments.rank_group import start_rank_group, stop_rank_group
+from tests.helpers import collect_stream
 
 pytestmark = pytest.mark.slow
 

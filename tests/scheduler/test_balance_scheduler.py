@@ -58,7 +58,7 @@ def test_balance_config_validation() -> None:
 
 
 def test_engine_settings_balance_args(tiny_model_dir: str) -> None:
-    from deployments.engine_config import EngineSettings
+    from deployments.config import EngineSettings
 
     s = EngineSettings(
         model=tiny_model_dir,

@@ -1,0 +1,102 @@
+"""A rank's multiplexed output: every request's chunks go into one outbox that the ingress drains
+through one channel (one message per batch, not per request and token).
+
+A batch is a list of (request id, chunk); a chunk is a plain dict (`text`, `token_ids`,
+`finish_reason`, or `error` + `status` for a request that failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from deployments.openai_protocol import RequestRejected
+
+logger = logging.getLogger("dpserve.rank")
+
+Batch = list[tuple[str, dict[str, Any]]]
+
+
+class RankOutbox:
+    """The outbox of DP rank `rank`; `get_stats` gives the rank's stats sent with each batch."""
+
+    def __init__(self, rank: int, get_stats: Callable[[], dict[str, Any]]) -> None:
+        self.rank = rank
+        self.get_stats = get_stats
+        self.queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self.tasks: dict[str, asyncio.Task] = {}  # request id -> the task feeding its chunks
+
+    def start(self, request_id: str, chunks: AsyncIterator[dict[str, Any]]) -> None:
+        """Feed request `request_id`'s chunks into the outbox in the background."""
+        self.tasks[request_id] = asyncio.get_running_loop().create_task(self._run(request_id, chunks))
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop feeding request `request_id` (its chunk source frees the engine's slot); False when
+        the outbox does not hold it."""
+        task = self.tasks.pop(request_id, None)
+        if task is None:
+            return False
+        task.cancel()
+        return True
+
+    async def _run(self, request_id: str, chunks: AsyncIterator[dict[str, Any]]) -> None:
+        try:
+            finished = False
+            async for chunk in chunks:
+                self.queue.put_nowait((request_id, chunk))
+                finished = chunk["finish_reason"] is not None
+            if not finished:  # the engine ended the stream without a final output: say so
+                self.queue.put_nowait((request_id, {"text": "", "token_ids": [], "finish_reason": "abort"}))
+        except asyncio.CancelledError:
+            pass  # aborted by the ingress: the chunk source freed the engine's slot
+        except RequestRejected as exc:
+            self.queue.put_nowait((request_id, {"error": str(exc), "status": exc.status, "param": exc.param}))
+        except Exception as exc:
+            logger.exception("request %s failed on rank %d", request_id, self.rank)
+            self.queue.put_nowait((request_id, {"error": f"{type(exc).__name__}: {exc}", "status": 503}))
+        finally:
+            self.tasks.pop(request_id, None)
+
+    async def next_batch(self) -> Batch:
+        """All chunks ready now (at least one): typically one engine step's worth for all running
+        requests."""
+        batch = [await self.queue.get()]
+        while not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        return batch
+
+    async def stream(self) -> AsyncIterator[tuple[Batch, dict[str, Any]]]:
+        """Batches with the rank's stats as of then, for a Ray stream (`DPRank.output_stream`)."""
+        while True:
+            yield await self.next_batch(), self.get_stats()
+
+    async def push(self, address: str) -> None:
+        """The same batches and stats, msgpack-encoded and pushed over ZMQ to the ingress's PULL
+        socket at `address` (``tcp://host:port``). Runs until cancelled.
+
+        Why not a Ray stream: each streamed item costs a serialisation in an executor thread plus
+        core-worker RPCs on both sides, about half the rank actor's and much of the ingress's CPU at
+        one item per engine step (py-spy, benchmarks/results/serving.md). A ZMQ message is one
+        syscall; vLLM moves the same outputs from its engine core the same way."""
+        import msgspec
+        import zmq
+        import zmq.asyncio
+
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Sends wait for a completed connection instead of queueing: if the ingress cannot be reached
+        # no chunk is taken from the outbox, and the ingress's fallback (`stream`) gets them.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.connect(address)
+        encode = msgspec.msgpack.Encoder().encode
+        try:
+            # An empty batch first: tells the ingress the channel works.
+            await sock.send(encode(([], self.get_stats())), copy=False)
+            while True:
+                batch = await self.next_batch()
+                await sock.send(encode((batch, self.get_stats())), copy=False)
+        finally:
+            ctx.destroy(linger=0)

@@ -1,0 +1,108 @@
+"""The typed app config (deployments/config.py): sections, unknown keys, the engine_kwargs guard,
+the shipped configs and `dpserve config check`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.cli import main
+from deployments.config import GROUP_OWNED_ENGINE_ARGS, ConfigError, DPServeConfig, EngineSettings
+
+RAY_CONFIGS = Path(__file__).resolve().parents[2] / "ray_configs"
+SERVE_CONFIGS = sorted(RAY_CONFIGS.glob("serve-*.yaml"))
+
+
+def _kuberay_args() -> dict:
+    manifest = yaml.safe_load((RAY_CONFIGS / "kuberay-rayservice.yaml").read_text())
+    return yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        ({"engine": {"data_parallel_sise": 2}}, "engine.data_parallel_sise"),
+        ({"balance": {"polcy": "any_at_cap"}}, "balance.polcy"),
+        ({"eplb": {"num_redundnat": 4}}, "eplb.num_redundnat"),
+        ({"serving": {"stream_interval": 0}}, "serving.stream_interval"),
+        ({"data_parallel_size": 2}, "data_parallel_size"),  # the flat shape: not a section
+    ],
+)
+def test_unknown_keys_are_errors_naming_the_key(args: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
+        DPServeConfig.from_args(args)
+
+
+@pytest.mark.parametrize("key", sorted(GROUP_OWNED_ENGINE_ARGS))
+def test_engine_kwargs_cannot_override_what_the_group_owns(key: str) -> None:
+    with pytest.raises(ConfigError, match=f"engine_kwargs may not set \\['{key}'\\]"):
+        DPServeConfig.from_args({"engine": {"engine_kwargs": {key: 1}}})
+    with pytest.raises(ValueError, match="engine_kwargs may not set"):
+        EngineSettings(engine_kwargs={key: 1})
+
+
+def test_other_engine_kwargs_reach_the_engine(tiny_model_dir: str) -> None:
+    config = DPServeConfig.from_args(
+        {"engine": {"model": tiny_model_dir, "engine_kwargs": {"max_num_batched_tokens": 512}}}
+    )
+    args = config.rank_settings.engine_args(1, "10.0.0.1", 1234)
+    assert args["max_num_batched_tokens"] == 512
+    assert (args["data_parallel_rank"], args["data_parallel_address"]) == (1, "10.0.0.1")
+
+
+def test_invalid_values_and_policies_name_their_key() -> None:
+    with pytest.raises(ConfigError, match="serving.output_transport"):
+        DPServeConfig.from_args({"serving": {"output_transport": "carrier-pigeon"}})
+    with pytest.raises(ConfigError, match="balance.policy.*unknown gate policy 'fastest'"):
+        DPServeConfig.from_args({"balance": {"policy": "fastest"}})
+    with pytest.raises(ConfigError, match="eplb.policy.*unknown EPLB policy"):
+        DPServeConfig.from_args({"eplb": {"policy": "random"}})
+
+
+def test_sections_reach_the_ranks_and_the_ingress() -> None:
+    config = DPServeConfig.from_args(
+        {
+            "engine": {"data_parallel_size": 4, "max_num_seqs": 8},
+            "balance": {"policy": "any_at_cap", "lead": 2},
+            "eplb": {"num_redundant": 4},
+            "serving": {"stream_interval_ms": 0},
+        }
+    )
+    settings = config.rank_settings
+    assert settings.data_parallel_size == 4 and settings.eplb_enabled
+    assert settings.balance.scheduler_config() == {"lead": 2}  # only what the scheduler reads, when set
+    assert config.queue_bound == 32 and config.serving.stream_interval_ms == 0
+    assert DPServeConfig.from_args(None).balance is None and not DPServeConfig().rank_settings.eplb_enabled
+    # What a rank actor receives round-trips.
+    assert EngineSettings.model_validate(settings.model_dump()) == settings
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_each_shipped_serve_config_validates(path: Path) -> None:
+    (app,) = yaml.safe_load(path.read_text())["applications"]
+    DPServeConfig.from_args(app["args"])
+
+
+def test_the_kuberay_app_args_validate() -> None:
+    config = DPServeConfig.from_args(_kuberay_args())
+    assert config.eplb is not None and config.balance is not None
+
+
+def test_config_check_prints_the_effective_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", str(RAY_CONFIGS / "serve-local.yaml")]) == 0
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)["args"]
+    assert printed["engine"]["data_parallel_size"] == 2
+    assert printed["serving"]["stream_interval_ms"] == 50.0  # a default, filled in
+    assert printed["balance"]["policy"] == "any_at_cap" and printed["eplb"] is None
+
+
+def test_config_check_names_the_bad_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = yaml.safe_load((RAY_CONFIGS / "serve-local.yaml").read_text())
+    raw["applications"][0]["args"]["engine"]["max_num_seq"] = 8
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert main(["config", "check", str(bad)]) == 1
+    assert "unknown key 'engine.max_num_seq'" in capsys.readouterr().err
