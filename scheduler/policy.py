@@ -32,7 +32,10 @@ held requests' TTFT. A rank is *ready* when it has waiting requests and a free s
                                              step is held under the same bound as any other);
 2. ``s % max_hold_steps == 0``            -> open (*hold bound*: a request that could be admitted waits
                                              at most ``max_hold_steps - 1`` steps for the gate);
-3. ready ranks ``>= ceil(quorum * L)``    -> open (the prefill step is shared widely enough to pay);
+3. ready ranks ``>= min(L, max(2, ceil(quorum * L)))``
+                                          -> open (the prefill step is shared widely enough to pay; at
+                                             least two ranks, since one rank alone is the unaligned
+                                             prefill the gate exists to avoid, so 2 ranks need both);
 4. ``sum(running) < min_occupancy * sum(max_num_seqs)``
                                           -> open (*saturation guard*: with this many free slots a prefill
                                              step stalls few decodes and throughput follows arrivals, so
@@ -231,7 +234,7 @@ class BoundedHold:
                 admit=True,
                 reason=f"hold bound: step {step} on {self.max_hold_steps}-step deadline",
             )
-        need = math.ceil(self.quorum * len(counts))
+        need = min(len(counts), max(2, math.ceil(self.quorum * len(counts))))
         if ready >= need:
             return GateDecision(
                 step=step, admit=True, reason=f"quorum: {ready}/{len(counts)} ranks ready (need {need})"

@@ -126,7 +126,10 @@ HOLD_CASES = [
     ({}, (READY, BLOCKED, BLOCKED, FULL), 1, False, "holding"),
     ({"quorum": 1.0}, (READY, READY, READY, FULL), 1, False, "holding"),
     ({"quorum": 1.0}, (READY, READY, READY, READY), 1, True, "quorum"),
-    ({"quorum": 0.2}, (READY, FULL, FULL, FULL), 1, True, "quorum"),  # ceil(0.8) = 1
+    ({"quorum": 0.2}, (READY, FULL, FULL, FULL), 1, False, "holding"),  # at least two ranks
+    ({"quorum": 0.2}, (READY, READY, FULL, FULL), 1, True, "quorum"),
+    ({"min_occupancy": 0.0}, (READY, FULL), 1, False, "holding"),  # two ranks: both must be ready
+    ({"min_occupancy": 0.0}, (READY, READY), 1, True, "quorum"),
     # Rule 4, the saturation guard: 7 of 16 slots running is below 0.5 of them.
     ({}, ((3, 1), (2, 0), (1, 0), (1, 0)), 1, True, "saturation guard"),
     ({}, ((3, 1), (2, 0), (2, 0), (1, 0)), 1, False, "holding"),  # 8 of 16: not below
@@ -165,8 +168,11 @@ def test_bounded_hold_uses_each_ranks_own_cap() -> None:
         RankCounts(rank=0, running=8, waiting=1, max_num_seqs=16),  # ready under its own cap
         RankCounts(rank=1, running=4, waiting=1, max_num_seqs=4),  # blocked
     ]
-    assert make_policy("bounded_hold", min_occupancy=0.0, quorum=0.5).decide(counts, 1).admit is True
-    assert make_policy("bounded_hold", min_occupancy=0.0, quorum=1.0).decide(counts, 1).admit is False
+    policy = make_policy("bounded_hold", min_occupancy=0.0)
+    held = policy.decide(counts, 1)
+    assert held.admit is False and held.reason.startswith("holding: 1/2 ranks ready"), held.reason
+    counts.append(RankCounts(rank=2, running=3, waiting=1, max_num_seqs=4))
+    assert policy.decide(counts, 1).admit is True
 
 
 @pytest.mark.parametrize(
