@@ -29,7 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cluster import proc_cpu  # noqa: E402
+from benchmarks import proc_cpu  # noqa: E402
 from cluster.bench import format_summary, run_workload  # noqa: E402
 from cluster.bench_cmd import add_workload_arguments, workload_from_args  # noqa: E402
 from deployments.config import UNIPROC_EXECUTOR, ServingSection  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from cluster import proc_cpu
+from benchmarks import proc_cpu
 
 
 def test_roles_from_command_lines() -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster.netns import HEAD_RESOURCE, HOST_RESOURCE
+from tests.cluster.netns import HEAD_RESOURCE, HOST_RESOURCE
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def netns_ray_cluster():
     ask for one (DPSERVE_RANK_RESOURCES), so STRICT_SPREAD placement is exercised as on hardware.
     Only the head declares HEAD_RESOURCE: the Serve ingress asks for a sliver of it so it stays
     where HTTP arrives, whichever other host is cut off."""
-    from cluster.netns import NetnsCluster, netns_supported
+    from tests.cluster.netns import NetnsCluster, netns_supported
 
     reason = netns_supported()
     if reason:

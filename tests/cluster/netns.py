@@ -43,7 +43,7 @@ from typing import Any
 
 logger = logging.getLogger("dpserve.netns")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Variables the harness never passes to the hosts: whatever the host's network identity is must be
 # derived on the host by the product code (that is what the multi-host test checks).
 HOST_NETWORK_VARS = (

@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from cluster.netns import HEAD_RESOURCE, HOST_RESOURCE
+from tests.cluster.netns import HEAD_RESOURCE, HOST_RESOURCE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

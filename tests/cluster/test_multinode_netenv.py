@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from cluster.netns import HOST_IFNAME, NetnsCluster, netns_supported, tcp_reachable
 from deployments.placement import RANK_RESOURCES_ENV, rank_bundle, rank_resources_from_env
 from npu_runtime import platform as plat
+from tests.cluster.netns import HOST_IFNAME, NetnsCluster, netns_supported, tcp_reachable
 
 
 def _netns_or_skip() -> None:
@@ -79,7 +79,7 @@ def test_rank_resolves_its_network_env_from_the_ray_node(monkeypatch, inherited,
     rank = DPRank({"data_parallel_size": 2}, 1, platform_name="cpu")
     assert env["VLLM_HOST_IP"] == expected_ip == rank.node_ip()
     if expected_ip == "10.77.0.2":
-        assert env["GLOO_SOCKET_IFNAME"] == "dps0" and rank.network_env["GLOO_SOCKET_IFNAME"] == "dps0"
+        assert env["GLOO_SOCKET_IFNAME"] == "dps0" and rank.network_info()["GLOO_SOCKET_IFNAME"] == "dps0"
 
 
 def test_rank_bundle_takes_extra_resources_from_the_environment(monkeypatch):
