@@ -23,7 +23,7 @@ each policy's throughput against ``off`` split into tokens/step and time/step. R
 
 Run: .venv/bin/python benchmarks/balance.py [--requests 48 --input-len 96 --output-len 32]
 Writes benchmarks/results/balance.json and balance.md. CPU numbers are for relative comparison only
-(2 shared cores, several processes per rank; see DESIGN.md "Running it here").
+(2 shared cores, several processes per rank; see docs/design.md, "Measured facts": running it here).
 """
 
 from __future__ import annotations

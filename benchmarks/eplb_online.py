@@ -9,7 +9,7 @@
    of every layer inside one step). Worker-side timings of each plan come from the ranks' histories.
 
 Run: .venv/bin/python benchmarks/eplb_online.py  ->  benchmarks/results/eplb_online.{json,md}
-CPU numbers are for relative comparison only (2 shared cores; see DESIGN.md).
+CPU numbers are for relative comparison only (2 shared cores; see docs/design.md, "Measured facts").
 """
 
 from __future__ import annotations

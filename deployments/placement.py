@@ -10,7 +10,7 @@ from npu_runtime.platform import Platform, detect
 
 # On CPU a rank's engine runs in its own processes pinned to its own cores; the Ray actor itself
 # mostly waits on I/O. A fractional logical CPU keeps a 2-core machine from starving Serve's
-# proxy and ingress (DESIGN.md: the logical-CPU trap).
+# proxy and ingress (docs/design.md, "Measured facts": the logical-CPU trap).
 CPU_RANK_LOGICAL_CPUS = 0.25
 # Extra resources every rank bundle asks for, as JSON (e.g. '{"dpserve_host": 1}'): a custom
 # resource each host declares once (`ray start --resources`) makes STRICT_SPREAD placement count

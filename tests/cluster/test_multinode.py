@@ -68,7 +68,7 @@ print(json.dumps({{"bundle": b, "envs": ray.get(refs)}}))
 # ---- the serving app across hosts ----------------------------------------------------------------
 def _reference_outputs(model_dir: str) -> dict[str, str]:
     """Single-host reference: one DP=1 engine (all experts) in a subprocess, float32, greedy.
-    In float32 DP=2+EP matches DP=1 token for token (DESIGN.md), so this is the expected output."""
+    In float32 DP=2+EP matches DP=1 token for token (docs/design.md, "Measured facts"), so this is the expected output."""
     code = f"""
 import asyncio, json
 from deployments.rank import DPRank

@@ -1,6 +1,6 @@
 """DP=2 and DP=2+EP of the tiny MoE model, one Ray actor per rank, match DP=1 token for token.
 
-Real vLLM engines in float32 (DESIGN.md: bf16 summation order makes the nearly flat logits of a
+Real vLLM engines in float32 (docs/design.md, "Measured facts": bf16 summation order makes the nearly flat logits of a
 random model diverge; float32 does not).
 """
 
