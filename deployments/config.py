@@ -53,6 +53,12 @@ class ConfigError(ValueError):
     """An invalid dpserve config; the message names each offending key by its path."""
 
 
+def _known(name: str, known: Any, what: str) -> str:
+    if name not in known:
+        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(sorted(known))}")
+    return name
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -132,9 +138,7 @@ class BalanceSection(_Section):
     def _known_policy(cls, name: str) -> str:
         from scheduler.policy import POLICIES
 
-        if name not in POLICIES:
-            raise ValueError(f"unknown gate policy {name!r}; known: {', '.join(sorted(POLICIES))}")
-        return name
+        return _known(name, POLICIES, "gate policy")
 
     def scheduler_config(self) -> dict[str, Any]:
         """The `additional_config["dpserve_balance"]` block each engine's scheduler reads."""
@@ -171,9 +175,7 @@ class EplbSection(_Section):
     def _known_policy(cls, name: str) -> str:
         from eplb.policies import POLICIES
 
-        if name not in POLICIES:
-            raise ValueError(f"unknown EPLB policy {name!r}; known: {', '.join(sorted(POLICIES))}")
-        return name
+        return _known(name, POLICIES, "EPLB policy")
 
 
 class ServingSection(_Section):
