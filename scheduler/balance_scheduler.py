@@ -26,7 +26,7 @@ The decision for step s must be the same on every rank. vLLM's ``DPEngineCorePro
 to 0 with ``current_wave += 1`` at the end of a wave), which vLLM itself relies on being identical
 across DP ranks (``_should_throttle_prefills``). Every rank reaches that point every step, including
 idle ranks that only run dummy batches and never call ``schedule()``. So we wrap that method (one
-small class patch, installed when a balance scheduler is built) to report counts at the lockstep point
+small class patch in npu_runtime.vllm_patches, feature ``balance``) to report counts at the lockstep point
 and key every decision by ``(current_wave, step_counter)``.
 
 Pipelining (no round trip on the critical path)
@@ -60,7 +60,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -68,58 +68,12 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import RequestQueue, create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from npu_runtime import vllm_patches
+from scheduler.gate_report import BalanceConfig, StepKey
 from scheduler.gate_transport import ZmqGateClient
 from scheduler.step_trace import StepTrace
 
 logger = logging.getLogger("dpserve.balance")
-
-ADDITIONAL_CONFIG_KEY = "dpserve_balance"
-StepKey = tuple[int, int]  # (wave, step) — identical across DP ranks at the same lockstep step
-TRANSPORTS = ("zmq", "ray", "none")
-
-
-@dataclass
-class BalanceConfig:
-    """What the scheduler reads from ``additional_config["dpserve_balance"]``.
-
-    ``transport``: ``"zmq"`` (ZMQ socket served by the named BalanceCoordinator actor), ``"ray"``
-    (Ray calls to that actor) or ``"none"`` (no coordinator; the gate stays open unless a gate client
-    is installed, e.g. by tests).
-    ``lead``: how many steps ahead of use a decision is requested (>= 1).
-    ``wait_ms``: how long ``schedule()`` may wait for a late decision before the fallback.
-    ``horizon``: report every ``horizon`` steps (at steps that are multiples of it, the same on every
-    rank) and receive the decisions of the next ``horizon`` steps in one call: transport cost / horizon,
-    decisions up to ``lead + horizon - 1`` steps stale.
-    ``dead_after_s`` (zmq): no reply for this long after a report means the coordinator is down.
-    """
-
-    transport: str = "zmq"
-    coordinator_name: str = "dpserve_balance_coordinator"
-    namespace: str = "dpserve"
-    ray_address: str | None = None
-    lead: int = 1
-    wait_ms: float = 5.0
-    horizon: int = 1
-    dead_after_s: float = 1.0
-
-    @classmethod
-    def from_additional_config(cls, additional: Any) -> BalanceConfig:
-        raw = dict(additional.get(ADDITIONAL_CONFIG_KEY) or {}) if isinstance(additional, dict) else {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{ADDITIONAL_CONFIG_KEY}: unknown key(s) {unknown}; known: {sorted(known)}")
-        cfg = cls(**raw)
-        if cfg.horizon < 1:
-            raise ValueError(f"{ADDITIONAL_CONFIG_KEY}.horizon must be >= 1 (got {cfg.horizon})")
-        if cfg.lead < 1:
-            raise ValueError(f"{ADDITIONAL_CONFIG_KEY}.lead must be >= 1 (got {cfg.lead})")
-        if cfg.transport not in TRANSPORTS:
-            raise ValueError(f"{ADDITIONAL_CONFIG_KEY}.transport must be one of {TRANSPORTS}")
-        return cfg
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class GateClient(Protocol):
@@ -193,18 +147,10 @@ class RayGateClient:
         actor = self._connect()
         if actor is not None:
             wave, step = key
-            ref = actor.report_span.remote(
-                self.rank,
-                wave,
-                step,
-                running,
-                waiting,
-                max_num_seqs,
-                lead,
-                horizon,
-                self.client_s * 1e3,
-                self.calls,
-                self.late,
+            ref = actor.report.remote(
+                self.cfg.report(
+                    self.rank, key, running, waiting, max_num_seqs, lead, self.client_s, self.calls, self.late
+                )
             )
             # One holder per call: the first step of the span resolves the future, the others reuse it.
             holder: list[Any] = [ref, None]
@@ -283,45 +229,6 @@ def _restore_waiting(original: RequestQueue, stand_in: RequestQueue) -> None:
         original.prepend_request(request)
 
 
-def install_lockstep_hook() -> bool:
-    """Wrap ``DPEngineCoreProc._has_global_unfinished_reqs`` (once per process) so that balance
-    schedulers see every lockstep step, idle ranks included. Returns whether the hook is installed."""
-    try:
-        from vllm.v1.engine.core import DPEngineCoreProc
-    except ImportError:  # pragma: no cover - vLLM without DP engine core
-        return False
-    original = DPEngineCoreProc._has_global_unfinished_reqs
-    if getattr(original, "_dpserve_balance", False):
-        return True
-
-    def _has_global_unfinished_reqs(self: Any, local_unfinished: bool) -> bool:
-        result = original(self, local_unfinished)
-        scheduler = getattr(self, "scheduler", None)
-        if isinstance(scheduler, BalanceSchedulerMixin):
-            scheduler.on_lockstep(self)
-        return result
-
-    _has_global_unfinished_reqs._dpserve_balance = True  # type: ignore[attr-defined]
-    DPEngineCoreProc._has_global_unfinished_reqs = _has_global_unfinished_reqs
-    return True
-
-
-def install_stats_utility() -> None:
-    """Give vLLM's ``EngineCore`` a utility method ``dpserve_balance_stats(trace_from)`` (once per
-    process) so the engine's client can read ``balance_stats()`` from the engine-core process
-    (``engine_core.call_utility_async("dpserve_balance_stats", ...)``)."""
-    from vllm.v1.engine.core import EngineCore
-
-    if hasattr(EngineCore, "dpserve_balance_stats"):
-        return
-
-    def dpserve_balance_stats(self: Any, trace_from: int | None = None) -> dict[str, Any] | None:
-        scheduler = getattr(self, "scheduler", None)
-        return scheduler.balance_stats(trace_from) if isinstance(scheduler, BalanceSchedulerMixin) else None
-
-    EngineCore.dpserve_balance_stats = dpserve_balance_stats  # type: ignore[attr-defined]
-
-
 class BalanceSchedulerMixin:
     """Gates waiting-request admission around ``super().schedule()``; see the module docstring."""
 
@@ -333,6 +240,10 @@ class BalanceSchedulerMixin:
     max_num_running_reqs: int
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The lockstep hook and the stats utility (npu_runtime.vllm_patches, normally installed by
+        # the plugin); a vLLM whose symbols do not fit refuses the scheduler here, before any step.
+        vllm_patches.require("balance")
+        vllm_patches.install(["balance"])
         super().__init__(*args, **kwargs)
         self.balance_config = BalanceConfig.from_additional_config(self.vllm_config.additional_config)
         parallel = self.vllm_config.parallel_config
@@ -345,10 +256,7 @@ class BalanceSchedulerMixin:
         self.gate_stats = GateStats()
         self.last_admit: bool | None = None
         self.step_trace = StepTrace()  # one row per schedule(): see scheduler/step_trace.py
-        install_stats_utility()
         self.gate_client: GateClient | None = make_gate_client(self.balance_config, self.dp_rank)
-        if self._dp_mode:
-            install_lockstep_hook()
 
     # ---- step keys and reports -----------------------------------------------------------------
     def _current_key(self) -> StepKey:

@@ -12,7 +12,7 @@ lockstep step (see ``scheduler/balance_scheduler.py`` for the step key and the p
   out of snapshots (logged once, re-admitted when it reports again);
 * the policy can be swapped at run time (``set_policy``); decisions already frozen stay as they are.
 
-Transports: ranks reach the actor either through Ray method calls (``report_span``; transport ``"ray"``)
+Transports: ranks reach the actor either through Ray method calls (``report``; transport ``"ray"``)
 or, by default, through a ZMQ ROUTER socket the actor serves from a thread (``zmq_address``; see
 ``scheduler/gate_transport.py``). Both paths share one lock around the same ``CoordinatorState``.
 
@@ -34,13 +34,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from scheduler.gate_report import GateReport, StepKey
 from scheduler.policy import GateDecision, GatePolicy, RankCounts, make_policy
 
 logger = logging.getLogger("dpserve.balance.coordinator")
 
 DEFAULT_NAME = "dpserve_balance_coordinator"
 DEFAULT_NAMESPACE = "dpserve"
-StepKey = tuple[int, int]
 
 _KEEP_DECISIONS = 4096  # enough history for tests and debugging; bounded memory
 
@@ -116,49 +116,26 @@ class CoordinatorState:
         return live
 
     # ---- the per-step call -----------------------------------------------------------------------
-    def report(
-        self,
-        rank: int,
-        wave: int,
-        step: int,
-        running: int,
-        waiting: int,
-        max_num_seqs: int,
-        lead: int = 1,
-        client_ms: float = 0.0,
-        client_calls: int = 0,
-        client_late: int = 0,
-    ) -> tuple[GateDecision, float | None]:
-        """Record rank counts at ``(wave, step)``; return the decision for ``(wave, step + lead)``
-        and, when this report completed a step's gather, the gather spread in ms."""
+    def report(self, r: GateReport) -> tuple[list[GateDecision], float | None]:
+        """Record rank ``r.rank``'s counts at ``(wave, step)``; return the decisions for the
+        ``r.horizon`` steps from ``step + lead`` (all frozen from one snapshot) and, when this report
+        completed a step's gather, the gather spread in ms."""
         now = self.clock()
-        prev = self.ranks.get(rank)
+        prev = self.ranks.get(r.rank)
         if prev is not None and prev.excluded:
-            logger.info("balance: rank %d reports again; included in the gate", rank)
-        self.ranks[rank] = _RankState(
+            logger.info("balance: rank %d reports again; included in the gate", r.rank)
+        self.ranks[r.rank] = _RankState(
             counts=RankCounts(
-                rank=rank, running=running, waiting=waiting, max_num_seqs=max_num_seqs, step=step
+                rank=r.rank, running=r.running, waiting=r.waiting, max_num_seqs=r.max_num_seqs, step=r.step
             ),
-            wave=wave,
+            wave=r.wave,
             seen=now,
-            client_ms=client_ms,
-            client_calls=client_calls,
-            client_late=client_late,
+            client_ms=r.client_ms,
+            client_calls=r.client_calls,
+            client_late=r.client_late,
         )
-        spread = self._note_gather((wave, step), rank, now)
-        return self.decide((wave, step + lead), now), spread
-
-    def report_span(
-        self, rank: int, wave: int, step: int, running: int, waiting: int, max_num_seqs: int,
-        lead: int = 1, horizon: int = 1, client_ms: float = 0.0, client_calls: int = 0, client_late: int = 0,
-    ) -> tuple[list[GateDecision], float | None]:  # fmt: skip
-        """Like ``report``, but returns the decisions for ``horizon`` consecutive steps starting at
-        ``step + lead`` (ranks that report only every ``horizon`` steps; all frozen from one snapshot)."""
-        first, spread = self.report(
-            rank, wave, step, running, waiting, max_num_seqs, lead, client_ms, client_calls, client_late
-        )
-        now = self.clock()
-        return [first] + [self.decide((wave, step + lead + i), now) for i in range(1, horizon)], spread
+        spread = self._note_gather(r.key, r.rank, now)
+        return [self.decide((r.wave, r.first_decided + i), now) for i in range(r.horizon)], spread
 
     def decide(self, key: StepKey, now: float | None = None) -> GateDecision:
         """The decision for ``key``: frozen on first request from one snapshot of live ranks."""
@@ -246,48 +223,19 @@ class BalanceCoordinator:
         if serve_zmq:
             from scheduler.gate_transport import GateServer
 
-            self._server = GateServer(self._serve_report, _node_ip())
-
-    def _serve_report(self, r: dict[str, Any]) -> list[bool]:
-        """A report that came over ZMQ (server thread)."""
-        return self.report_span(
-            r["rank"], r["wave"], r["step"], r["running"], r["waiting"], r["max_num_seqs"], r["lead"],
-            r["horizon"], r["client_ms"], r["client_calls"], r["client_late"],
-        )  # fmt: skip
+            self._server = GateServer(self.report, _node_ip())
 
     def zmq_address(self) -> str | None:
         """Where the ranks' ZMQ gate clients connect (changes when the actor restarts)."""
         return None if self._server is None else self._server.address
 
-    def report(
-        self,
-        rank: int,
-        wave: int,
-        step: int,
-        running: int,
-        waiting: int,
-        max_num_seqs: int,
-        lead: int = 1,
-        client_ms: float = 0.0,
-        client_calls: int = 0,
-        client_late: int = 0,
-    ) -> bool:
-        """One rank's counts at lockstep step ``(wave, step)``; returns admit for ``step + lead``."""
-        return self.report_span(
-            rank, wave, step, running, waiting, max_num_seqs, lead, 1, client_ms, client_calls, client_late
-        )[0]
-
-    def report_span(
-        self, rank: int, wave: int, step: int, running: int, waiting: int, max_num_seqs: int,
-        lead: int = 1, horizon: int = 1, client_ms: float = 0.0, client_calls: int = 0, client_late: int = 0,
-    ) -> list[bool]:  # fmt: skip
+    def report(self, r: GateReport) -> list[bool]:
         """One rank's counts at ``(wave, step)``; returns admit for steps ``step + lead`` ..
-        ``step + lead + horizon - 1`` (one call per ``horizon`` steps amortizes the transport)."""
+        ``step + lead + horizon - 1`` (one call per ``horizon`` steps amortizes the transport).
+        Called by the ZMQ server thread and, with transport ``"ray"``, as a Ray method."""
         with self._lock:
             closed_before = self.state.closed_steps
-            decisions, spread = self.state.report_span(
-                rank, wave, step, running, waiting, max_num_seqs, lead, horizon, client_ms, client_calls, client_late
-            )  # fmt: skip
+            decisions, spread = self.state.report(r)
             for _ in range(self.state.closed_steps - closed_before):
                 self._metrics.closed()
             if spread is not None:

@@ -4,7 +4,7 @@ The BalanceCoordinator actor stays the one owner of the gate state; besides its 
 a ZMQ ROUTER socket from a thread (:class:`GateServer`). Each engine core talks to it through a DEALER
 socket (:class:`ZmqGateClient`, a ``GateClient``):
 
-* ``report`` sends the rank's counts for ``(wave, step)`` (one non-blocking ``send`` of a 64-byte
+* ``report`` sends the rank's counts for ``(wave, step)`` (one non-blocking ``send`` of a 65-byte
   struct) and drains whatever replies have arrived;
 * the reply carries the decisions for steps ``step + lead .. step + lead + horizon - 1`` (frozen by the
   coordinator exactly as for the Ray transport); ``decision`` reads them without blocking, or polls the
@@ -28,21 +28,16 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 
-if TYPE_CHECKING:
-    from scheduler.balance_scheduler import BalanceConfig
+from scheduler.gate_report import BalanceConfig, GateReport, StepKey
 
 logger = logging.getLogger("dpserve.balance")
 
-StepKey = tuple[int, int]
-
-# Wire format (little endian). Request: kind 'R', rank, wave, step, running, waiting, max_num_seqs,
-# lead, horizon, client_ms, client_calls, client_late. Reply: kind 'D', wave, first step, then one
-# byte per step (1 = admit). Fixed structs: no msgpack/pickle cost on the engine-core thread.
-_REQ = struct.Struct("<ciqqiiiiidqq")
+# Wire format (little endian). Request: ``GateReport.to_bytes``. Reply: kind 'D', wave, first step,
+# then one byte per step (1 = admit). Fixed structs: no msgpack/pickle cost on the engine-core thread.
 _REP_HEAD = struct.Struct("<cqq")
 _KEEP = 256  # decisions / requested keys kept per client (a wave can end early: never-used keys)
 _RECV_BUF = 4096  # a reply is 17 bytes + one per step of the horizon
@@ -79,36 +74,6 @@ class _GilHeldZmq:
             return None
 
 
-def encode_report(
-    rank: int, wave: int, step: int, running: int, waiting: int, max_num_seqs: int, lead: int,
-    horizon: int, client_ms: float, client_calls: int, client_late: int,
-) -> bytes:  # fmt: skip
-    return _REQ.pack(
-        b"R",
-        rank,
-        wave,
-        step,
-        running,
-        waiting,
-        max_num_seqs,
-        lead,
-        horizon,
-        client_ms,
-        client_calls,
-        client_late,
-    )
-
-
-def decode_report(payload: bytes) -> dict[str, Any]:
-    kind, *vals = _REQ.unpack(payload)
-    if kind != b"R":
-        raise ValueError(f"unknown gate message kind {kind!r}")
-    names = ("rank", "wave", "step", "running", "waiting", "max_num_seqs", "lead", "horizon")
-    out: dict[str, Any] = dict(zip(names, vals[:8], strict=True))
-    out.update(client_ms=vals[8], client_calls=vals[9], client_late=vals[10])
-    return out
-
-
 def encode_decisions(wave: int, first_step: int, admits: list[bool]) -> bytes:
     return _REP_HEAD.pack(b"D", wave, first_step) + bytes(1 if a else 0 for a in admits)
 
@@ -123,11 +88,11 @@ def decode_decisions(payload: bytes) -> tuple[int, int, bytes]:
 class GateServer:
     """The coordinator side: a ROUTER socket served by a daemon thread.
 
-    ``handle(report_fields) -> list[bool]`` is called for each report (the caller holds its own lock
+    ``handle(report) -> list[bool]`` is called for each report (the caller holds its own lock
     around its state); replies go back to the reporting rank only.
     """
 
-    def __init__(self, handle: Callable[[dict[str, Any]], list[bool]], host: str) -> None:
+    def __init__(self, handle: Callable[[GateReport], list[bool]], host: str) -> None:
         self._handle = handle
         self._ctx = zmq.Context(io_threads=1)
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -154,9 +119,9 @@ class GateServer:
                         return
                     raise
                 try:
-                    req = decode_report(payload)
+                    req = GateReport.from_bytes(payload)
                     admits = self._handle(req)
-                    reply = encode_decisions(req["wave"], req["step"] + req["lead"], admits)
+                    reply = encode_decisions(req.wave, req.first_decided, admits)
                 except Exception:  # a bad message must not kill the server
                     logger.exception("balance gate server: cannot serve a %d-byte message", len(payload))
                     continue
@@ -377,14 +342,12 @@ class ZmqGateClient:
         sock = self._sock
         if sock is not None:
             wave, step = key
-            horizon = self.cfg.horizon
-            msg = encode_report(
-                self.rank, wave, step, running, waiting, max_num_seqs, lead, horizon,
-                self.client_s * 1e3, self.calls, self.late,
-            )  # fmt: skip
+            msg = self.cfg.report(
+                self.rank, key, running, waiting, max_num_seqs, lead, self.client_s, self.calls, self.late
+            ).to_bytes()
             # Not sent = no live connection (coordinator gone or not up yet): counts as unanswered.
             if self._send(msg) and not self.down:  # while down, decisions are not waited for
-                for i in range(horizon):
+                for i in range(self.cfg.horizon):
                     self._asked[(wave, step + lead + i)] = None
                 while len(self._asked) > _KEEP:
                     del self._asked[next(iter(self._asked))]

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from scheduler.coordinator import CoordinatorState
+from scheduler.gate_report import GateReport
 
 
 class _Clock:
@@ -25,14 +26,14 @@ def test_decision_frozen_from_one_snapshot() -> None:
     clock = _Clock()
     st = CoordinatorState("any_at_cap", timeout_s=5, clock=clock)
     # Rank 0 reports step 3 first: decision for step 4 frozen from {rank0: 1/2} -> admit.
-    d0, _ = st.report(0, 0, 3, running=1, waiting=4, max_num_seqs=2, lead=1)
+    (d0,), _ = st.report(GateReport(0, 0, 3, running=1, waiting=4, max_num_seqs=2, lead=1))
     # Rank 1 is at cap when it reports the same step, but the decision for step 4 is already frozen.
-    d1, spread = st.report(1, 0, 3, running=2, waiting=0, max_num_seqs=2, lead=1)
+    (d1,), spread = st.report(GateReport(1, 0, 3, running=2, waiting=0, max_num_seqs=2, lead=1))
     assert d0 is d1 and d0.admit
     # The next step sees rank 1 at cap: closed for everyone.
-    e0, first = st.report(1, 0, 4, running=2, waiting=0, max_num_seqs=2, lead=1)
+    (e0,), first = st.report(GateReport(1, 0, 4, running=2, waiting=0, max_num_seqs=2, lead=1))
     clock.t += 0.002
-    e1, spread = st.report(0, 0, 4, running=1, waiting=3, max_num_seqs=2, lead=1)
+    (e1,), spread = st.report(GateReport(0, 0, 4, running=1, waiting=3, max_num_seqs=2, lead=1))
     assert e0 is e1 and not e0.admit
     # The gather of step 4 completes with the second live rank: spread first -> last report.
     assert first is None and spread == pytest.approx(2.0)
@@ -42,22 +43,26 @@ def test_decision_frozen_from_one_snapshot() -> None:
 def test_idle_rank_and_stale_rank_excluded_after_timeout() -> None:
     clock = _Clock()
     st = CoordinatorState("any_at_cap", timeout_s=1.0, clock=clock)
-    st.report(0, 0, 1, running=2, waiting=1, max_num_seqs=2)  # rank 0 at cap, then stops reporting
-    d, _ = st.report(1, 0, 1, running=0, waiting=0, max_num_seqs=2)  # idle rank keeps reporting
+    st.report(
+        GateReport(0, 0, 1, running=2, waiting=1, max_num_seqs=2)
+    )  # rank 0 at cap, then stops reporting
+    (d,), _ = st.report(
+        GateReport(1, 0, 1, running=0, waiting=0, max_num_seqs=2)
+    )  # idle rank keeps reporting
     assert not d.admit
     clock.t += 1.5
-    d, _ = st.report(1, 0, 2, running=0, waiting=3, max_num_seqs=2)
+    (d,), _ = st.report(GateReport(1, 0, 2, running=0, waiting=3, max_num_seqs=2))
     assert d.admit, "a silent rank must not hold the gate closed past the timeout"
     assert st.stats()["live_ranks"] == [1]
     assert st.load_scores() == {1: 1.5}
     # It comes back: included again.
-    st.report(0, 0, 3, running=2, waiting=0, max_num_seqs=2)
+    st.report(GateReport(0, 0, 3, running=2, waiting=0, max_num_seqs=2))
     assert st.stats()["live_ranks"] == [0, 1]
 
 
 def test_set_policy_at_run_time() -> None:
     st = CoordinatorState("off", clock=_Clock())
-    st.report(0, 0, 0, running=2, waiting=0, max_num_seqs=2)
+    st.report(GateReport(0, 0, 0, running=2, waiting=0, max_num_seqs=2))
     assert st.decide((0, 1)).admit
     st.set_policy("cadence", interval=4)
     assert not st.decide((0, 5)).admit and st.decide((0, 8)).admit
@@ -86,8 +91,8 @@ def test_actor_ranks_get_identical_decisions(coordinator, ray_local) -> None:
     def rank_loop(rank: int) -> None:
         for step in range(1, 61):
             running = 4 if (rank == 0 and (step // 7) % 2) else step % 3  # rank 0 hits the cap at times
-            ref = actor.report.remote(rank, 0, step, running, 2, 4, 1)
-            got[rank][step + 1] = ray_local.get(ref)
+            ref = actor.report.remote(GateReport(rank, 0, step, running, 2, 4, 1))
+            (got[rank][step + 1],) = ray_local.get(ref)
 
     threads = [threading.Thread(target=rank_loop, args=(r,)) for r in (0, 1)]
     for t in threads:
@@ -102,12 +107,12 @@ def test_actor_ranks_get_identical_decisions(coordinator, ray_local) -> None:
 
 def test_actor_silent_rank_does_not_stall_others(coordinator, ray_local) -> None:
     actor, _ = coordinator
-    ray_local.get(actor.report.remote(0, 0, 1, 4, 0, 4, 1))
+    ray_local.get(actor.report.remote(GateReport(0, 0, 1, 4, 0, 4, 1)))
     # Rank 0 (at cap) goes silent; rank 1 keeps stepping and is answered at once.
     t0 = time.monotonic()
-    assert ray_local.get(actor.report.remote(1, 0, 1, 0, 2, 4, 1)) is False
+    assert ray_local.get(actor.report.remote(GateReport(1, 0, 1, 0, 2, 4, 1)))[0] is False
     time.sleep(0.7)
-    assert ray_local.get(actor.report.remote(1, 0, 2, 0, 2, 4, 1)) is True
+    assert ray_local.get(actor.report.remote(GateReport(1, 0, 2, 0, 2, 4, 1)))[0] is True
     assert time.monotonic() - t0 < 20  # answered without waiting for the silent rank
     stats = ray_local.get(actor.get_stats.remote())
     assert stats["live_ranks"] == [1] and stats["ranks"][0]["live"] is False
@@ -139,13 +144,13 @@ def test_ray_gate_client_pipelines(coordinator, ray_local) -> None:
     assert client.calls == 2 and client.client_s > 0
 
 
-def test_report_span_freezes_horizon_steps_from_one_snapshot() -> None:
+def test_report_freezes_horizon_steps_from_one_snapshot() -> None:
     clock = _Clock()
     st = CoordinatorState("any_at_cap", clock=clock)
-    span0, _ = st.report_span(0, 0, 4, running=2, waiting=0, max_num_seqs=2, lead=1, horizon=4)
+    span0, _ = st.report(GateReport(0, 0, 4, running=2, waiting=0, max_num_seqs=2, lead=1, horizon=4))
     assert [d.step for d in span0] == [5, 6, 7, 8] and not any(d.admit for d in span0)
     # Rank 1 reports the same aligned step with a different view: it gets the frozen span.
-    span1, _ = st.report_span(1, 0, 4, running=0, waiting=0, max_num_seqs=2, lead=1, horizon=4)
+    span1, _ = st.report(GateReport(1, 0, 4, running=0, waiting=0, max_num_seqs=2, lead=1, horizon=4))
     assert span1 == span0
 
 
@@ -187,7 +192,7 @@ def test_actor_restart_keeps_run_time_policy_and_timeout(coordinator, ray_local)
     assert stats["decided_steps"] == 0  # a restarted actor: empty state
     # Decisions come from the restored policy object (cadence 3), not only its name: a rank well
     # under its cap is closed off cadence (any_at_cap would admit it).
-    decisions = [ray_local.get(actor.report.remote(0, 0, s, 0, 1, 4, 1)) for s in range(5)]
+    decisions = [ray_local.get(actor.report.remote(GateReport(0, 0, s, 0, 1, 4, 1)))[0] for s in range(5)]
     assert decisions == [False, False, True, False, False]
     # The restored timeout (7 s, not 0.5 s): a rank silent for 1 s is still live.
     time.sleep(1.0)

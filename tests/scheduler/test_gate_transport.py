@@ -10,46 +10,37 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any
 
 import pytest
 
-from scheduler.balance_scheduler import BalanceConfig
 from scheduler.coordinator import CoordinatorState
+from scheduler.gate_report import BalanceConfig, GateReport
 from scheduler.gate_transport import (
     GateServer,
     ZmqGateClient,
     decode_decisions,
-    decode_report,
     encode_decisions,
-    encode_report,
 )
 
 
 def _server(state: CoordinatorState) -> GateServer:
     lock = threading.Lock()
 
-    def handle(r: dict[str, Any]) -> list[bool]:
+    def handle(r: GateReport) -> list[bool]:
         with lock:
-            ds, _ = state.report_span(
-                r["rank"], r["wave"], r["step"], r["running"], r["waiting"], r["max_num_seqs"], r["lead"],
-                r["horizon"], r["client_ms"], r["client_calls"], r["client_late"],
-            )  # fmt: skip
+            ds, _ = state.report(r)
         return [d.admit for d in ds]
 
     return GateServer(handle, "127.0.0.1")
 
 
 def test_wire_roundtrip() -> None:
-    r = decode_report(encode_report(1, 3, 77, 4, 9, 8, 2, 4, 12.5, 100, 3))
-    assert r == {
-        "rank": 1, "wave": 3, "step": 77, "running": 4, "waiting": 9, "max_num_seqs": 8, "lead": 2,
-        "horizon": 4, "client_ms": 12.5, "client_calls": 100, "client_late": 3,
-    }  # fmt: skip
+    report = GateReport(1, 3, 77, 4, 9, 8, 2, 4, 12.5, 100, 3)
+    assert GateReport.from_bytes(report.to_bytes()) == report
     wave, first, admits = decode_decisions(encode_decisions(3, 79, [True, False, True]))
     assert (wave, first, list(admits)) == (3, 79, [1, 0, 1])
     with pytest.raises(ValueError):
-        decode_report(b"X" + encode_report(0, 0, 0, 0, 0, 1, 1, 1, 0.0, 0, 0)[1:])
+        GateReport.from_bytes(b"X" + GateReport(0, 0, 0, 0, 0, 1).to_bytes()[1:])
 
 
 @pytest.mark.parametrize("gil_held", [True, False], ids=["gil-held-calls", "pyzmq-calls"])
