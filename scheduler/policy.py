@@ -45,8 +45,9 @@ held requests' TTFT. A rank is *ready* when it has waiting requests and a free s
 Parameters: ``max_hold_steps`` (int >= 1, default 8) is the operator's TTFT budget in steps: with a
 decode step of ``d`` ms a held request waits at most ``(max_hold_steps - 1) * d`` ms, and larger values
 move the policy along its own throughput/TTFT frontier. ``quorum`` (0 < q <= 1, default 0.5) is the
-fraction of live ranks that must be ready to open early. ``min_occupancy`` (0 <= m <= 1, default 0.5)
-is the saturation guard's threshold; 0 disables it. The rule reads only the snapshot and the step
+fraction of live ranks that must be ready to open early. ``min_occupancy`` (0 <= m <= 1, default 0.9)
+is the saturation guard's threshold; 0 disables it. Below about 90 % of the slots running, requests do
+not queue for slots, so the group serves what arrives whether or not it holds. The rule reads only the snapshot and the step
 number, so every rank and the simulator get the same decision from the same counts.
 """
 
@@ -202,7 +203,7 @@ class BoundedHold:
 
     max_hold_steps: int = 8
     quorum: float = 0.5
-    min_occupancy: float = 0.5
+    min_occupancy: float = 0.9
     name: ClassVar[str] = "bounded_hold"
 
     def __post_init__(self) -> None:

@@ -124,15 +124,17 @@ HOLD_CASES = [
     # Rule 3, quorum: ceil(0.5 * 4) = 2 ready ranks open early; blocked ranks do not count.
     ({}, (READY, READY, FULL, FULL), 1, True, "quorum"),
     ({}, (READY, BLOCKED, BLOCKED, FULL), 1, False, "holding"),
-    ({"quorum": 1.0}, (READY, READY, READY, FULL), 1, False, "holding"),
+    ({"quorum": 1.0, "min_occupancy": 0.0}, (READY, READY, READY, FULL), 1, False, "holding"),
     ({"quorum": 1.0}, (READY, READY, READY, READY), 1, True, "quorum"),
     ({"quorum": 0.2}, (READY, FULL, FULL, FULL), 1, False, "holding"),  # at least two ranks
     ({"quorum": 0.2}, (READY, READY, FULL, FULL), 1, True, "quorum"),
     ({"min_occupancy": 0.0}, (READY, FULL), 1, False, "holding"),  # two ranks: both must be ready
     ({"min_occupancy": 0.0}, (READY, READY), 1, True, "quorum"),
-    # Rule 4, the saturation guard: 7 of 16 slots running is below 0.5 of them.
-    ({}, ((3, 1), (2, 0), (1, 0), (1, 0)), 1, True, "saturation guard"),
-    ({}, ((3, 1), (2, 0), (2, 0), (1, 0)), 1, False, "holding"),  # 8 of 16: not below
+    # Rule 4, the saturation guard: 14 of 16 slots running is below 0.9 of them (14.4), 15 is not.
+    ({}, ((3, 1), (4, 0), (4, 0), (3, 0)), 1, True, "saturation guard"),
+    ({}, ((3, 1), (4, 0), (4, 0), (4, 0)), 1, False, "holding"),
+    ({"min_occupancy": 0.5}, ((3, 1), (2, 0), (1, 0), (1, 0)), 1, True, "saturation guard"),  # 7 < 8
+    ({"min_occupancy": 0.5}, ((3, 1), (2, 0), (2, 0), (1, 0)), 1, False, "holding"),  # 8 of 16: not below
     ({"min_occupancy": 0.0}, ((1, 1), (0, 0), (0, 0), (0, 0)), 1, False, "holding"),
     ({"min_occupancy": 1.0}, (READY, FULL, FULL, FULL), 1, True, "saturation guard"),
     # An idle group starts at once (guard), and a single-rank group is its own quorum.
