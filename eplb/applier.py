@@ -365,6 +365,16 @@ class EplbWorkerState:
     """All EPLB state of one worker process (one per vLLM worker; see `EplbWorkerExtension`)."""
 
     def __init__(self, worker: Any, num_redundant: int, layers_per_step: int = 1) -> None:
+        from npu_runtime import vllm_patches
+
+        # The model surgery below and the routing / step-sync hooks need vLLM's symbols as
+        # npu_runtime.vllm_patches declares them, patched before the model was built (by the plugin).
+        vllm_patches.require("eplb")
+        if "eplb" not in vllm_patches.installed():
+            raise vllm_patches.VllmPatchError(
+                f"EPLB needs dpserve's vLLM plugin to patch vLLM {vllm_patches.vllm_version()} before the "
+                "model is built; it did not run in this worker (DPSERVE_DISABLE_PLUGIN=1?)"
+            )
         from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
         from vllm.model_executor.utils import replace_parameter
 

@@ -1,4 +1,4 @@
-"""vLLM patches the online EPLB needs, installed by the dpserve plugin in every vLLM process.
+"""The online EPLB's hooks into vLLM's step: what the patches in npu_runtime.vllm_patches call.
 
 Two generic hooks, with no EPLB logic here (npu_runtime must not import eplb/; the rank-side
 applier in `eplb.applier` attaches duck-typed objects to them):
@@ -19,8 +19,7 @@ applier in `eplb.applier` attaches duck-typed objects to them):
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 logger = logging.getLogger("dpserve.eplb_hooks")
 
@@ -39,7 +38,6 @@ class StepSyncParticipant(Protocol):
 
 # At most one participant (the EPLB applier of this worker); a list keeps the wire format explicit.
 _PARTICIPANTS: list[StepSyncParticipant] = []
-_APPLIED = False
 _DP_STEPS = 0  # calls of the per-step DP all-reduce in this process (see dp_steps)
 
 
@@ -55,69 +53,35 @@ def unregister_step_sync(p: StepSyncParticipant) -> None:
         _PARTICIPANTS.remove(p)
 
 
-def _patch_router() -> None:
-    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
-
-    if getattr(BaseRouter._apply_eplb_mapping, "_dpserve", False):
-        return
-    original: Callable[..., Any] = BaseRouter._apply_eplb_mapping
-
-    def _apply_eplb_mapping(self, topk_ids):
-        route = getattr(self, "_dpserve_route", None)
-        if route is not None:
-            return route(topk_ids)
-        return original(self, topk_ids)
-
-    _apply_eplb_mapping._dpserve = True  # type: ignore[attr-defined]
-    BaseRouter._apply_eplb_mapping = _apply_eplb_mapping
+def count_dp_step() -> None:
+    """Called by the patched `_run_ar` once per DP step (npu_runtime.vllm_patches)."""
+    global _DP_STEPS
+    _DP_STEPS += 1
 
 
-def _patch_dp_sync() -> None:
-    import torch
-    import torch.distributed as dist
-    from vllm.v1.worker import dp_utils
+def extra_rows() -> int:
+    """Rows the participants add to this step's all-reduce (0: vLLM's own all-reduce runs)."""
+    return sum(p.num_rows for p in _PARTICIPANTS)
 
-    if getattr(dp_utils._run_ar, "_dpserve", False):
-        return
-    original = dp_utils._run_ar
 
-    def _run_ar(should_ubatch, orig_num_tokens_per_ubatch, padded_num_tokens_per_ubatch, cudagraph_mode,
-                parallel_config):  # fmt: skip
-        global _DP_STEPS
-        _DP_STEPS += 1
-        if not _PARTICIPANTS:
-            return original(should_ubatch, orig_num_tokens_per_ubatch, padded_num_tokens_per_ubatch,
-                            cudagraph_mode, parallel_config)  # fmt: skip
-        # Same layout as vLLM's (rows 0..3), extra rows appended; the caller only reads rows 0..3.
-        dp_size = parallel_config.data_parallel_size
-        dp_rank = parallel_config.data_parallel_rank
-        extra = sum(p.num_rows for p in _PARTICIPANTS)
-        device, group = dp_utils._get_device_and_group(parallel_config)
-        t = torch.zeros(4 + extra, dp_size, dtype=torch.int32)
-        t[0][dp_rank] = orig_num_tokens_per_ubatch
-        t[1][dp_rank] = padded_num_tokens_per_ubatch
-        t[2][dp_rank] = 1 if should_ubatch else 0
-        t[3][dp_rank] = cudagraph_mode
-        row = 4
-        for p in _PARTICIPANTS:
-            vals = p.contribute()
-            for i, v in enumerate(vals):
-                t[row + i][dp_rank] = int(v)
-            row += p.num_rows
-        t = t.to(device)
-        dist.all_reduce(t, group=group)
-        sums_all = t[4:].sum(dim=1).cpu().tolist()
-        row = 0
-        for p in _PARTICIPANTS:
-            try:
-                p.on_sums([int(x) for x in sums_all[row : row + p.num_rows]], dp_size)
-            except Exception:  # a participant must never break the engine step
-                logger.exception("dpserve step-sync participant failed")
-            row += p.num_rows
-        return t[:4]
+def contributions() -> list[int]:
+    """This rank's values for this step, every participant's rows in registration order."""
+    values: list[int] = []
+    for p in _PARTICIPANTS:
+        mine = [int(v) for v in p.contribute()][: p.num_rows]
+        values += mine + [0] * (p.num_rows - len(mine))
+    return values
 
-    _run_ar._dpserve = True  # type: ignore[attr-defined]
-    dp_utils._run_ar = _run_ar
+
+def deliver_sums(sums: list[int], dp_size: int) -> None:
+    """Hand each participant its rows of the summed all-reduce (the same on every rank)."""
+    row = 0
+    for p in _PARTICIPANTS:
+        try:
+            p.on_sums(sums[row : row + p.num_rows], dp_size)
+        except Exception:  # a participant must never break the engine step
+            logger.exception("dpserve step-sync participant failed")
+        row += p.num_rows
 
 
 def dp_steps() -> int:
@@ -125,13 +89,3 @@ def dp_steps() -> int:
     over a while means the DP wave has ended: no rank is inside a step's collectives, so a new
     collective (a process group's creation) cannot interleave with one."""
     return _DP_STEPS
-
-
-def install() -> None:
-    """Install both patches once per process (called from the dpserve vLLM plugin)."""
-    global _APPLIED
-    if _APPLIED:
-        return
-    _patch_router()
-    _patch_dp_sync()
-    _APPLIED = True

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from npu_runtime.cpu_collectives import all_gatherv, reduce_scatterv
-from npu_runtime.vllm_plugin import local_expert_ids
+from npu_runtime.vllm_patches import local_expert_ids
 
 SIZES = [3, 0]  # rank 1 has no tokens (an idle rank running a dummy batch still joins the collective)
 

@@ -235,14 +235,3 @@ def test_async_variant_gates_a_real_engine(tiny_model_dir: str) -> None:
         _hold_then_admit(llm)
     finally:
         llm.llm_engine.engine_core.shutdown()
-
-
-def test_lockstep_hook_installs_once() -> None:
-    from vllm.v1.engine.core import DPEngineCoreProc
-
-    from scheduler.balance_scheduler import install_lockstep_hook
-
-    assert install_lockstep_hook()
-    hooked = DPEngineCoreProc._has_global_unfinished_reqs
-    assert getattr(hooked, "_dpserve_balance", False)
-    assert install_lockstep_hook() and DPEngineCoreProc._has_global_unfinished_reqs is hooked
