@@ -1,6 +1,6 @@
 """Online EPLB costs on the 2-rank CPU cluster (DP=2 + EP, tiny Qwen3-MoE, float32).
 
-1. Hook cost (no engine): the router hook (`eplb.applier.LayerRouting`: bincount record +
+1. Hook cost (no engine): the router hook (`eplb.slots.LayerRouting`: bincount record +
    logical->physical mapping) per layer call, for several batch sizes.
 2. Decode step time, from the client: gaps between successive streamed tokens of 8 concurrent
    greedy requests (one token per request per engine step), in three phases:
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from eplb.actor import DEFAULTS
+from eplb.messages import PlanMessage
 
 RESULTS = Path(__file__).parent / "results"
 NUM_REDUNDANT = 4
@@ -36,9 +37,9 @@ def hook_cost(repeats: int = 300) -> list[dict]:
     """Median µs per layer call of the routing hook, with and without recording."""
     import torch
 
-    from eplb.applier import LayerRouting
     from eplb.policies import default_placement, placement_from_phy2log
     from eplb.recorder import ExpertLoadRecorder
+    from eplb.slots import LayerRouting
 
     torch.set_num_threads(1)
     place = placement_from_phy2log(default_placement(1, 16, 2, NUM_REDUNDANT), 16)
@@ -65,7 +66,7 @@ def hook_cost(repeats: int = 300) -> list[dict]:
 
 # Plan variants compared side by side in the same engine run (pushed alternately, same-sized plans).
 VARIANTS: dict[str, dict] = {
-    # The default (eplb.applier TRANSFER_DEFAULTS): no staging thread; at each step boundary the engine's
+    # The default (eplb.messages TRANSFER_DEFAULTS): no staging thread; at each step boundary the engine's
     # main thread completes the layer posted at the previous one and posts the next one's gloo
     # isend/irecv; gloo's I/O threads move the bytes during the forward.
     # A layer's exchange cut into pieces of at most 1 slot per rank pair (sent from views of the
@@ -225,7 +226,7 @@ async def engine_phases(
         poll_s = float(opts.pop("_poll_s", POLL_S))
         wait_s = float(opts.pop("_wait_s", OUTCOME_WAIT_S))
         polls: list[float] = []  # perf_counter when each poll was sent (CLOCK_MONOTONIC, as the step logs)
-        msg = {"plan_id": pid, "old": old.tolist(), "new": new.tolist(), "num_ranks": 2, **opts}
+        msg = PlanMessage(pid, old, new, 2, **opts).to_dict()
         cpu0 = await call_all("eplb_thread_cpu")
         t_cpu0 = time.perf_counter()
         spies = []
@@ -397,7 +398,7 @@ def _analyse(windows: list[dict], logs: list[list[list[float]]], gaps: list[tupl
                 continue
             w = where(t)
             if w is None:
-                if state == 0 and in_wave(t):  # eplb.applier.STEP_IDLE
+                if state == 0 and in_wave(t):  # eplb.steplog.STEP_IDLE
                     steady.append(step_ms)
             elif isinstance(w, dict):
                 d = per_plan.setdefault(

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eplb.applier import LayerRouting
 from eplb.policies import placement_from_phy2log
 from eplb.recorder import ExpertLoadRecorder
+from eplb.slots import LayerRouting
 
 RESULTS = Path(__file__).parent / "results"
 

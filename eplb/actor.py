@@ -11,7 +11,7 @@ A background thread runs `cycle()` every `interval_s`:
 3. commit only if it gains enough: sum over layers of the max rank load must fall below
    `threshold` (0.95, vllm-ascend) x the current one;
 4. build and validate the TransferPlan (eplb.plan), push it to every rank (`eplb_stage`: the
-   ranks stage in the background and switch together, see eplb.applier), wait for every rank to
+   ranks stage in the background and switch together, see eplb.agreement), wait for every rank to
    report the outcome (`rank.eplb_outcome_local(plan_id, outcome_wait_s)`: the rank waits for the
    record in the file its worker writes when the plan ends, no call into the engine, whose stepping
    thread runs every call between steps; polled again after `poll_interval_s` if it is not there),
@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from eplb.messages import PlanMessage
 from eplb.plan import PlanError, build_transfer_plan, validate_plan
 from eplb.policies import rebalance
 from eplb.stats import imbalance, rank_loads
@@ -254,12 +255,11 @@ class EplbController:
         plan_id = self._next_plan_id
         self._next_plan_id += 1
         self.state["phase"] = "applying"
-        msg = {"plan_id": plan_id, "old": self.current.tolist(), "new": np.asarray(new).tolist(),
-               "num_ranks": self.num_ranks, "blocking": bool(self.config["blocking"])}  # fmt: skip
+        msg = PlanMessage(plan_id, self.current, new, self.num_ranks, blocking=bool(self.config["blocking"]))
         stats = plan_stats or {}
         self.state["last_plan"] = {"plan_id": plan_id, "num_ops": stats.get("num_ops"),
                                    "remote_bytes": stats.get("remote_bytes")}  # fmt: skip
-        replies = self._get([r.eplb_call.remote("eplb_stage", msg) for r in self.ranks])
+        replies = self._get([r.eplb_call.remote("eplb_stage", msg.to_dict()) for r in self.ranks])
         if not all(rep.get("accepted") for rep in replies):
             # Nobody can have committed (that needs every rank ready): drop it where it was accepted.
             self._get([r.eplb_call.remote("eplb_abort", plan_id) for r in self.ranks])

@@ -1,6 +1,6 @@
 """Per-layer, per-logical-expert token counts, recorded in the worker from the router.
 
-The router hook (`eplb.applier.LayerRouting.__call__`) calls `record(layer, topk_ids)` with the
+The router hook (`eplb.slots.LayerRouting.__call__`) calls `record(layer, topk_ids)` with the
 LOGICAL ids of every routed token. Counts accumulate into one preallocated int64 tensor
 [num_layers, num_logical] (one bincount + add_ per layer call, no Python loop over tokens); the rank
 actor drains them with `take()` through a worker-extension RPC and feeds its LoadWindow.

@@ -5,5 +5,5 @@
 ``gate_transport`` (the ZMQ channel between them), ``gate_report`` (the plain data they exchange),
 ``policy`` (the pure gate policies) and ``step_trace`` (per-step rows for benchmarks).
 Imports point one way: ``balance_scheduler`` -> ``gate_transport`` -> ``gate_report``;
-``coordinator`` -> ``policy``, ``gate_report``.
+``coordinator`` -> ``gate_transport``, ``policy``, ``gate_report``.
 """

@@ -1,5 +1,5 @@
 """RankEplb.outcome_local (DPRank.eplb_outcome_local): a plan's record read from the file the worker
-writes when the plan ends (eplb.applier set_outcome_dir), no call into the engine; the engine call
+writes when the plan ends (eplb.outcomes.OutcomeLog), no call into the engine; the engine call
 only as a fallback."""
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from collections.abc import Callable
 from datetime import timedelta
 from types import SimpleNamespace
@@ -15,7 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from eplb.applier import EplbWorkerState, StepLog
+from eplb.agreement import EplbWorkerState
+from eplb.exchange import Exchanger
+from eplb.slots import ModelSlots, SlotLayer
 
 E, R, LAYERS, RANKS = 16, 4, 3, 2
 SPR = (E + R) // RANKS
@@ -34,25 +35,18 @@ def random_placement(rng: np.random.Generator) -> np.ndarray:
                      for _ in range(LAYERS)])  # fmt: skip
 
 
-def worker_state(rank: int, old: np.ndarray, group) -> EplbWorkerState:
-    s = EplbWorkerState.__new__(EplbWorkerState)  # the real methods, without a vLLM worker
-    s.ep_rank, s.ep_size, s.spr, s.num_logical, s.cap = rank, RANKS, SPR, E, R + 1
-    s.group, s.group_ranks, s.group_error = group, list(range(RANKS)), None
-    s.fail_next_transfer, s.transfer_tids, s.phy2log = False, [], old.copy()
-    s.steplog, s.lock, s.history, s.pending = StepLog(), threading.Lock(), [], None
-    s.sync_steps = s.sync_steps_idle = 0
-    s.sync_us = 0.0
-    s.layers_per_step = 1
-    s.layers = []
+def worker_state(rank: int, old: np.ndarray, group, dp_size: int = RANKS) -> EplbWorkerState:
+    """The real worker state over encoded weights `old` (no vLLM worker); `group`: the transfer group."""
+    layers = []
     for layer in range(LAYERS):
         w13, w2 = weights(old[layer], rank, layer)
         routed = SimpleNamespace(w13_weight=torch.nn.Parameter(w13, requires_grad=False),
                                  w2_weight=torch.nn.Parameter(w2, requires_grad=False))  # fmt: skip
         routing = SimpleNamespace(log2phy=torch.full((E, R + 1), -1, dtype=torch.int64),
                                   replica_count=torch.zeros(E, dtype=torch.int64))  # fmt: skip
-        s.layers.append(SimpleNamespace(routed=routed, routing=routing))
-    s.bytes_per_expert = (6 * 4 + 4 * 3) * 4
-    return s
+        layers.append(SlotLayer(routed, None, routing))
+    slots = ModelSlots(layers, old, E, RANKS, rank, bytes_per_expert=(6 * 4 + 4 * 3) * 4)
+    return EplbWorkerState(slots, dp_size, Exchanger(slots, group, list(range(RANKS))))
 
 
 def join(rank: int, port: int):
@@ -66,12 +60,12 @@ def assert_holds(state: EplbWorkerState, placement: np.ndarray, rank: int) -> No
     """Every slot of `state` holds the expert `placement` gives it, and the routing tables agree."""
     for layer in range(LAYERS):
         w13, w2 = weights(placement[layer], rank, layer)
-        got = state.layers[layer].routed
+        got = state.slots.layers[layer].routed
         assert torch.equal(got.w13_weight.data, w13), (rank, layer)
         assert torch.equal(got.w2_weight.data, w2), (rank, layer)
-        rc = state.layers[layer].routing.replica_count
+        rc = state.slots.layers[layer].routing.replica_count
         assert rc.tolist() == np.bincount(placement[layer], minlength=E).tolist()
-    assert (state.phy2log == placement).all()
+    assert (state.slots.phy2log == placement).all()
 
 
 def _free_port() -> int:

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from eplb.messages import PlanMessage
 from tests.helpers import PROMPTS, greedy, random_placement
 
 pytestmark = pytest.mark.slow
@@ -40,8 +41,7 @@ def _generate(llm) -> list[list[int]]:
 
 def _stage(llm, plan_id: int, new: np.ndarray) -> dict:
     old = np.asarray(llm.collective_rpc("eplb_placement")[0])
-    return llm.collective_rpc("eplb_stage", args=({"plan_id": plan_id, "old": old.tolist(), "new": new.tolist(),
-                                                    "num_ranks": 1},))[0]  # fmt: skip
+    return llm.collective_rpc("eplb_stage", args=(PlanMessage(plan_id, old, new, 1).to_dict(),))[0]
 
 
 def test_placements_keep_outputs_identical(llm):
@@ -83,7 +83,7 @@ def test_malformed_plan_rejected_before_anything_moves(llm):
     bad[0, :] = 0  # expert 1..15 lose every replica in layer 0
     res = _stage(llm, 10, bad)
     assert res["accepted"] is False and "no replica" in res["error"]
-    stale = {"plan_id": 11, "old": np.zeros_like(before).tolist(), "new": before.tolist(), "num_ranks": 1}
+    stale = PlanMessage(11, np.zeros_like(before), before, 1).to_dict()
     res = llm.collective_rpc("eplb_stage", args=(stale,))[0]
     assert res["accepted"] is False and "stale" in res["error"]
     assert (np.asarray(llm.collective_rpc("eplb_placement")[0]) == before).all()

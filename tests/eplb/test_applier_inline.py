@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from eplb.applier import TRANSFER_DEFAULTS, _Pending, _pieces
+from eplb.exchange import pieces
+from eplb.messages import TRANSFER_DEFAULTS
+from eplb.pending import PendingPlan
 from eplb.plan import build_transfer_plan
 from eplb.policies import default_placement
 from tests.eplb.gloo_pair import (
@@ -34,11 +36,13 @@ from tests.eplb.gloo_pair import (
 )
 
 
-def _pending(plan_id: int, old: np.ndarray, new: np.ndarray, slots: int = 0, split: bool = False) -> _Pending:
+def _pending(
+    plan_id: int, old: np.ndarray, new: np.ndarray, slots: int = 0, split: bool = False
+) -> PendingPlan:
     plan = build_transfer_plan(old, new, RANKS, E)
     opts = dict(TRANSFER_DEFAULTS, inline=True, slots_per_step=slots, split_weights=split)
-    p = _Pending(plan_id, plan, blocking=False, opts=opts)
-    p.started, p.t_started, p.todo = True, time.perf_counter(), _pieces(plan, RANKS, slots, split)
+    p = PendingPlan(plan_id, plan, blocking=False, opts=opts)
+    p.started, p.t_started, p.todo = True, time.perf_counter(), pieces(plan, RANKS, slots, split)
     return p
 
 
@@ -57,7 +61,7 @@ def _moves(rank: int, port: int, errors, slots: int, split: bool = False) -> Non
             steps = 0
             while not p.ready:
                 dist.barrier()  # the step's DP all-reduce
-                state._inline_step(p)
+                state.exchanger.inline_step(p)
                 steps += 1
                 assert not p.failed, p.failed
                 # One piece in flight at most; a layer is staged once its last piece completed.
@@ -86,7 +90,7 @@ def _peer_stops(rank: int, port: int, errors, slots: int) -> None:
         p = _pending(7, old, new, slots)
         state.pending = p
         if rank == 1:
-            real, posts = state._post_piece, []
+            real, posts = state.exchanger.post_piece, []
 
             def post(*args):
                 posts.append(args)
@@ -94,23 +98,27 @@ def _peer_stops(rank: int, port: int, errors, slots: int) -> None:
                     raise RuntimeError("link down")
                 return real(*args)
 
-            state._post_piece = post
+            state.exchanger.post_piece = post
         dist.barrier()
-        state._inline_step(p)  # step 1: both post piece A
+        state.exchanger.inline_step(p)  # step 1: both post piece A
         dist.barrier()
-        state._inline_step(p)  # step 2: both complete A; rank 0 posts piece B, rank 1 fails
+        state.exchanger.inline_step(p)  # step 2: both complete A; rank 0 posts piece B, rank 1 fails
         assert (p.failed is not None) == (rank == 1), p.failed
         fails = torch.tensor([1 if p.failed else 0])
         dist.all_reduce(fails)  # step 3's sums carry rank 1's failure
         t0 = time.perf_counter()
         state.on_sums([0, 0, 0, 0, int(fails.item())], RANKS)
-        assert time.perf_counter() - t0 < 15.0  # no wait on rank 0's unmatched layer B (the group times out at 30 s)
-        assert state.pending is None and state.history[-1]["outcome"] == "failed", state.history
-        assert state.group_error is not None
-        assert (state.phy2log == old).all()
+        assert (
+            time.perf_counter() - t0 < 15.0
+        )  # no wait on rank 0's unmatched layer B (the group times out at 30 s)
+        assert state.pending is None and state.outcomes.records[-1]["outcome"] == "failed", (
+            state.outcomes.records
+        )
+        assert state.exchanger.group_error is not None
+        assert (state.slots.phy2log == old).all()
         for layer in range(LAYERS):
             w13, _ = weights(old[layer], rank, layer)
-            assert torch.equal(state.layers[layer].routed.w13_weight.data, w13)
+            assert torch.equal(state.slots.layers[layer].routed.w13_weight.data, w13)
         dist.barrier()
         # Rank 0's layer-B ops stay posted and unmatched: leave without a clean group teardown.
     except BaseException as exc:

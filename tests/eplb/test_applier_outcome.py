@@ -8,20 +8,18 @@ from msgspec import msgpack
 
 from eplb import applier
 from eplb.applier import EplbWorkerExtension
+from eplb.messages import PlanMessage
 from eplb.policies import default_placement
 from tests.eplb.gloo_pair import LAYERS, RANKS, E, R, random_placement, worker_state
 
 
 def _state():
     old = default_placement(LAYERS, E, RANKS, R)
-    s = worker_state(0, old, None)
-    s.dp_size, s.last_plan_id, s.main_tid, s.num_redundant = 2, 0, 0, R
-    s.num_physical = E + R
-    return s, old
+    return worker_state(0, old, None), old
 
 
-def _msg(plan_id: int, old: np.ndarray, new: np.ndarray) -> dict:
-    return {"plan_id": plan_id, "old": old.tolist(), "new": new.tolist(), "num_ranks": RANKS}
+def _msg(plan_id: int, old: np.ndarray, new: np.ndarray) -> PlanMessage:
+    return PlanMessage(plan_id, old, new, RANKS)
 
 
 def test_outcome_is_none_while_pending_then_the_plans_own_record(monkeypatch):
@@ -39,7 +37,7 @@ def test_outcome_is_none_while_pending_then_the_plans_own_record(monkeypatch):
     assert s.stage(_msg(2, old, random_placement(rng)))["accepted"]
     assert ext.eplb_outcome(2) is None and s.status()["pending"]["plan_id"] == 2
     for h in range(3, 30):  # filler records: the history keeps the last 20
-        s._record(h + 1000, "committed", inline_steps=[[0.5, 0.4]] * 30, wait_ms=[0.02] * 30)
+        s.outcomes.record(h + 1000, "committed", inline_steps=[[0.5, 0.4]] * 30, wait_ms=[0.02] * 30)
     assert s.abort(2)
     rec = ext.eplb_outcome(2)
     assert rec["plan_id"] == 2 and rec["outcome"] == "aborted"

@@ -1,7 +1,7 @@
 """Async plans are prepared off the engine's stepping thread (transfer option prepare="thread"):
 `eplb_stage` returns after the cheap checks, a background thread builds the plan, its pieces and every
 layer's layout and commit tables, and the rank contributes the id to the start agreement only then.
-The outcome files (`set_outcome_dir`) the rank actor reads instead of calling into the engine."""
+The outcome files (`OutcomeLog.set_dir`) the rank actor reads instead of calling into the engine."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 
 from eplb import applier
-from eplb.applier import EplbWorkerState
+from eplb.agreement import EplbWorkerState
+from eplb.messages import PlanMessage
+from eplb.plan import PlanError
 from eplb.policies import default_placement
 from tests.eplb.gloo_pair import (
     LAYERS,
@@ -31,17 +33,11 @@ from tests.eplb.gloo_pair import (
 
 def _state(rank: int = 0, group=None):
     old = default_placement(LAYERS, E, RANKS, R)
-    s = worker_state(rank, old, group)
-    s.dp_size, s.last_plan_id, s.main_tid, s.num_redundant = RANKS, 0, 0, R
-    s.num_physical = E + R
-    return s, old
+    return worker_state(rank, old, group), old
 
 
-def _msg(plan_id: int, old: np.ndarray, new: np.ndarray, **transfer) -> dict:
-    msg = {"plan_id": plan_id, "old": old.tolist(), "new": new.tolist(), "num_ranks": RANKS}
-    if transfer:
-        msg["transfer"] = transfer
-    return msg
+def _msg(plan_id: int, old: np.ndarray, new: np.ndarray, **transfer) -> PlanMessage:
+    return PlanMessage(plan_id, old, new, RANKS, transfer=transfer)
 
 
 def _wait(cond, timeout_s: float = 10.0) -> None:
@@ -78,7 +74,7 @@ def test_stage_returns_before_preparing_and_contributes_the_id_only_once_prepare
     assert s.status()["staging_threads"] == 0
 
 
-def test_step_preparation_is_the_old_behaviour():
+def test_step_preparation_builds_the_plan_in_the_rpc():
     s, old = _state()
     rng = np.random.default_rng(2)
     assert s.stage(_msg(1, old, random_placement(rng), prepare="step"))["accepted"]
@@ -89,10 +85,10 @@ def test_step_preparation_is_the_old_behaviour():
 
 def test_a_plan_that_fails_preparation_is_reported_failed_through_the_agreement(tmp_path, monkeypatch):
     s, old = _state()
-    assert s.set_outcome_dir(str(tmp_path)) == str(tmp_path)
+    assert s.outcomes.set_dir(str(tmp_path)) == str(tmp_path)
 
     def broken(self, *args):
-        raise applier.PlanError("op-level check failed")
+        raise PlanError("op-level check failed")
 
     monkeypatch.setattr(EplbWorkerState, "_build_plan", broken)
     assert s.stage(_msg(1, old, random_placement(np.random.default_rng(4))))["accepted"]
@@ -104,7 +100,7 @@ def test_a_plan_that_fails_preparation_is_reported_failed_through_the_agreement(
     rec = s.outcome(1)
     assert rec["outcome"] == "failed" and "op-level check failed" in rec["error"] and rec["layers"] == 0
     assert json.loads((tmp_path / "plan-1.json").read_text())["outcome"] == "failed"
-    assert (s.phy2log == old).all()
+    assert (s.slots.phy2log == old).all()
 
 
 def test_a_malformed_plan_is_still_rejected_in_the_rpc():
@@ -117,7 +113,7 @@ def test_a_malformed_plan_is_still_rejected_in_the_rpc():
 
 def test_stale_plans_are_still_rejected_in_the_rpc_and_aborts_end_the_preparation(tmp_path):
     s, old = _state()
-    s.set_outcome_dir(str(tmp_path))
+    s.outcomes.set_dir(str(tmp_path))
     rng = np.random.default_rng(3)
     rep = s.stage(_msg(1, random_placement(rng), random_placement(rng)))
     assert not rep["accepted"] and "stale" in rep["error"]
@@ -127,14 +123,14 @@ def test_stale_plans_are_still_rejected_in_the_rpc_and_aborts_end_the_preparatio
     assert s.abort(2)
     assert json.loads((tmp_path / "plan-2.json").read_text())["outcome"] == "aborted"
     _wait(lambda: p.prep_ms > 0)  # the preparing thread saw the abort and stopped
-    assert s.pending is None and (s.phy2log == old).all()
+    assert s.pending is None and (s.slots.phy2log == old).all()
 
 
 def test_outcome_files_are_whole_records_and_only_the_last_20_are_kept(tmp_path):
     s, _ = _state()
-    assert s.set_outcome_dir(str(tmp_path / "sub")) == str(tmp_path / "sub")
+    assert s.outcomes.set_dir(str(tmp_path / "sub")) == str(tmp_path / "sub")
     for i in range(1, 31):
-        s._record(i, "committed", wait_ms=[np.float64(0.5)], remote_bytes=np.int64(7))
+        s.outcomes.record(i, "committed", wait_ms=[np.float64(0.5)], remote_bytes=np.int64(7))
     files = sorted(p.name for p in (tmp_path / "sub").iterdir())
     assert files == sorted(f"plan-{i}.json" for i in range(11, 31))  # no .tmp left behind
     rec = json.loads((tmp_path / "sub" / "plan-30.json").read_text())
@@ -146,8 +142,8 @@ def test_unwritable_outcome_dir_is_not_used(tmp_path):
     s, _ = _state()
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert s.set_outcome_dir(str(blocker / "sub")) is None
-    s._record(1, "committed")
+    assert s.outcomes.set_dir(str(blocker / "sub")) is None
+    s.outcomes.record(1, "committed")
     assert s.status()["outcome_dir"] is None and s.outcome(1)["outcome"] == "committed"
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from eplb.applier import LayerRouting
 from eplb.policies import placement_from_phy2log
 from eplb.recorder import ExpertLoadRecorder, counts_array
+from eplb.slots import LayerRouting
 
 
 def test_counts_per_layer_and_expert_and_take_resets():

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-from eplb.applier import TRANSFER_DEFAULTS, _Pending
+from eplb.messages import TRANSFER_DEFAULTS
+from eplb.pending import PendingPlan
 from eplb.plan import build_transfer_plan
 from eplb.policies import default_placement
 from tests.eplb.gloo_pair import (
@@ -36,8 +37,8 @@ def _worker(rank: int, port: int, errors, per_slot: bool) -> None:
             new = random_placement(rng)
             plan = build_transfer_plan(old, new, RANKS, E)
             opts = dict(TRANSFER_DEFAULTS, paced=False, per_slot=per_slot)
-            p = _Pending(plan_id, plan, blocking=False, opts=opts)
-            t = threading.Thread(target=state._transfer, args=(p,), name="eplb-stage")
+            p = PendingPlan(plan_id, plan, blocking=False, opts=opts)
+            t = threading.Thread(target=state.exchanger.transfer, args=(p,), name="eplb-stage")
             t.start()
             t.join(60)
             assert p.ready and not p.failed, p.failed

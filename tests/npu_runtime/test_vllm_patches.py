@@ -111,14 +111,14 @@ def test_eplb_applier_refuses_to_start_on_a_broken_symbol(fresh, monkeypatch) ->
 
     monkeypatch.setattr(dp_utils, "_run_ar", _run_ar)
     with pytest.raises(VllmPatchError, match=r"online expert load balancing \(EPLB\) on vLLM .*_run_ar"):
-        EplbWorkerState(worker=None, num_redundant=1)
+        EplbWorkerState.from_worker(worker=None, num_redundant=1)
 
 
 def test_eplb_applier_refuses_without_the_plugin(fresh) -> None:
     from eplb.applier import EplbWorkerState
 
     with pytest.raises(VllmPatchError, match="did not run in this worker"):
-        EplbWorkerState(worker=None, num_redundant=1)
+        EplbWorkerState.from_worker(worker=None, num_redundant=1)
 
 
 def test_the_rank_refuses_cpu_expert_parallelism_on_a_broken_kernel(fresh, monkeypatch) -> None:
