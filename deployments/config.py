@@ -91,9 +91,10 @@ class EngineSection(_Section):
     # its workers (the rank actors, the ingress, Serve's controller and proxy) at nice 15 and the
     # engines inherit it, below Ray's own daemons at 0; at 0 the engines step ahead of that control
     # plane, which then runs in the gaps of the lockstep (benchmarks/results/serving.md, variant
-    # engine_nice0). Not the default: with 0, tests/eplb/test_eplb_e2e.py's EPLB set-up can time out
-    # (one rank's gloo group never joins), a timing race not yet understood. Lowering niceness needs
-    # root or CAP_SYS_NICE: without it the engine keeps Ray's value and warns.
+    # dpserve:default there, with 0). Not the default: side by side it gave 693 vs 680 output tok/s
+    # (+1.9 %, 4 rounds) while the rounds themselves spread from 0.85 to 1.03 x vLLM, so the gain is
+    # not shown. Lowering niceness needs root or CAP_SYS_NICE: without it the engine keeps Ray's
+    # value and warns.
     engine_nice: int | None = Field(None, ge=-20, le=19)
 
     def resolve_model(self) -> str:
