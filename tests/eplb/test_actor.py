@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from eplb.actor import eplb_actor_class
+from eplb.messages import PlanMessage
 from eplb.plan import build_transfer_plan, validate_plan
 from eplb.policies import default_placement
 from eplb.stats import rank_loads
@@ -32,7 +33,7 @@ class FakeRank:
             load[:, 2:4] = 50.0  # experts 2 and 3 (only on rank 0 by default) are hot
         self.load = load
         self.steps = 0
-        self.plans: list[dict] = []
+        self.plans: list[PlanMessage] = []
         self.history: list[dict] = []
         self.resets = 0
         self.outcome_polls = 0
@@ -76,17 +77,17 @@ class FakeRank:
             self.engine_outcome_polls += 1
             return self._outcome(*args)
         if method == "eplb_stage":
-            msg = args[0]
+            msg = PlanMessage.from_dict(args[0])  # the worker's decoding
             self.plans.append(msg)
             if self.reject:
                 return {"accepted": False, "error": "fake rejection"}
             # The real applier validates before anything moves; so does the fake.
-            old, new = np.asarray(msg["old"]), np.asarray(msg["new"])
+            old, new = np.asarray(msg.old), np.asarray(msg.new)
             validate_plan(build_transfer_plan(old, new, RANKS, EXPERTS), EXPERTS)
             outcome = "failed" if self.fail else "committed"
             if not self.fail:
                 self.placement = new
-            record = {"plan_id": msg["plan_id"], "outcome": outcome, "remote_bytes": 1000,
+            record = {"plan_id": msg.plan_id, "outcome": outcome, "remote_bytes": 1000,
                       "error": "fake transfer failure" if self.fail else None}  # fmt: skip
             self.outcome_polls = 0
             if self.pending_polls:
@@ -136,7 +137,7 @@ def test_plans_when_window_completes_and_pushes_to_every_rank(fake_ranks):
     assert ray.get(ctl.cycle.remote()) == "committed"
     plans = ray.get([r.get_plans.remote() for r in ranks])
     assert len(plans[0]) == 1 and plans[0] == plans[1]  # the same plan to every rank
-    new = np.asarray(plans[0][0]["new"])
+    new = np.asarray(plans[0][0].new)
     load = np.ones((LAYERS, EXPERTS))
     load[:, 2:4] = 50.0
     cur = default_placement(LAYERS, EXPERTS, RANKS, REDUNDANT)

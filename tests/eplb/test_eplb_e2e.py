@@ -21,6 +21,7 @@ from deployments.rank_group import (
     stop_rank_group,
     wait_group_idle,
 )
+from eplb.messages import PlanMessage
 from tests.helpers import PROMPTS, collect_stream, generate_on_ranks, greedy, random_placement
 
 pytestmark = pytest.mark.slow
@@ -121,13 +122,7 @@ def test_rank_side_apply_keeps_outputs_identical(group):
         assert (np.asarray(await actors[1].eplb_call.remote("eplb_placement")) == old).all()
         for plan_id, blocking in ((1, False), (2, True), (3, False)):
             new = random_placement(rng, old.shape[0], 16, NUM_REDUNDANT)
-            msg = {
-                "plan_id": plan_id,
-                "old": old.tolist(),
-                "new": new.tolist(),
-                "num_ranks": 2,
-                "blocking": blocking,
-            }
+            msg = PlanMessage(plan_id, old, new, 2, blocking=blocking).to_dict()
             # Requests in flight while the plan is staged, agreed and committed.
             during = asyncio.ensure_future(_generate(actors))
             await asyncio.sleep(0.3)
@@ -148,7 +143,7 @@ def test_rank_side_apply_keeps_outputs_identical(group):
         # A transfer that fails on one rank leaves the old placement in force on every rank.
         await actors[1].eplb_call.remote("eplb_fail_next_transfer")
         new = random_placement(rng, old.shape[0], 16, NUM_REDUNDANT)
-        msg = {"plan_id": 5, "old": old.tolist(), "new": new.tolist(), "num_ranks": 2}
+        msg = PlanMessage(5, old, new, 2).to_dict()
         during = asyncio.ensure_future(_generate(actors))
         res = await asyncio.gather(*[a.eplb_call.remote("eplb_stage", msg) for a in actors])
         assert all(r["accepted"] for r in res), res
@@ -163,8 +158,8 @@ def test_rank_side_apply_keeps_outputs_identical(group):
         # A malformed plan is rejected on every rank before anything moves.
         bad = old.copy()
         bad[1, :] = 3
-        res = await asyncio.gather(*[a.eplb_call.remote("eplb_stage", {"plan_id": 9, "old": old.tolist(),
-                                     "new": bad.tolist(), "num_ranks": 2}) for a in actors])  # fmt: skip
+        bad_msg = PlanMessage(9, old, bad, 2).to_dict()
+        res = await asyncio.gather(*[a.eplb_call.remote("eplb_stage", bad_msg) for a in actors])
         assert not any(r["accepted"] for r in res)
         assert await _generate(actors) == reference
 

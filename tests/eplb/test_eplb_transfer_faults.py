@@ -16,6 +16,7 @@ import pytest
 
 from deployments.config import EngineSettings
 from deployments.rank_group import start_eplb, start_rank_group, stop_rank_group
+from eplb.messages import PlanMessage
 from tests.helpers import PROMPTS, collect_stream, generate_on_ranks, greedy, random_placement
 
 pytestmark = pytest.mark.slow
@@ -63,7 +64,7 @@ def test_plan_missing_on_a_peer_times_out_or_aborts_and_the_group_stays_usable(g
 
         def msg(plan_id: int, **extra) -> dict:
             new = random_placement(rng, old.shape[0], 16, NUM_REDUNDANT)
-            return {"plan_id": plan_id, "old": old.tolist(), "new": new.tolist(), "num_ranks": 2, **extra}
+            return PlanMessage(plan_id, old, new, 2, **extra).to_dict()
 
         # 1. Only rank 0 gets the plan: its staging gives up after the plan's timeout, not gloo's.
         t0 = time.monotonic()
