@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "ray_configs" / "serve-local.yaml"
+# Where the Ray that `dpserve serve` starts exports its Prometheus metrics: fixed, so a scraper (or
+# `curl 127.0.0.1:8080/metrics`) finds them; the KubeRay manifest uses the same port.
+DEFAULT_METRICS_PORT = 8080
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=None,
                         help="on SIGTERM/Ctrl-C, let requests in flight finish for at most this many seconds "
                              "(default: each application's drain_timeout_s, 30 s)")  # fmt: skip
+    parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                        help="when this command starts Ray: the port its Prometheus metrics (dpserve_*, "
+                             f"Ray's, vLLM's) are exported on (default {DEFAULT_METRICS_PORT}; Ray picks a "
+                             "random one otherwise)")  # fmt: skip
 
 
 def install_graceful_signals(drain_timeout_s: float | None) -> None:
@@ -83,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
 
     # Connect (or start a local Ray) the way `serve run` would, before installing the handlers:
     # ray.init installs its own SIGTERM handler (exit at once), which ours must replace.
-    ray.init(address=os.environ.get("RAY_ADDRESS"), namespace="serve")
+    address = os.environ.get("RAY_ADDRESS")
+    # The metrics port applies only to a Ray started here; a running cluster keeps its own.
+    ports = {} if address else {"_metrics_export_port": args.metrics_port}
+    ray.init(address=address, namespace="serve", **ports)
     install_graceful_signals(args.drain_timeout)
     try:
         serve_cli.main(["run", str(config)], prog_name="serve")  # exits through SystemExit

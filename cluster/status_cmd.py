@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -55,7 +56,10 @@ def format_status(status: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        with urllib.request.urlopen(f"{args.url.rstrip('/')}/dpserve/status", timeout=10) as resp:
+        request = urllib.request.Request(f"{args.url.rstrip('/')}/dpserve/status")
+        if key := os.environ.get("DPSERVE_API_KEY"):  # the key the server requires, if any
+            request.add_header("Authorization", f"Bearer {key}")
+        with urllib.request.urlopen(request, timeout=10) as resp:
             status = json.load(resp)
     except (urllib.error.URLError, OSError) as exc:
         print(f"dpserve status: cannot reach {args.url} ({exc}); is `make serve` running?", file=sys.stderr)

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import openai_protocol as oai
 from deployments.admission import Admission, AdmissionMiddleware
+from deployments.api_key import ApiKey, ApiKeyMiddleware, resolve_api_key
 from deployments.config import DPServeConfig
 from deployments.group_supervisor import Overloaded, RankGroupSupervisor
 from deployments.metrics import IngressMetrics
@@ -32,6 +33,7 @@ logger = logging.getLogger("dpserve.app")
 
 app = FastAPI(title="dpserve", description="OpenAI-compatible API over data-parallel vLLM ranks")
 app.add_middleware(AdmissionMiddleware)
+app.add_middleware(ApiKeyMiddleware)  # outermost: a request without the key is not even counted
 
 
 @app.exception_handler(RequestValidationError)
@@ -56,6 +58,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 class DPServer:
     async def __init__(self, config: DPServeConfig | dict[str, Any]):
         self.config = DPServeConfig.from_args(config)
+        configured = self.config.serving.api_key
+        ApiKey.key = resolve_api_key(configured.get_secret_value() if configured else None)
         # Build the tiny model once, before the ranks start.
         self.config.engine.model = self.config.engine.resolve_model()
         self.model_name = self.config.engine.served_model_name

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from eplb.actor import DEFAULTS as EPLB_ACTOR_DEFAULTS
 from npu_runtime.platform import Platform, detect
@@ -201,6 +201,9 @@ class ServingSection(_Section):
     # 503 + Retry-After, those in flight may finish for up to this long, then Serve is shut down.
     # Serve's own drain on `serve.delete`/redeploy is `graceful_shutdown_timeout_s` (ray_configs).
     drain_timeout_s: float = 30.0
+    # Required as `Authorization: Bearer <key>` on every route but /health; unset: the environment
+    # variable DPSERVE_API_KEY of the ingress replica, else no key (deployments/api_key.py).
+    api_key: SecretStr | None = None
 
 
 class EngineSettings(EngineSection):
