@@ -1,6 +1,7 @@
-# dpserve: the two commands of the quick start.
+# dpserve: the commands of the quick start and the test tiers.
 #   make serve   install (if needed) and serve the tiny MoE model with 2 DP ranks on 127.0.0.1:8000
 #   make test    install (if needed) and run the test suite
+#   make test-fast   the tests that start no engine and no cluster (the edit-test loop; < 2 min)
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.dpserve-installed
 # pip pulls CUDA builds of these next to the CPU torch; they fail to load and break transformers.
 CUDA_LEFTOVERS := torchvision torchaudio torchcodec triton
 
-.PHONY: serve test install model lint clean
+.PHONY: serve test test-fast install model lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +31,9 @@ serve: model
 
 test: model
 	$(BIN)/python -m pytest --durations=15
+
+test-fast: model
+	DPSERVE_TEST_TIER=fast $(BIN)/python -m pytest -m "not slow" --durations=10
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -46,3 +46,29 @@ def ray_local(metrics_port):
                  _metrics_export_port=metrics_port)  # fmt: skip
     yield ray
     ray.shutdown()
+
+
+# ---- test tiers ------------------------------------------------------------------------------------
+# `make test-fast` runs `-m "not slow"` with DPSERVE_TEST_TIER=fast: no engine, no cluster. A test that
+# uses one of these fixtures starts Ray (or a Ray cluster) and is slow whether or not it says so.
+SLOW_FIXTURES = frozenset({"ray_local", "netns_ray_cluster"})
+FAST_TIER = os.environ.get("DPSERVE_TEST_TIER") == "fast"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_cluster(request, monkeypatch):
+    """In the fast tier, a test not marked slow that starts Ray fails, naming the marker it lacks."""
+    if FAST_TIER and request.node.get_closest_marker("slow") is None:
+        import ray
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError(f"{request.node.nodeid} starts Ray: mark it @pytest.mark.slow")
+
+        monkeypatch.setattr(ray, "init", refuse)
+    yield

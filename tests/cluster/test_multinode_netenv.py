@@ -21,6 +21,7 @@ def _netns_or_skip() -> None:
         pytest.skip(f"multi-host harness unavailable: {reason}")
 
 
+@pytest.mark.slow  # builds a three-host network-namespace cluster
 def test_harness_links_cut_and_restore_and_teardown_leaves_nothing():
     _netns_or_skip()
     with NetnsCluster(num_hosts=3) as cluster:
