@@ -24,6 +24,7 @@ from cluster.sim.config import apply_overrides  # noqa: E402
 from cluster.sim.report import COLUMNS, gain, plot, table, write_json  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results"
+KEEP_MARKER = "## Why the seed gained +18 %"
 CONFIG = ROOT / "ray_configs" / "sim-deepseek-v3.yaml"
 EXTRA = [
     ("prefill_step_frac", "steps w/ prefill", "{:.3f}"),
@@ -128,6 +129,11 @@ def main() -> int:
         md.append(f"EPLB not run: {eplb.pop('error')}")
     md.append(table({k: v for k, v in eplb.items()}, [*EXTRA, ("eplb_rebalances", "plans", "{:.0f}")]))
     md += ["", f"Wall time: {time.perf_counter() - t0:.0f} s.", ""]
+    # The reading of the seed-conditions study (benchmarks/sim_seed_conditions.py) is written by hand
+    # below this marker; a re-run keeps it.
+    old = OUT / "sim_balance.md"
+    if old.exists() and KEEP_MARKER in old.read_text():
+        md.append(old.read_text()[old.read_text().index(KEEP_MARKER) :])
     (OUT / "sim_balance.md").write_text("\n".join(md))
     write_json(
         OUT / "sim_balance.json",

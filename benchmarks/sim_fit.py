@@ -82,6 +82,7 @@ def main() -> int:
         "--budget", type=int, nargs="*", help="token budgets to try (cluster.max_num_batched_tokens)"
     )
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--compare", metavar="POLICY", help="after fitting, print POLICY's change against off")
     args = ap.parse_args()
     cfg = apply_overrides(load_config(args.config), args.overrides)
     res = fit(cfg, args.rounds, args.budget)
@@ -90,6 +91,15 @@ def main() -> int:
         f"RMS log error {res['rms_log_error']:.4f}; "
         + ", ".join(f"{k} {100 * v:+.1f} %" for k, v in res["baseline_error"].items())
     )
+    if args.compare:
+        from cluster.sim.report import gain
+
+        c = res["config"]
+        g = gain(simulate(c, args.compare).metrics(), simulate(c, "off").metrics())
+        print(
+            f"{args.compare} vs off: output throughput {100 * g['output_tok_s']:+.1f} %, "
+            f"TPOT {100 * g['mean_tpot_ms']:+.1f} %, TTFT {100 * g['mean_ttft_ms']:+.1f} %"
+        )
     return 0
 
 
