@@ -23,15 +23,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments import openai_protocol as oai
 from deployments.admission import Admission, AdmissionMiddleware
 from deployments.api_key import ApiKey, ApiKeyMiddleware, resolve_api_key
+from deployments.body_limit import BodyLimitMiddleware
 from deployments.config import DPServeConfig
 from deployments.group_supervisor import Overloaded, RankGroupSupervisor
 from deployments.metrics import IngressMetrics
-from deployments.openai_protocol import RequestRejected
+from deployments.request_errors import RankFailure, RequestError, from_reply
 from deployments.responses import completion_body, error, failure_message, rejected, sse_events
 
 logger = logging.getLogger("dpserve.app")
 
 app = FastAPI(title="dpserve", description="OpenAI-compatible API over data-parallel vLLM ranks")
+app.add_middleware(BodyLimitMiddleware)  # innermost: counts the body as the route reads it
 app.add_middleware(AdmissionMiddleware)
 app.add_middleware(ApiKeyMiddleware)  # outermost: a request without the key is not even counted
 
@@ -41,9 +43,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return error("request body is not valid JSON", 400)
+    # 400 as OpenAI and vLLM answer (not FastAPI's 422), naming the first offending field.
     first = errors[0] if errors else {}
     loc = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-    return error(f"{loc or 'body'}: {first.get('msg', 'invalid request')}", 422, param=loc)
+    return error(f"{loc or 'body'}: {first.get('msg', 'invalid request')}", 400, param=loc)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -52,12 +55,21 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return error(str(exc.detail), exc.status_code, headers=getattr(exc, "headers", None))
 
 
+def is_rank_failure(exc: BaseException) -> bool:
+    """Whether `exc`, met by a request, means its rank is lost: the rank said so (RankFailure, also for
+    a broken output channel) or Ray did (the actor died or cannot be reached)."""
+    import ray
+
+    return isinstance(exc, (RankFailure, ray.exceptions.RayActorError))
+
+
 @serve.deployment(max_ongoing_requests=10_000, health_check_period_s=10, graceful_shutdown_timeout_s=30,
                   graceful_shutdown_wait_loop_s=1)  # fmt: skip
 @serve.ingress(app)
 class DPServer:
     async def __init__(self, config: DPServeConfig | dict[str, Any]):
         self.config = DPServeConfig.from_args(config)
+        BodyLimitMiddleware.max_bytes = self.config.serving.max_body_bytes
         configured = self.config.serving.api_key
         ApiKey.key = resolve_api_key(configured.get_secret_value() if configured else None)
         # Build the tiny model once, before the ranks start.
@@ -72,10 +84,13 @@ class DPServer:
         """Chunks from one rank. The first chunk (prompt_tokens) is awaited before anything is sent
         to the client, so a rejected request becomes an HTTP error rather than a broken stream.
 
-        If the rank fails before producing a token, the request waits for the re-formed group and is
-        retried once; after tokens were produced the failure is reported (no silent duplicates)."""
+        A request's own error (RequestError, from the rank's reply or an error chunk) ends this
+        request only. A lost rank (its actor, engine or output channel) re-forms the group: if that
+        happens before a token, the request waits for the new group and is retried once; after
+        tokens were produced the failure is reported (no silent duplicates)."""
         group = self.group
         produced = False
+        sent_first = False
         for attempt in (1, 2):
             await group.wait_ready()
             rank = group.choose_rank()
@@ -88,16 +103,17 @@ class DPServer:
                 first = await actor.submit.remote(
                     request_id, prompt, sampling, messages, self.config.serving.stream_interval_ms
                 )
-                if attempt == 1:
+                if "error" in first:
+                    raise from_reply(first)
+                if not sent_first:  # the caller reads prompt_tokens from it, whichever attempt made it
+                    sent_first = True
                     yield first
                 while True:
                     chunk = await inbox.get()
-                    if isinstance(chunk, BaseException):
-                        raise chunk
+                    if isinstance(chunk, BaseException):  # the rank's output channel broke
+                        raise RankFailure(f"rank {rank}'s output channel broke") from chunk
                     if "error" in chunk:
-                        if chunk.get("status", 500) < 500:
-                            raise RequestRejected(chunk["error"], chunk["status"], chunk.get("param"))
-                        raise RuntimeError(chunk["error"])
+                        raise from_reply(chunk)
                     produced = produced or bool(chunk.get("token_ids"))
                     yield chunk
                     if chunk.get("finish_reason"):
@@ -111,12 +127,20 @@ class DPServer:
                 except Exception:
                     pass
                 raise
-            except RequestRejected:
+            except RequestError:
                 status = "rejected"
                 raise
             except Exception as exc:
+                if not is_rank_failure(exc):
+                    # Neither the request's nor the rank's known error (e.g. a failed Ray call to a
+                    # live actor): this request ends with it; the stats poll and the output channel
+                    # still notice a lost rank on their own.
+                    logger.exception("request %s failed on rank %d", request_id, rank)
+                    raise RequestError(f"the request failed on its rank ({type(exc).__name__})", 500) from exc
                 if generation == group.generation:
-                    group.start_recovery(f"request {request_id} on rank {rank} failed: {type(exc).__name__}")
+                    group.start_recovery(
+                        f"request {request_id} on rank {rank} failed: {type(exc).__name__}: {exc}"
+                    )
                 if produced or attempt == 2:
                     raise
                 logger.warning("request %s lost rank %d before its first token; retrying", request_id, rank)
@@ -196,6 +220,10 @@ class DPServer:
         return error(f"model {model!r} does not exist; this server serves {self.model_name!r}", 404, "model")
 
     async def _respond(self, body, prompt, messages, max_tokens: int | None, chat: bool):
+        try:
+            body.check(self.group.max_model_len, self.config.serving.max_prompt_chars)
+        except RequestError as exc:
+            return rejected(exc)
         request_id = oai.new_id("chatcmpl" if chat else "cmpl")
         sampling = body.sampling(max_tokens)
         t0 = time.perf_counter()
@@ -207,7 +235,7 @@ class DPServer:
                          headers={"Retry-After": "1"})  # fmt: skip
         except LookupError as exc:
             return error(failure_message(exc, "now"), 503, headers={"Retry-After": "5"})
-        except RequestRejected as exc:
+        except RequestError as exc:
             return rejected(exc)
         except Exception as exc:  # a rank died before anything was produced
             logger.exception("request %s failed before its first token", request_id)

@@ -196,6 +196,17 @@ class ServingSection(_Section):
     # like vLLM's DP ports) or "ray" (a Ray streaming call per rank; more CPU per step, no extra port).
     output_transport: Literal["zmq", "ray"] = "zmq"
     output_connect_timeout_s: float = 30.0  # then that rank's output goes through Ray instead
+    # Request limits, checked in the ingress before anything reaches a rank. A body over
+    # `max_body_bytes` is refused with 413 while it is read (8 MiB holds a 128k-token prompt as token
+    # ids); a text prompt (or a chat's messages together) over `max_prompt_chars` is a 400 before it is
+    # tokenized (about 4 characters a token: 2M characters is several times the longest context any
+    # config here serves; raise both for longer contexts). After tokenizing, the rank checks the
+    # prompt's tokens against `engine.max_model_len` (400).
+    max_body_bytes: int = Field(8 << 20, ge=1024)
+    max_prompt_chars: int = Field(2_000_000, ge=1)
+    # While the DP group is re-formed, at most this many new requests wait for it (for at most
+    # `recovery_wait_s`); beyond it a request gets 503 with Retry-After at once.
+    max_waiting_during_recovery: int = Field(256, ge=0)
     ingress_num_cpus: float = 0.1
     # Graceful shutdown (`dpserve shutdown`, SIGTERM/Ctrl-C to `dpserve serve`): new API requests get
     # 503 + Retry-After, those in flight may finish for up to this long, then Serve is shut down.

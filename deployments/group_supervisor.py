@@ -34,6 +34,10 @@ class Overloaded(Exception):
     """Every live rank is at its admission bound."""
 
 
+class RecoveryBacklogFull(LookupError):
+    """The DP group is being re-formed and as many requests as allowed already wait for it."""
+
+
 async def _start_rank_group(config: DPServeConfig, generation: int) -> tuple[list[Any], Any, list[dict]]:
     from deployments.rank_group import start_rank_group
 
@@ -89,6 +93,7 @@ class RankGroupSupervisor:
         self.gauges_at = {r: 0.0 for r in range(n)}
         self.live: set[int] = set()
         self.ready = asyncio.Event()
+        self.waiting_for_recovery = 0  # new requests waiting in `wait_ready` for a re-formed group
         self.channel = OutputChannel(config.serving, self.take_stats, self._channel_broke)
         self._recovery: asyncio.Task | None = None
         self._poller: asyncio.Task | None = None
@@ -206,11 +211,23 @@ class RankGroupSupervisor:
 
     # ---- routing ---------------------------------------------------------------------------------
     async def wait_ready(self) -> None:
-        if not self.ready.is_set():
-            try:
-                await asyncio.wait_for(self.ready.wait(), self.config.serving.recovery_wait_s)
-            except TimeoutError:
-                raise LookupError("the DP group is being re-formed") from None
+        """Return once the group serves; while it is re-formed, wait for it (at most
+        `serving.recovery_wait_s`, and only `serving.max_waiting_during_recovery` requests at a time:
+        each waiter holds its body and a connection). LookupError when that is not possible."""
+        if self.ready.is_set():
+            return
+        bound = self.config.serving.max_waiting_during_recovery
+        if self.waiting_for_recovery >= bound:
+            raise RecoveryBacklogFull(
+                f"the DP group is being re-formed and {bound} requests already wait for it"
+            )
+        self.waiting_for_recovery += 1
+        try:
+            await asyncio.wait_for(self.ready.wait(), self.config.serving.recovery_wait_s)
+        except TimeoutError:
+            raise LookupError("the DP group is being re-formed") from None
+        finally:
+            self.waiting_for_recovery -= 1
 
     def choose_rank(self) -> int:
         """The least-loaded live rank; raises Overloaded when it is at the admission bound."""

@@ -1,7 +1,10 @@
 """The OpenAI request models dpserve accepts, their sampling parameters, and OpenAI-style errors.
 
-Only the fields dpserve honours are declared; unknown fields are ignored (as OpenAI does), wrong
-types and out-of-range values are rejected with a 4xx before anything reaches a rank.
+Fields dpserve honours are declared with their types and ranges; fields OpenAI or vLLM define that
+dpserve does not implement (`UNSUPPORTED`) are rejected with a 400 naming the field when set to
+anything but their default; other unknown fields are ignored, as vLLM's server does. `check` adds
+the cheap semantic checks vLLM's SamplingParams would make on the rank (min_tokens > max_tokens,
+empty or oversized stop strings, lone surrogates), so such a request never reaches an engine.
 """
 
 from __future__ import annotations
@@ -12,18 +15,54 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deployments.request_errors import RequestRejected, clean_message
+
+__all__ = ["RequestRejected"]
+
 # A request may not ask for more than this many new tokens whatever the model's context: a bound
 # that keeps a hostile request from tying a rank up (the rank also checks the model's context).
 MAX_TOKENS_LIMIT = 1 << 20
+# Stop strings: vLLM holds back up to the longest one's length of output text on every step, so an
+# unbounded one costs each step of that request its length in string work.
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 1024
+# Integers that reach the engine's int32/int64 tensors (top_k) stay in int32.
+INT32_MAX = 2**31 - 1
+
+# Fields of OpenAI's (or vLLM's) API that dpserve does not implement, with the values that mean
+# "not asked for": any other value is a 400 naming the field rather than a silently different answer.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "prompt_logprobs": (None,),
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "suffix": (None, ""),
+    "structured_outputs": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "logits_processors": (None, []),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+}
 
 
-class RequestRejected(ValueError):
-    """The request is invalid for this model (maps to an HTTP 4xx)."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.param = param
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 class StreamOptions(BaseModel):
@@ -32,15 +71,16 @@ class StreamOptions(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are kept (not used) so that `check` can name the unsupported ones.
+    model_config = ConfigDict(extra="allow")
 
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="dpserve returns one choice per request")
+    n: int = Field(1, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
@@ -53,9 +93,12 @@ class _SamplingFields(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v):
-        if isinstance(v, list) and len(v) > 16:
-            raise ValueError("at most 16 stop sequences")
+        if isinstance(v, list) and len(v) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         return v
+
+    def stop_list(self) -> list[str]:
+        return [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def sampling(self, max_tokens: int | None) -> dict[str, Any]:
         """Plain sampling parameters for the rank (None values left to vLLM's defaults)."""
@@ -66,10 +109,55 @@ class _SamplingFields(BaseModel):
             if value is not None:
                 out[name] = value
         if self.stop is not None:
-            out["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+            out["stop"] = self.stop_list()
         if out["max_tokens"] is None:
             del out["max_tokens"]
         return out
+
+    def check(self, max_model_len: int, max_prompt_chars: int) -> None:
+        """Raise RequestRejected (naming the field) for what the rank or vLLM would reject anyway and
+        for fields dpserve does not implement. `max_model_len` 0: not known yet (no checks of it)."""
+        extra = self.model_extra or {}
+        for name, defaults in UNSUPPORTED.items():
+            if name in extra and not any(extra[name] == d and type(extra[name]) is type(d) for d in defaults):
+                raise RequestRejected(f"{name!r} is not supported by this server", param=name)
+        if self.n != 1:
+            raise RequestRejected("n must be 1: this server returns one choice per request", param="n")
+        for stop in self.stop_list():
+            if not stop:
+                raise RequestRejected("stop sequences must not be empty", param="stop")
+            if len(stop) > MAX_STOP_CHARS:
+                raise RequestRejected(
+                    f"a stop sequence may have at most {MAX_STOP_CHARS} characters", param="stop"
+                )
+            if _has_lone_surrogate(stop):
+                raise RequestRejected("stop is not valid Unicode (lone surrogate)", param="stop")
+        limit = self.limit()
+        if self.min_tokens is not None and limit is not None and self.min_tokens > limit:
+            raise RequestRejected(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({limit})", param="min_tokens"
+            )
+        if max_model_len > 0:
+            # The prompt takes at least one token of the context.
+            for name, value in (("max_tokens", limit), ("min_tokens", self.min_tokens)):
+                if value is not None and value >= max_model_len:
+                    raise RequestRejected(
+                        f"{name}={value} leaves no room for the prompt in this model's maximum context "
+                        f"length of {max_model_len} tokens",
+                        param=name,
+                    )
+
+    def limit(self) -> int | None:
+        return getattr(self, "max_tokens", None)
+
+
+def _check_text(text: str, param: str, max_chars: int) -> None:
+    if len(text) > max_chars:
+        raise RequestRejected(
+            f"the {param} has {len(text)} characters; this server takes at most {max_chars}", param=param
+        )
+    if _has_lone_surrogate(text):
+        raise RequestRejected(f"the {param} is not valid Unicode (lone surrogate)", param=param)
 
 
 class CompletionRequest(_SamplingFields):
@@ -84,6 +172,28 @@ class CompletionRequest(_SamplingFields):
                 raise ValueError("batched prompts are not supported: send one prompt per request")
             p = p[0]
         return p
+
+    def check(self, max_model_len: int, max_prompt_chars: int) -> None:
+        super().check(max_model_len, max_prompt_chars)
+        try:
+            prompt = self.single_prompt()
+        except ValueError as exc:
+            raise RequestRejected(str(exc), param="prompt") from None
+        if isinstance(prompt, str):
+            _check_text(prompt, "prompt", max_prompt_chars)
+        else:
+            if any(t < 0 or t > INT32_MAX for t in prompt):
+                raise RequestRejected("prompt token ids must be non-negative token ids", param="prompt")
+            if max_model_len > 0 and len(prompt) >= max_model_len:
+                raise RequestRejected(
+                    f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+                    f"{len(prompt)}",
+                    param="prompt",
+                )
+        if not prompt:
+            raise RequestRejected("the prompt is empty", param="prompt")
+        if self.echo and (self.stream or not isinstance(prompt, str)):
+            raise RequestRejected("echo is supported only for a text prompt without stream", param="echo")
 
 
 class ChatMessage(BaseModel):
@@ -115,15 +225,24 @@ class ChatCompletionRequest(_SamplingFields):
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def check(self, max_model_len: int, max_prompt_chars: int) -> None:
+        super().check(max_model_len, max_prompt_chars)
+        try:
+            messages = self.plain_messages()
+        except ValueError as exc:
+            raise RequestRejected(str(exc), param="messages") from None
+        _check_text("".join(m["content"] for m in messages), "messages", max_prompt_chars)
+
 
 def error_body(message: str, status: int, err_type: str | None = None, param: str | None = None,
                code: str | None = None) -> dict[str, Any]:  # fmt: skip
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    default_type = {400: "invalid_request_error", 404: "not_found_error", 422: "invalid_request_error",
+    default_type = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+                    422: "invalid_request_error",
                     429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")  # fmt: skip
     return {
         "error": {
-            "message": message,
+            "message": clean_message(message),
             "type": err_type or default_type,
             "param": param,
             "code": code or status,

@@ -17,15 +17,16 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from deployments.config import EngineSettings
-from deployments.openai_protocol import RequestRejected
 from deployments.rank_env import RankEnvironment, free_port, node_ip, ray_node_id
 from deployments.rank_eplb import RankEplb
 from deployments.rank_outbox import RankOutbox
 from deployments.rank_requests import prompt_token_ids, sampling_params
 from deployments.rank_stats import RankStats, stats_logger_factory, vllm_metrics_logger
+from deployments.request_errors import RankFailure, RequestError, RequestRejected, classify, error_reply
 from npu_runtime.platform import Platform, by_name, detect
 
 __all__ = ["DPRank", "RequestRejected", "free_port"]
@@ -56,6 +57,11 @@ class DPRank:
         self.tokenizer: Any = None
         self._max_model_len = 0
         self.outbox = RankOutbox(rank, self.get_stats)
+        # Tokenizing and rendering chat templates run here, off the actor's event loop: a long prompt
+        # would otherwise stall the rank's output pushes and stats answers (and look like a dead rank).
+        # One thread: requests are tokenized in arrival order, and a fast tokenizer is not shared
+        # between threads.
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dpserve-tokenize-{rank}")
         self.eplb = RankEplb(rank, self.settings.eplb, self.eplb_call, self._engine_running)
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -99,6 +105,7 @@ class DPRank:
         return self._max_model_len
 
     def shutdown(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
@@ -120,7 +127,7 @@ class DPRank:
         """Stream one request's output as plain dicts: the first carries `prompt_tokens`, each later
         one the new text and token ids; the last has `finish_reason` set. (One Ray stream per
         request: simple, for tools and tests; the ingress uses `submit` + `push_outputs`.)"""
-        request_id, ids, params = self._prepare(request_id, prompt, sampling, messages)
+        request_id, ids, params = await self._prepare(request_id, prompt, sampling, messages)
         yield {"prompt_tokens": len(ids), "rank": self.rank}
         chunks = self._chunks(request_id, ids, params, stream_interval_ms)
         try:
@@ -129,15 +136,20 @@ class DPRank:
         finally:
             await chunks.aclose()  # at once, so a consumer that leaves frees the engine's slot now
 
-    def _prepare(self, request_id, prompt, sampling, messages):
+    async def _prepare(self, request_id, prompt, sampling, messages):
+        """Token ids and SamplingParams for one request. Whatever the tokenizer, the chat template or
+        SamplingParams raise is that request's error (`classify`: RequestRejected, a 400), never the
+        rank's."""
         if self.engine is None:
-            raise RuntimeError(f"DP rank {self.rank} is not started")
-        ids = prompt_token_ids(self.tokenizer, prompt, messages)
-        return (
-            request_id or uuid.uuid4().hex,
-            ids,
-            sampling_params(sampling or {}, len(ids), self.max_model_len()),
-        )
+            raise RankFailure(f"DP rank {self.rank} is not started")
+        try:
+            ids = await asyncio.get_running_loop().run_in_executor(
+                self._tokenize_pool, prompt_token_ids, self.tokenizer, prompt, messages
+            )
+            params = sampling_params(sampling or {}, len(ids), self.max_model_len())
+        except Exception as exc:
+            raise classify(exc, self._engine_running()) from None
+        return request_id or uuid.uuid4().hex, ids, params
 
     async def _chunks(self, request_id: str, ids: list[int], params, stream_interval_ms: float):
         """The engine's output for one request, coalesced: with `stream_interval_ms` > 0, tokens after
@@ -178,8 +190,12 @@ class DPRank:
         stream_interval_ms: float = 0.0,
     ) -> dict[str, Any]:
         """Start a request whose chunks go to `push_outputs` (or `output_stream`); returns
-        `prompt_tokens` (or raises RequestRejected for a request this model cannot take)."""
-        request_id, ids, params = self._prepare(request_id, prompt, sampling, messages)
+        `prompt_tokens`, or for a request that cannot start an error reply as plain data
+        (`request_errors.error_reply`: the request's own error with its status, or `rank_failed`)."""
+        try:
+            request_id, ids, params = await self._prepare(request_id, prompt, sampling, messages)
+        except (RequestError, RankFailure) as exc:
+            return error_reply(exc)
         self.outbox.start(request_id, self._chunks(request_id, ids, params, stream_interval_ms))
         return {"prompt_tokens": len(ids), "rank": self.rank}
 
@@ -199,16 +215,14 @@ class DPRank:
         await self.outbox.push(address)
 
     async def _engine_outputs(self, ids: list[int], params, request_id: str):
-        """vLLM's output stream; its input validation errors become RequestRejected (HTTP 400)."""
-        from vllm.v1.engine.exceptions import EngineGenerateError
-
+        """vLLM's output stream. An error it raises is the request's own (a RequestError: vLLM's
+        validation, or a failure of this request while the engine keeps stepping) unless the engine
+        is gone (RankFailure); `request_errors.classify` decides."""
         try:
             async for out in self.engine.generate({"prompt_token_ids": ids}, params, request_id):
                 yield out
-        except EngineGenerateError as exc:
-            if isinstance(exc.__cause__, (ValueError, TypeError)):
-                raise RequestRejected(str(exc.__cause__)) from None
-            raise
+        except Exception as exc:
+            raise classify(exc, self._engine_running()) from exc
 
     async def abort(self, request_id: str) -> None:
         if not self.outbox.cancel(request_id) and self.engine is not None:

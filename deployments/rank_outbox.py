@@ -2,7 +2,8 @@
 through one channel (one message per batch, not per request and token).
 
 A batch is a list of (request id, chunk); a chunk is a plain dict (`text`, `token_ids`,
-`finish_reason`, or `error` + `status` for a request that failed).
+`finish_reason`, or for a request that failed `request_errors.error_reply`: `error` + `status`,
+and `rank_failed` when the engine is gone).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from deployments.openai_protocol import RequestRejected
+from deployments.request_errors import RequestError, error_reply
 
 logger = logging.getLogger("dpserve.rank")
 
@@ -51,11 +52,14 @@ class RankOutbox:
                 self.queue.put_nowait((request_id, {"text": "", "token_ids": [], "finish_reason": "abort"}))
         except asyncio.CancelledError:
             pass  # aborted by the ingress: the chunk source freed the engine's slot
-        except RequestRejected as exc:
-            self.queue.put_nowait((request_id, {"error": str(exc), "status": exc.status, "param": exc.param}))
+        except RequestError as exc:  # this request's own error: the rank serves on
+            logger.info(
+                "request %s failed on rank %d: %s (%d)", request_id, self.rank, exc.message, exc.status
+            )
+            self.queue.put_nowait((request_id, error_reply(exc)))
         except Exception as exc:
             logger.exception("request %s failed on rank %d", request_id, self.rank)
-            self.queue.put_nowait((request_id, {"error": f"{type(exc).__name__}: {exc}", "status": 503}))
+            self.queue.put_nowait((request_id, error_reply(exc)))
         finally:
             self.tasks.pop(request_id, None)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deployments.openai_protocol import RequestRejected
+from deployments.request_errors import RequestRejected
 
 
 def prompt_token_ids(

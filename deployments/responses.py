@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from deployments import openai_protocol as oai
 from deployments.metrics import IngressMetrics
-from deployments.openai_protocol import RequestRejected
+from deployments.request_errors import RequestError
 
 logger = logging.getLogger("dpserve.app")
 
@@ -23,11 +23,9 @@ def error(message: str, status: int, param: str | None = None, headers: dict | N
     return JSONResponse(oai.error_body(message, status, param=param), status_code=status, headers=headers)
 
 
-def rejected(exc: RequestRejected) -> JSONResponse:
-    # Raised on a rank, the exception arrives wrapped by Ray; its cause holds the clean message.
-    cause = getattr(exc, "cause", None) or exc
-    return error(str(cause.args[0]) if cause.args else str(cause), getattr(cause, "status", 400),
-                 getattr(cause, "param", None))  # fmt: skip
+def rejected(exc: RequestError) -> JSONResponse:
+    """The reply to a request that failed on its own (a 4xx, or a 500 for that request only)."""
+    return error(exc.message, exc.status, exc.param)
 
 
 def failure_message(exc: BaseException, where: str) -> str:
@@ -58,7 +56,7 @@ async def completion_body(
             finish = chunk.get("finish_reason") or finish
             if completion_tokens and len(text) == 1:
                 metrics.ttft(time.perf_counter() - t0)
-    except RequestRejected as exc:
+    except RequestError as exc:
         return rejected(exc)
     except Exception as exc:
         logger.exception("request %s failed", request_id)
@@ -120,7 +118,7 @@ async def sse_events(stream: AsyncIterator[dict[str, Any]], request_id: str, mod
         if first_token_at is not None and completion_tokens > 1:
             metrics.tpot((time.perf_counter() - first_token_at) / (completion_tokens - 1))
         yield "data: [DONE]\n\n"
-    except RequestRejected as exc:
+    except RequestError as exc:
         yield f"data: {rejected(exc).body.decode()}\n\n"
     except (asyncio.CancelledError, GeneratorExit):
         raise
