@@ -191,6 +191,8 @@ class DPServer:
             "recovering": not group.ready.is_set(),
             "recoveries": group.recoveries,
             "recovery_error": group.recovery_error,
+            "hung_ranks_detected": group.hangs,
+            "output_channel": group.channel.stats(),
             "ranks": group.rank_states(),
         }
 
@@ -250,6 +252,15 @@ class DPServer:
                 media_type="text/event-stream",
             )
         return await completion_body(stream, request_id, body, prompt, chat, prompt_tokens, self.metrics, t0)
+
+    async def check_health(self) -> None:
+        """Serve's health check (every `health_check_period_s`): raising marks this replica unhealthy
+        and Serve replaces it (its destructor stops the rank group, the new replica forms a new
+        one). Only for what will not heal by itself: a re-formation stuck past
+        `serving.max_recovery_s`, or a dead supervisor task."""
+        if (problem := self.group.health_problem()) is not None:
+            logger.error("ingress unhealthy: %s", problem)
+            raise RuntimeError(problem)
 
     # ---- shutdown --------------------------------------------------------------------------------
     async def drain(self, timeout_s: float | None = None) -> dict[str, Any]:

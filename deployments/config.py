@@ -15,12 +15,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from eplb.actor import DEFAULTS as EPLB_ACTOR_DEFAULTS
 from npu_runtime.platform import Platform, detect
 from scheduler.coordinator import DEFAULT_NAME as COORDINATOR_NAME
 from scheduler.coordinator import DEFAULT_NAMESPACE as COORDINATOR_NAMESPACE
+from scheduler.gate_report import MAX_HORIZON, MAX_LEAD
 
 DEFAULT_SERVED_NAME = "dpserve-tiny-moe"
 # vLLM's uniprocess executor by name. vLLM's CPU platform turns "uni" into its multiprocess executor
@@ -129,9 +138,9 @@ class BalanceSection(_Section):
     namespace: str = COORDINATOR_NAMESPACE
     ray_address: str | None = None  # set when the group starts: the engines join Ray by GCS address
     transport: Literal["zmq", "ray", "none"] | None = None
-    lead: int | None = Field(None, ge=1)
+    lead: int | None = Field(None, ge=1, le=MAX_LEAD)
     wait_ms: float | None = None
-    horizon: int | None = Field(None, ge=1)
+    horizon: int | None = Field(None, ge=1, le=MAX_HORIZON)
     dead_after_s: float | None = None
 
     @field_validator("policy")
@@ -215,6 +224,29 @@ class ServingSection(_Section):
     # Required as `Authorization: Bearer <key>` on every route but /health; unset: the environment
     # variable DPSERVE_API_KEY of the ingress replica, else no key (deployments/api_key.py).
     api_key: SecretStr | None = None
+    # Liveness. A request not finished this long after it was sent to its rank gets a 504 and is
+    # aborted there (None: no deadline). A rank that has requests in flight but whose engine makes no
+    # step for `hang_timeout_s` is declared hung and the group is re-formed (a step of the largest
+    # models takes well under a second; EPLB's weight moves run between steps). The ingress reports
+    # itself unhealthy to Serve (which then replaces it) when a re-formation has not succeeded
+    # within `max_recovery_s` (at least `rank_start_timeout_s`: one attempt must fit; None: twice
+    # `rank_start_timeout_s`).
+    request_timeout_s: float | None = Field(None, gt=0)
+    hang_timeout_s: float = Field(60.0, gt=0)
+    max_recovery_s: float | None = Field(None, gt=0)
+
+    @property
+    def recovery_bound_s(self) -> float:
+        return self.max_recovery_s if self.max_recovery_s is not None else 2 * self.rank_start_timeout_s
+
+    @model_validator(mode="after")
+    def _recovery_fits_a_start(self) -> ServingSection:
+        if self.max_recovery_s is not None and self.max_recovery_s < self.rank_start_timeout_s:
+            raise ValueError(
+                f"max_recovery_s ({self.max_recovery_s:g}) must be at least rank_start_timeout_s "
+                f"({self.rank_start_timeout_s:g}): one start attempt must fit"
+            )
+        return self
 
 
 class EngineSettings(EngineSection):

@@ -39,12 +39,12 @@ class RecoveryBacklogFull(LookupError):
 
 
 async def _start_rank_group(config: DPServeConfig, generation: int) -> tuple[list[Any], Any, list[dict]]:
-    from deployments.rank_group import start_rank_group
+    from deployments.rank_group import group_name_prefix, start_rank_group
 
     return await start_rank_group(
         config.rank_settings,
         config.serving.placement_strategy,
-        name_prefix=f"dpserve_g{generation}_",  # operators can find a generation's ranks
+        name_prefix=group_name_prefix(generation),
         start_timeout_s=config.serving.rank_start_timeout_s,
     )
 
@@ -94,7 +94,15 @@ class RankGroupSupervisor:
         self.live: set[int] = set()
         self.ready = asyncio.Event()
         self.waiting_for_recovery = 0  # new requests waiting in `wait_ready` for a re-formed group
-        self.channel = OutputChannel(config.serving, self.take_stats, self._channel_broke)
+        self.channel = OutputChannel(
+            config.serving, self.take_stats, self._channel_broke, self._frame_dropped
+        )
+        # Liveness: per rank the engine step counter last seen and when it last moved (or the rank
+        # last had nothing to do); a busy rank whose counter stands still for hang_timeout_s is hung.
+        self.step_seen: dict[int, int | None] = {r: None for r in range(n)}
+        self.progress_at = {r: 0.0 for r in range(n)}
+        self.hangs = 0  # ranks declared hung
+        self.recovering_since: float | None = None  # when the running re-formation began
         self._recovery: asyncio.Task | None = None
         self._poller: asyncio.Task | None = None
 
@@ -117,6 +125,8 @@ class RankGroupSupervisor:
         self.missed = {r: 0 for r in self.missed}
         self.stats_at = {r: 0.0 for r in self.stats_at}
         self.dispatched = {r: 0 for r in self.dispatched}  # old generation's requests are gone
+        self.step_seen = {r: None for r in self.step_seen}
+        self.progress_at = {r: time.monotonic() for r in self.progress_at}
         self.live = set(range(len(self.actors)))
         self.ready.set()
 
@@ -137,6 +147,10 @@ class RankGroupSupervisor:
         logger.error("DP group generation %d lost: %s; re-forming it", self.generation, reason)
         self.ready.clear()
         self.live = set()
+        self.recovering_since = time.monotonic()
+        # The whole group goes: its requests end now (or are retried, before their first token)
+        # rather than when the old ranks' channels break.
+        self.channel.fail_generation(self.generation, f"the DP group is being re-formed: {reason}")
         self._recovery = asyncio.get_running_loop().create_task(self._recover())
 
     def _channel_broke(self, rank: int, generation: int, reason: str) -> None:
@@ -155,6 +169,7 @@ class RankGroupSupervisor:
                 await self.form()
                 self.recoveries += 1
                 self.recovery_error = None
+                self.recovering_since = None
                 logger.warning("DP group re-formed (generation %d, attempt %d)", self.generation, attempt)
                 return
             except Exception as exc:
@@ -174,9 +189,47 @@ class RankGroupSupervisor:
         self.missed[rank] = 0
         self.stats[rank] = stats
         self.stats_at[rank] = now
+        if self._hung(rank, stats, now):
+            return
         if now - self.gauges_at[rank] >= STATS_POLL_S:  # gauges at the poll rate, not per batch
             self.gauges_at[rank] = now
             self.metrics.rank_gauges(rank, stats)
+
+    def _hung(self, rank: int, stats: dict[str, Any], now: float) -> bool:
+        """Whether rank `rank` is hung: requests in flight, yet no engine step for hang_timeout_s
+        (its engine is frozen or stuck in a collective; the actor itself still answers). Then the
+        group is re-formed."""
+        step = stats.get("step")
+        busy = stats.get("in_flight", 0) > 0 or self.dispatched[rank] > 0
+        if step != self.step_seen[rank] or not busy:
+            self.step_seen[rank], self.progress_at[rank] = step, now
+            return False
+        stalled = now - self.progress_at[rank]
+        if stalled < self.config.serving.hang_timeout_s:
+            return False
+        self.hangs += 1
+        self.start_recovery(
+            f"rank {rank} is hung: no engine step for {stalled:.1f} s with {stats.get('in_flight', 0)} "
+            f"requests in flight (serving.hang_timeout_s {self.config.serving.hang_timeout_s:g} s)"
+        )
+        return True
+
+    def _frame_dropped(self, rank: int, reason: str) -> None:
+        self.metrics.internal_frame_dropped("output", reason)
+
+    def health_problem(self) -> str | None:
+        """Why this ingress cannot serve and will not recover by itself (Serve then replaces it), or
+        None: a re-formation running past `serving.max_recovery_s`, or a dead watcher task."""
+        bound = self.config.serving.recovery_bound_s
+        if self.recovering_since is not None and time.monotonic() - self.recovering_since > bound:
+            return (
+                f"the DP group has been re-forming for more than {bound:g} s (serving.max_recovery_s); "
+                f"last error: {self.recovery_error or 'none yet'}"
+            )
+        for name, task in (("stats poller", self._poller), ("re-formation", self._recovery)):
+            if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+                return f"the {name} task died: {task.exception()!r}"
+        return None
 
     async def poll_stats(self) -> None:
         """Poll the stats of ranks that sent none with their output lately: keeps the router's view

@@ -22,6 +22,15 @@ class IngressMetrics:
         self.tpot_ms = metrics.Histogram(names.TPOT_MS, "time per output token after the first (ms)",
                                          boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])  # fmt: skip
 
+        self.frames_dropped = metrics.Counter(
+            names.INTERNAL_FRAMES_DROPPED,
+            "frames dropped on dpserve's internal ZMQ sockets (unauthenticated, malformed, replayed)",
+            tag_keys=("channel", "reason"),
+        )
+
+    def internal_frame_dropped(self, channel: str, reason: str) -> None:
+        self.frames_dropped.inc(1, tags={"channel": channel, "reason": reason})
+
     def rank_gauges(self, rank: int, stats: dict[str, Any]) -> None:
         tags = {"rank": str(rank)}
         self.running.set(stats.get("running", 0), tags=tags)

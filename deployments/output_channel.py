@@ -4,16 +4,27 @@ inboxes of the requests waiting on them.
 A rank pushes each batch (every request's chunks from about one engine step, plus the rank's stats)
 over ZMQ to a PULL socket bound here (`DPRank.push_outputs`), or, with `output_transport: ray` or
 when its ZMQ channel does not connect, as a Ray streaming call (`DPRank.output_stream`).
+
+ZMQ frames are sealed with the group's key (scheduler/frame_auth.py: made here for each generation and
+handed to the ranks in the `push_outputs` call) and numbered per rank: a frame that does not verify,
+does not decode or repeats a number is dropped and counted; a gap in the numbers means frames were
+lost, and every request then in flight on that rank ends with a clear error and is aborted there
+(which of them lost a chunk is unknown; the rank and the group serve on).
+
+Each request may have a deadline (`serving.request_timeout_s`): past it the request gets a 504 error
+chunk and is aborted on its rank.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Callable
 from typing import Any
 
 from deployments.config import ServingSection
+from scheduler.frame_auth import FrameAuth, new_key
 
 logger = logging.getLogger("dpserve.app")
 
@@ -21,6 +32,10 @@ logger = logging.getLogger("dpserve.app")
 StatsSink = Callable[[int, int, dict[str, Any]], None]
 # (rank, group generation, reason) -> None: a rank's channel broke.
 BrokenSink = Callable[[int, int, str], None]
+# (rank, reason) -> None: a frame on a rank's ZMQ channel was dropped.
+DropSink = Callable[[int, str], None]
+# A frame's sequence number, before its msgpack payload (inside the sealed part).
+SEQ = struct.Struct("<Q")
 
 
 class OutputChannelUnreachable(ConnectionError):
@@ -41,30 +56,79 @@ def cancel_ref(ref: Any) -> None:
 class OutputChannel:
     """Request inboxes and the per-rank pumps that fill them."""
 
-    def __init__(self, serving: ServingSection, on_stats: StatsSink, on_broken: BrokenSink) -> None:
+    def __init__(self, serving: ServingSection, on_stats: StatsSink, on_broken: BrokenSink,
+                 on_drop: DropSink | None = None) -> None:  # fmt: skip
         self.serving = serving
         self.on_stats = on_stats
         self.on_broken = on_broken
+        self.on_drop = on_drop
         # request id -> (rank, group generation, queue of its chunks)
         self.inboxes: dict[str, tuple[int, int, asyncio.Queue]] = {}
+        self.deadlines: dict[str, asyncio.TimerHandle] = {}  # request id -> its timeout
         self.pumps: list[asyncio.Task] = []
+        self.actors: list[Any] = []
+        self.generation = 0
         self.start_info: list[dict[str, Any]] = []  # per rank: where it runs (node_id)
+        self.key = new_key()  # this generation's frame key (a new one per generation)
+        # Per rank of this generation: the PULL socket's address, frames dropped by reason, frames lost.
+        self.addresses: dict[int, str] = {}
+        self.dropped: dict[int, dict[str, int]] = {}
+        self.lost: dict[int, int] = {}
+        self.timed_out = 0
 
     # ---- requests --------------------------------------------------------------------------------
     def open(self, request_id: str, rank: int, generation: int) -> asyncio.Queue:
         """The inbox request `request_id` reads its chunks from (or an exception: its rank broke)."""
         inbox: asyncio.Queue = asyncio.Queue()
         self.inboxes[request_id] = (rank, generation, inbox)
+        timeout = self.serving.request_timeout_s
+        if timeout is not None:
+            loop = asyncio.get_running_loop()
+            self.deadlines[request_id] = loop.call_later(timeout, self._expire, request_id, timeout)
         return inbox
 
     def close(self, request_id: str) -> None:
         self.inboxes.pop(request_id, None)
+        timer = self.deadlines.pop(request_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _end(self, request_id: str, message: str, status: int) -> None:
+        """End request `request_id` with an error chunk (this request only) and abort it on its rank."""
+        entry = self.inboxes.get(request_id)
+        if entry is None:
+            return
+        rank, generation, inbox = entry
+        inbox.put_nowait({"error": message, "status": status})
+        if generation == self.generation and rank < len(self.actors):
+            try:
+                self.actors[rank].abort.remote(request_id)  # frees its batch slot and KV cache
+            except Exception:  # the rank is gone: nothing left to free
+                pass
+
+    def fail_generation(self, generation: int, reason: str) -> None:
+        """Every request waiting on group `generation` gets a rank failure (the group is going)."""
+        for _, g, inbox in list(self.inboxes.values()):
+            if g == generation:
+                inbox.put_nowait(ConnectionError(reason))
+
+    def _expire(self, request_id: str, timeout: float) -> None:
+        self.deadlines.pop(request_id, None)
+        self.timed_out += 1
+        logger.warning(
+            "request %s exceeded serving.request_timeout_s (%g s); aborting it", request_id, timeout
+        )
+        self._end(request_id, f"the request did not finish within serving.request_timeout_s ({timeout:g} s) "
+                              "and was aborted", 504)  # fmt: skip
 
     # ---- pumps -----------------------------------------------------------------------------------
     def start(self, actors: list[Any], generation: int, start_info: list[dict[str, Any]]) -> None:
         """Replace the pumps with one per rank of group `generation`."""
         self.stop()
         self.start_info = list(start_info)
+        self.actors, self.generation, self.key = list(actors), generation, new_key()
+        self.addresses, self.lost = {}, {r: 0 for r in range(len(actors))}
+        self.dropped = {r: {} for r in range(len(actors))}
         loop = asyncio.get_running_loop()
         self.pumps = [loop.create_task(self.pump(r, a, generation)) for r, a in enumerate(actors)]
 
@@ -95,6 +159,32 @@ class OutputChannel:
                 if r == rank and g == generation:
                     inbox.put_nowait(exc)
 
+    def stats(self) -> dict[str, Any]:
+        """For /dpserve/status: per rank the PULL address, dropped frames by reason, lost frames."""
+        return {"transport": self.serving.output_transport, "timed_out_requests": self.timed_out,
+                "ranks": {r: {"address": self.addresses.get(r), "dropped": dict(self.dropped.get(r, {})),
+                              "lost": self.lost.get(r, 0)} for r in range(len(self.actors))}}  # fmt: skip
+
+    def _drop(self, rank: int, reason: str, size: int) -> None:
+        counts = self.dropped.setdefault(rank, {})
+        n = counts[reason] = counts.get(reason, 0) + 1
+        if n == 1 or n % 1000 == 0:  # a flood must not flood the log as well
+            logger.warning("dropped a %d-byte frame on rank %d's output channel (%s; %d so far)",
+                           size, rank, reason, n)  # fmt: skip
+        if self.on_drop is not None:
+            self.on_drop(rank, reason)
+
+    def _frames_lost(self, rank: int, generation: int, missing: int) -> None:
+        """`missing` frames of rank `rank` never arrived: the requests in flight there may each have
+        lost a chunk, so each ends with a clear error (and is aborted on the rank)."""
+        self.lost[rank] = self.lost.get(rank, 0) + missing
+        affected = [rid for rid, (r, g, _) in self.inboxes.items() if r == rank and g == generation]
+        logger.error("%d output frame(s) of rank %d were lost; ending its %d requests in flight",
+                     missing, rank, len(affected))  # fmt: skip
+        for request_id in affected:
+            self._end(request_id, f"{missing} output frame(s) from DP rank {rank} were lost, so this "
+                                  "request's output is incomplete; retry it", 503)  # fmt: skip
+
     def deliver(self, rank: int, generation: int, batch: list, stats: dict[str, Any]) -> None:
         self.on_stats(rank, generation, stats)
         for request_id, chunk in batch:
@@ -114,15 +204,34 @@ class OutputChannel:
         sock = ctx.socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)
         port = sock.bind_to_random_port(f"tcp://{host}")
+        address = self.addresses[rank] = f"tcp://{host}:{port}"
         decode = msgspec.msgpack.Decoder().decode
-        pushing = actor.push_outputs.remote(f"tcp://{host}:{port}")
+        auth = FrameAuth(self.key)
+        pushing = actor.push_outputs.remote(address, self.key)
+        expected = 0  # the next frame's sequence number
 
         def take(message: Any) -> None:
+            nonlocal expected
+            frame = message.bytes
+            payload = auth.open(frame)
+            if payload is None or len(payload) < SEQ.size:
+                return self._drop(rank, "unauthenticated", len(frame))
+            (seq,) = SEQ.unpack_from(payload)
             try:
-                batch, stats = decode(message)
+                batch, stats = decode(memoryview(payload)[SEQ.size :])
+                if not isinstance(batch, list) or not isinstance(stats, dict):
+                    raise TypeError("not a (batch, stats) pair")
+            except (msgspec.DecodeError, ValueError, TypeError):
+                return self._drop(rank, "malformed", len(frame))
+            if seq < expected:  # a replay of a frame already taken
+                return self._drop(rank, "replayed", len(frame))
+            if seq > expected:
+                self._frames_lost(rank, generation, seq - expected)
+            expected = seq + 1
+            try:
                 self.deliver(rank, generation, batch, stats)
-            except (msgspec.DecodeError, ValueError, TypeError) as exc:  # not from a rank: drop it
-                logger.warning("dropped a malformed message on rank %d's output channel: %s", rank, exc)
+            except (ValueError, TypeError):  # authentic, yet not a list of (request id, chunk)
+                self._drop(rank, "malformed", len(frame))
 
         async def receive() -> None:
             while True:

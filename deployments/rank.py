@@ -208,11 +208,11 @@ class DPRank:
         async for item in self.outbox.stream():
             yield item
 
-    async def push_outputs(self, address: str) -> None:
+    async def push_outputs(self, address: str, key: bytes) -> None:
         """The same batches and stats as `output_stream`, pushed over ZMQ to the ingress's PULL
-        socket at `address` (``tcp://host:port``; `RankOutbox.push`). Runs until cancelled; the
-        ingress holds this call's ref, which fails when the rank dies."""
-        await self.outbox.push(address)
+        socket at `address` (``tcp://host:port``; `RankOutbox.push`), sealed with the group's frame
+        `key`. Runs until cancelled; the ingress holds this call's ref, which fails when the rank dies."""
+        await self.outbox.push(address, key)
 
     async def _engine_outputs(self, ids: list[int], params, request_id: str):
         """vLLM's output stream. An error it raises is the request's own (a RequestError: vLLM's

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import secrets
 import time
 from typing import Any
 
@@ -11,6 +13,7 @@ from deployments.config import BalanceSection, EngineSettings, EplbSection
 from deployments.placement import create_rank_placement_group, host_slots, rank_bundle
 from deployments.rank import DPRank
 from npu_runtime.platform import detect
+from scheduler.frame_auth import new_key
 
 logger = logging.getLogger("dpserve.rank_group")
 
@@ -32,6 +35,27 @@ def _host_slots(pg: Any, n: int) -> list[tuple[int, int]]:
     return host_slots([nodes[r] for r in range(n)])
 
 
+def group_name_prefix(generation: int) -> str:
+    """The name prefix of one start of a group: `dpserve_g<generation>_<random>_`. Operators find a
+    generation's ranks by `dpserve_g<generation>_`; the random part keeps every start's names
+    distinct (a retried start, or a new ingress replica, never meets a predecessor's leftovers)."""
+    return f"dpserve_g{generation}_{secrets.token_hex(3)}_"
+
+
+def named_rank_actors(generation: int, namespace: str = RANK_NAMESPACE) -> list[Any]:
+    """The rank actors of group generation `generation`, by rank (for operators and tests; with
+    several dpserve applications in one cluster, each has its own generation 1)."""
+    import ray
+
+    pattern = re.compile(rf"dpserve_g{generation}_[0-9a-f]+_rank(\d+)$")
+    found = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        match = pattern.match(entry["name"])
+        if match and entry["namespace"] == namespace:
+            found[int(match.group(1))] = ray.get_actor(entry["name"], namespace=namespace)
+    return [found[r] for r in sorted(found)]
+
+
 async def start_rank_group(
     settings: EngineSettings,
     placement_strategy: str = "PACK",
@@ -41,22 +65,43 @@ async def start_rank_group(
     """Create one actor per DP rank in a placement group and start their engines together.
 
     Returns (actors, placement group, per-rank start info). Rank 0 hosts vLLM's DP handshake: its
-    address and a free port are asked from rank 0's actor, so this works across nodes.
+    address and a free port are asked from rank 0's actor, so this works across nodes. If anything
+    fails on the way, whatever was created (rank actors, the EPLB actor, the placement group) is
+    removed before the error is raised.
     """
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     platform = detect()
     n = settings.data_parallel_size
     if settings.balance is not None:
+        # The coordinator is one named actor that outlives groups (reset for each): not this
+        # start's to remove.
         settings = await start_balance_coordinator(settings)
     # In a thread: waiting for bundles (up to its timeout, e.g. while a host is down) must not
-    # block the caller's event loop (the ingress keeps answering, with 503s, meanwhile).
+    # block the caller's event loop (the ingress keeps answering, with 503s, meanwhile). It removes
+    # its placement group itself when it times out.
     pg = await asyncio.to_thread(
         create_rank_placement_group, n, strategy=placement_strategy, platform=platform
     )
+    actors: list[Any] = []
+    try:
+        infos = await _start_ranks(settings, pg, platform, actors, name_prefix, start_timeout_s)
+        if settings.eplb_enabled and settings.eplb.setup_on_start:
+            await start_eplb(actors, settings, name_prefix)
+    except BaseException:
+        # Shut down what was made (engines included: an engine process outlives a killed actor),
+        # shielded: a cancelled start is cleaned up all the same.
+        await asyncio.shield(stop_rank_group(actors, pg, timeout_s=10))
+        raise
+    return actors, pg, infos
+
+
+async def _start_ranks(settings: EngineSettings, pg: Any, platform: Any, actors: list[Any],
+                       name_prefix: str, start_timeout_s: float) -> list[dict[str, Any]]:  # fmt: skip
+    """Create the rank actors (appended to `actors` as they are made, for the caller's clean-up)
+    and start their engines; returns their start info."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    n = settings.data_parallel_size
     actor_cls = rank_actor_class()
-    actors = []
     slots = await asyncio.to_thread(_host_slots, pg, n) if platform.name == "cpu" else [None] * n
     for r in range(n):
         bundle = rank_bundle(platform)
@@ -73,19 +118,14 @@ async def start_rank_group(
             opts["namespace"] = RANK_NAMESPACE
         # Each rank picks its cores on its own host (this process may run on another one).
         actors.append(actor_cls.options(**opts).remote(settings, r, None, platform.name, slots[r]))
-    dp_address, dp_port = await actors[0].reserve_dp_endpoint.remote()
-    starts = [a.start.remote(dp_address, dp_port) for a in actors]
-    try:
-        infos = await asyncio.wait_for(asyncio.gather(*starts), timeout=start_timeout_s)
-    except BaseException:
-        for a in actors:
-            ray.kill(a)
-        ray.util.remove_placement_group(pg)
-        raise
+
+    async def start() -> list[dict[str, Any]]:
+        dp_address, dp_port = await actors[0].reserve_dp_endpoint.remote()
+        return list(await asyncio.gather(*[a.start.remote(dp_address, dp_port) for a in actors]))
+
+    infos = await asyncio.wait_for(start(), timeout=start_timeout_s)
     logger.info("started %d DP ranks: %s", n, infos)
-    if settings.eplb_enabled and settings.eplb.setup_on_start:
-        await start_eplb(actors, settings, name_prefix)
-    return actors, pg, list(infos)
+    return infos
 
 
 async def wait_group_idle(
@@ -131,10 +171,11 @@ async def start_eplb(actors: list[Any], settings: EngineSettings, name_prefix: s
     if name_prefix:
         opts["name"] = f"{name_prefix}eplb"
     controller = eplb_actor_class().options(**opts).remote(actors, cfg.model_dump())
+    # Registered at once: if initializing fails, the group's clean-up still finds (and kills) it.
+    _EPLB_ACTORS[_group_key(actors)] = controller
     await controller.initialize.remote()
     if cfg.autostart:
         await controller.start.remote()
-    _EPLB_ACTORS[_group_key(actors)] = controller
     return controller
 
 
@@ -166,7 +207,9 @@ async def start_balance_coordinator(settings: EngineSettings) -> EngineSettings:
         balance.params,
         balance.timeout_s,
     )
-    await coordinator.reset.remote()  # a new group starts its waves at 0 again
+    # A new group starts its waves at 0 again, with its own key for the gate's frames (the ranks'
+    # engines fetch it from the actor through Ray: scheduler/gate_transport.py).
+    await coordinator.reset.remote(new_key())
     return settings.model_copy(update={"balance": balance})
 
 

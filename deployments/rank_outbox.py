@@ -13,7 +13,9 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from deployments.output_channel import SEQ
 from deployments.request_errors import RequestError, error_reply
+from scheduler.frame_auth import FrameAuth
 
 logger = logging.getLogger("dpserve.rank")
 
@@ -76,9 +78,10 @@ class RankOutbox:
         while True:
             yield await self.next_batch(), self.get_stats()
 
-    async def push(self, address: str) -> None:
+    async def push(self, address: str, key: bytes) -> None:
         """The same batches and stats, msgpack-encoded and pushed over ZMQ to the ingress's PULL
-        socket at `address` (``tcp://host:port``). Runs until cancelled.
+        socket at `address` (``tcp://host:port``), each frame numbered and sealed with the group's
+        `key` (deployments/output_channel.py checks both). Runs until cancelled.
 
         Why not a Ray stream: each streamed item costs a serialisation in an executor thread plus
         core-worker RPCs on both sides, about half the rank actor's and much of the ingress's CPU at
@@ -96,11 +99,20 @@ class RankOutbox:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.connect(address)
         encode = msgspec.msgpack.Encoder().encode
+        auth = FrameAuth(key)
+        seq = 0
+
+        def frame(batch: Batch) -> bytes:
+            nonlocal seq
+            sealed = auth.seal(SEQ.pack(seq) + encode((batch, self.get_stats())))
+            seq += 1
+            return sealed
+
         try:
             # An empty batch first: tells the ingress the channel works.
-            await sock.send(encode(([], self.get_stats())), copy=False)
+            await sock.send(frame([]), copy=False)
             while True:
                 batch = await self.next_batch()
-                await sock.send(encode((batch, self.get_stats())), copy=False)
+                await sock.send(frame(batch), copy=False)
         finally:
             ctx.destroy(linger=0)

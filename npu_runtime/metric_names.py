@@ -38,6 +38,9 @@ RANK_RUNNING = "dpserve_rank_running"  # gauge; rank
 RANK_WAITING = "dpserve_rank_waiting"  # gauge; rank
 TTFT_MS = "dpserve_ttft_ms"  # histogram
 TPOT_MS = "dpserve_tpot_ms"  # histogram
+# Both internal ZMQ channels: the ranks' output (channel=output, counted by the ingress) and the gate
+# (channel=gate, counted by the balance coordinator).
+INTERNAL_FRAMES_DROPPED = "dpserve_internal_frames_dropped"  # counter; channel, reason
 
 # --- balance scheduling (prefill gate) --------------------------------------------------------
 GATE_CLOSED_STEPS = "dpserve_gate_closed_steps"  # counter
@@ -72,6 +75,12 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec(RANK_WAITING, GAUGE, ("rank",), "waiting requests per DP rank"),
         MetricSpec(TTFT_MS, HISTOGRAM, (), "time to first token (ms)"),
         MetricSpec(TPOT_MS, HISTOGRAM, (), "time per output token after the first (ms)"),
+        MetricSpec(
+            INTERNAL_FRAMES_DROPPED,
+            COUNTER,
+            ("channel", "reason"),
+            "frames dropped on the internal ZMQ sockets: unauthenticated, malformed, replayed, invalid",
+        ),
         MetricSpec(
             GATE_CLOSED_STEPS, COUNTER, (), "engine steps in which the prefill gate refused admission"
         ),

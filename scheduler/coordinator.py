@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from scheduler.frame_auth import new_key
 from scheduler.gate_report import GateReport, StepKey
 from scheduler.policy import GateDecision, GatePolicy, RankCounts, make_policy
 
@@ -210,8 +211,12 @@ class BalanceCoordinator:
         # (set_policy / set_timeout) is read back from the GCS store (see _ConfigStore).
         self._store = _ConfigStore.for_this_actor()
         saved = self._store.load() if self._store is not None else None
+        # The key that seals gate frames: the group's (`reset`), kept across restarts with the
+        # configuration; until a group sets one, a random key nobody holds (every frame is dropped).
+        self._key = new_key()
         if saved is not None:
             policy, params, timeout_s = saved["policy"], saved["params"], saved["timeout_s"]
+            self._key = bytes.fromhex(saved.get("key") or self._key.hex())
             logger.warning("balance coordinator restarted: policy %s %s restored", policy, params)
         self.state = CoordinatorState(policy, params, timeout_s)
         self._save()
@@ -223,11 +228,16 @@ class BalanceCoordinator:
         if serve_zmq:
             from scheduler.gate_transport import GateServer
 
-            self._server = GateServer(self.report, _node_ip())
+            self._server = GateServer(self.report, _node_ip(), self._key, on_drop=self._metrics.dropped)
 
     def zmq_address(self) -> str | None:
         """Where the ranks' ZMQ gate clients connect (changes when the actor restarts)."""
         return None if self._server is None else self._server.address
+
+    def gate_endpoint(self) -> tuple[str, bytes] | None:
+        """The ZMQ address and the frame key the ranks' gate clients use (a Ray call: the key never
+        crosses a socket)."""
+        return None if self._server is None else self._server.endpoint
 
     def report(self, r: GateReport) -> list[bool]:
         """One rank's counts at ``(wave, step)``; returns admit for steps ``step + lead`` ..
@@ -235,7 +245,7 @@ class BalanceCoordinator:
         Called by the ZMQ server thread and, with transport ``"ray"``, as a Ray method."""
         with self._lock:
             closed_before = self.state.closed_steps
-            decisions, spread = self.state.report(r)
+            decisions, spread = self.state.report(r.checked())
             for _ in range(self.state.closed_steps - closed_before):
                 self._metrics.closed()
             if spread is not None:
@@ -255,11 +265,19 @@ class BalanceCoordinator:
 
     def _save(self) -> None:
         if self._store is not None:
-            self._store.save(self.state.policy_name, self.state.policy_params, self.state.timeout_s)
+            self._store.save(
+                self.state.policy_name, self.state.policy_params, self.state.timeout_s, self._key
+            )
 
-    def reset(self) -> None:
+    def reset(self, key: bytes | None = None) -> None:
+        """Start over for a new rank group; `key`: the group's gate-frame key (None: keep the key)."""
         with self._lock:
             self.state.reset()
+            if key is not None:
+                self._key = bytes(key)
+                if self._server is not None:
+                    self._server.set_key(self._key)
+                self._save()
 
     def get_decision(self, wave: int, step: int) -> dict[str, Any] | None:
         with self._lock:
@@ -279,6 +297,9 @@ class BalanceCoordinator:
             out = self.state.stats()
         out["zmq_address"] = self.zmq_address()
         out["zmq_served"] = 0 if self._server is None else self._server.served
+        # Frames dropped by reason (unauthenticated, malformed, invalid) and whether the thread serves.
+        out["zmq_dropped"] = {} if self._server is None else dict(self._server.dropped)
+        out["zmq_server_alive"] = self._server is not None and self._server.alive
         return out
 
     def ping(self) -> bool:
@@ -332,10 +353,13 @@ class _ConfigStore:
         saved = json.loads(raw)
         return saved if saved.get("actor_id") == self.actor_id else None
 
-    def save(self, policy: str, params: dict[str, Any], timeout_s: float) -> None:
+    def save(self, policy: str, params: dict[str, Any], timeout_s: float, key: bytes) -> None:
         from ray.experimental import internal_kv
 
-        value = {"actor_id": self.actor_id, "policy": policy, "params": params, "timeout_s": timeout_s}
+        # The frame key too: a restarted actor must accept the group's ranks. The GCS store is no
+        # less protected than the Ray calls that hand the key out.
+        value = {"actor_id": self.actor_id, "policy": policy, "params": params, "timeout_s": timeout_s,
+                 "key": key.hex()}  # fmt: skip
         try:
             internal_kv._internal_kv_put(self.key, json.dumps(value), namespace=self.KV_NAMESPACE)
         except Exception:  # the change itself is applied; only a restart would lose it
@@ -362,6 +386,11 @@ class _Metrics:
                 "Ranks excluded from the gate for not reporting",
                 tag_keys=("rank",),
             )
+            self._dropped = metrics.Counter(
+                "dpserve_internal_frames_dropped",  # npu_runtime.metric_names.INTERNAL_FRAMES_DROPPED
+                "frames dropped on dpserve's internal ZMQ sockets (unauthenticated, malformed, invalid)",
+                tag_keys=("channel", "reason"),
+            )
             self._gather = metrics.Histogram(
                 "dpserve_gate_gather_latency_ms",
                 "Spread between the first and the last rank's report of one lockstep step",
@@ -378,6 +407,10 @@ class _Metrics:
     def excluded(self, rank: int) -> None:
         if self.ok:
             self._excluded.inc(tags={"rank": str(rank)})
+
+    def dropped(self, reason: str) -> None:
+        if self.ok:
+            self._dropped.inc(tags={"channel": "gate", "reason": reason})
 
     def gather(self, ms: float) -> None:
         if self.ok:

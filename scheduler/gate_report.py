@@ -19,6 +19,15 @@ TRANSPORTS = ("zmq", "ray", "none")
 # msgpack/pickle work on the engine-core thread.
 _WIRE = struct.Struct("<ciqqiiiiidqq")
 
+# What a report may carry. Reports come off a socket: out of these ranges one is refused before it
+# touches the coordinator's state (a horizon of 2**31 would make it build 2**31 decisions, negative
+# counts would skew every rank's gate).
+MAX_RANKS = 1 << 16
+MAX_COUNT = 1 << 24  # running / waiting / max_num_seqs of one engine
+MAX_LEAD = 1024
+MAX_HORIZON = 1024
+MAX_STEP = 1 << 62
+
 
 @dataclass(frozen=True, slots=True)
 class GateReport:
@@ -56,10 +65,25 @@ class GateReport:
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> GateReport:
+        """The report in `payload`; ValueError (struct.error) for a malformed or out-of-range one."""
         kind, *values = _WIRE.unpack(payload)
         if kind != b"R":
             raise ValueError(f"unknown gate message kind {kind!r}")
-        return cls(*values)
+        return cls(*values).checked()
+
+    def checked(self) -> GateReport:
+        """This report if every field is in range, else ValueError naming the first that is not."""
+        bounds = {"rank": (0, MAX_RANKS - 1), "wave": (0, MAX_STEP), "step": (0, MAX_STEP),
+                  "running": (0, MAX_COUNT), "waiting": (0, MAX_COUNT), "max_num_seqs": (1, MAX_COUNT),
+                  "lead": (1, MAX_LEAD), "horizon": (1, MAX_HORIZON), "client_calls": (0, MAX_STEP),
+                  "client_late": (0, MAX_STEP)}  # fmt: skip
+        for name, (low, high) in bounds.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(f"gate report {name}={value} outside [{low}, {high}]")
+        if not 0.0 <= self.client_ms < float("inf"):  # also refuses NaN
+            raise ValueError(f"gate report client_ms={self.client_ms} is not a non-negative number")
+        return self
 
 
 @dataclass
@@ -94,10 +118,12 @@ class BalanceConfig:
         if unknown:
             raise ValueError(f"{ADDITIONAL_CONFIG_KEY}: unknown key(s) {unknown}; known: {sorted(known)}")
         cfg = cls(**raw)
-        if cfg.horizon < 1:
-            raise ValueError(f"{ADDITIONAL_CONFIG_KEY}.horizon must be >= 1 (got {cfg.horizon})")
-        if cfg.lead < 1:
-            raise ValueError(f"{ADDITIONAL_CONFIG_KEY}.lead must be >= 1 (got {cfg.lead})")
+        if not 1 <= cfg.horizon <= MAX_HORIZON:
+            raise ValueError(
+                f"{ADDITIONAL_CONFIG_KEY}.horizon must be in [1, {MAX_HORIZON}] (got {cfg.horizon})"
+            )
+        if not 1 <= cfg.lead <= MAX_LEAD:
+            raise ValueError(f"{ADDITIONAL_CONFIG_KEY}.lead must be in [1, {MAX_LEAD}] (got {cfg.lead})")
         if cfg.transport not in TRANSPORTS:
             raise ValueError(f"{ADDITIONAL_CONFIG_KEY}.transport must be one of {TRANSPORTS}")
         return cfg

@@ -32,6 +32,7 @@ from typing import Any
 
 import zmq
 
+from scheduler.frame_auth import FrameAuth
 from scheduler.gate_report import BalanceConfig, GateReport, StepKey
 
 logger = logging.getLogger("dpserve.balance")
@@ -40,7 +41,9 @@ logger = logging.getLogger("dpserve.balance")
 # then one byte per step (1 = admit). Fixed structs: no msgpack/pickle cost on the engine-core thread.
 _REP_HEAD = struct.Struct("<cqq")
 _KEEP = 256  # decisions / requested keys kept per client (a wave can end early: never-used keys)
-_RECV_BUF = 4096  # a reply is 17 bytes + one per step of the horizon
+_RECV_BUF = 4096  # a reply is a 32-byte tag + 17 bytes + one per step of the horizon (<= 1024)
+# Where a client finds the coordinator: (ZMQ address, the group's frame key).
+GateEndpoint = tuple[str, bytes]
 
 
 class _GilHeldZmq:
@@ -89,47 +92,95 @@ class GateServer:
     """The coordinator side: a ROUTER socket served by a daemon thread.
 
     ``handle(report) -> list[bool]`` is called for each report (the caller holds its own lock
-    around its state); replies go back to the reporting rank only.
+    around its state); replies go back to the reporting rank only. Every frame in either direction
+    is sealed with the group's key (scheduler/frame_auth.py): anything that is not an authentic,
+    well-formed, in-range report is dropped and counted in ``dropped`` (by reason), and no frame can
+    end the serving thread.
     """
 
-    def __init__(self, handle: Callable[[GateReport], list[bool]], host: str) -> None:
+    def __init__(self, handle: Callable[[GateReport], list[bool]], host: str, key: bytes,
+                 on_drop: Callable[[str], None] | None = None) -> None:  # fmt: skip
         self._handle = handle
+        self._auth = FrameAuth(key)
+        self._on_drop = on_drop
         self._ctx = zmq.Context(io_threads=1)
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, _RECV_BUF)  # a larger frame is no report: never buffered
         port = self._sock.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
         self.served = 0
+        self.dropped: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="dpserve-gate-server", daemon=True)
         self._thread.start()
 
+    @property
+    def endpoint(self) -> GateEndpoint:
+        return self.address, self._auth.key
+
+    def set_key(self, key: bytes) -> None:
+        """Take a new group's key (frames sealed with the old one are dropped from now on)."""
+        self._auth = FrameAuth(key)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _drop(self, reason: str, size: int) -> None:
+        count = self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if count == 1 or count % 1000 == 0:  # a flood must not flood the log as well
+            logger.warning(
+                "balance gate server: dropped a %d-byte frame (%s; %d so far)", size, reason, count
+            )
+        if self._on_drop is not None:
+            self._on_drop(reason)
+
     def _serve(self) -> None:
-        sock = self._sock
         while not self._stop.is_set():
-            if not sock.poll(200):  # wake up now and then to notice close()
+            try:
+                self._serve_ready()
+            except Exception:  # whatever a frame does, the server keeps serving
+                if self._stop.is_set():
+                    return
+                logger.exception("balance gate server: unexpected error; serving on")
+                time.sleep(0.01)
+
+    def _serve_ready(self) -> None:
+        sock = self._sock
+        if not sock.poll(200):  # wake up now and then to notice close()
+            return
+        # Drain everything queued: one wake-up can serve both ranks. (poll(0) is ~5x cheaper than a
+        # recv that raises zmq.Again.)
+        while sock.poll(0):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:  # a DEALER's message is [identity, payload]
+                self._drop("malformed", sum(len(f) for f in frames))
                 continue
-            # Drain everything queued: one wake-up can serve both ranks. (poll(0) is ~5x cheaper
-            # than a recv that raises zmq.Again.)
-            while sock.poll(0):
-                try:
-                    ident, payload = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    if self._stop.is_set():
-                        return
-                    raise
-                try:
-                    req = GateReport.from_bytes(payload)
-                    admits = self._handle(req)
-                    reply = encode_decisions(req.wave, req.first_decided, admits)
-                except Exception:  # a bad message must not kill the server
-                    logger.exception("balance gate server: cannot serve a %d-byte message", len(payload))
-                    continue
-                self.served += 1  # before the send: a client that has its reply sees it counted
-                try:
-                    sock.send_multipart([ident, reply], zmq.NOBLOCK)
-                except zmq.Again:  # that rank's queue is full (it is gone): drop
-                    pass
+            ident, frame = frames
+            payload = self._auth.open(frame)
+            if payload is None:
+                self._drop("unauthenticated", len(frame))
+                continue
+            try:
+                req = GateReport.from_bytes(payload)
+            except (ValueError, struct.error):  # out of range, or not a report at all
+                self._drop("invalid", len(frame))
+                continue
+            try:
+                admits = self._handle(req)
+            except Exception:
+                logger.exception("balance gate server: cannot serve rank %d's report", req.rank)
+                continue
+            reply = self._auth.seal(encode_decisions(req.wave, req.first_decided, admits))
+            self.served += 1  # before the send: a client that has its reply sees it counted
+            try:
+                sock.send_multipart([ident, reply], zmq.NOBLOCK)
+            except zmq.ZMQError:  # that rank's queue is full (it is gone), or it vanished: drop
+                pass
 
     def close(self) -> None:
         self._stop.set()
@@ -141,16 +192,16 @@ class GateServer:
 class ZmqGateClient:
     """Engine-core side of the ZMQ transport (one per rank; used from the engine-core thread only).
 
-    ``resolve`` returns the coordinator's current address (it may block and raise); by default it
-    looks the named actor up through Ray. It runs once in ``connect`` (start-up) and afterwards only
-    in a background thread.
+    ``resolve`` returns the coordinator's current address and the group's frame key (it may block
+    and raise); by default it looks the named actor up through Ray. It runs once in ``connect``
+    (start-up) and afterwards only in a background thread.
     """
 
     def __init__(
         self,
         cfg: BalanceConfig,
         rank: int,
-        resolve: Callable[[], str] | None = None,
+        resolve: Callable[[], GateEndpoint] | None = None,
         retry_s: float = 1.0,
     ) -> None:
         self.cfg = cfg
@@ -164,13 +215,15 @@ class ZmqGateClient:
         self._raw = _GilHeldZmq.load()
         self._buf = ctypes.create_string_buffer(_RECV_BUF)
         self.address: str | None = None
+        self._auth: FrameAuth | None = None
+        self.dropped_replies = 0  # replies that were not authentic or not well formed
         self._decisions: dict[StepKey, bool] = {}  # received, not yet used
         self._asked: dict[StepKey, None] = {}  # keys a reply is expected for (ordered set)
         self._unanswered_since: float | None = None  # first report sent after the last reply
         # Outage state, and what the resolver thread hands over (plain attribute writes).
         self.down = False
         self._down_since = 0.0
-        self._resolved: str | None = None
+        self._resolved: GateEndpoint | None = None
         self._resolver: threading.Thread | None = None
         self._closed = False
         self._last_resolve = 0.0
@@ -184,7 +237,7 @@ class ZmqGateClient:
         self.last_outage_s: float | None = None  # how long the last outage lasted
 
     # ---- connection ----------------------------------------------------------------------------
-    def _resolve_via_ray(self) -> str:
+    def _resolve_via_ray(self) -> GateEndpoint:
         import ray
 
         if not ray.is_initialized():
@@ -196,7 +249,8 @@ class ZmqGateClient:
                 logging_level=logging.WARNING,
             )
         actor = ray.get_actor(self.cfg.coordinator_name, namespace=self.cfg.namespace)
-        return str(ray.get(actor.zmq_address.remote(), timeout=10))
+        address, key = ray.get(actor.gate_endpoint.remote(), timeout=10)
+        return str(address), bytes(key)
 
     def connect(self) -> bool:
         """Resolve and connect now (start-up; blocking). On failure the gate stays open and the
@@ -214,9 +268,10 @@ class ZmqGateClient:
             self._go_down(time.monotonic())
             return False
 
-    def _attach(self, address: str, wait_s: float = 0.0) -> None:
-        """Connect a fresh DEALER to ``address``; ``wait_s`` > 0 (start-up only) waits for the TCP
-        connection, so that the first reports are not dropped."""
+    def _attach(self, endpoint: GateEndpoint, wait_s: float = 0.0) -> None:
+        """Connect a fresh DEALER to ``endpoint``'s address; ``wait_s`` > 0 (start-up only) waits for
+        the TCP connection, so that the first reports are not dropped."""
+        address, key = endpoint
         if self._sock is not None:
             self._sock.close(0)
         sock = self._ctx.socket(zmq.DEALER)
@@ -228,7 +283,7 @@ class ZmqGateClient:
         sock.connect(address)
         if wait_s > 0:
             sock.poll(int(wait_s * 1e3), zmq.POLLOUT)  # writable once connected (IMMEDIATE)
-        self._sock, self.address = sock, address
+        self._sock, self.address, self._auth = sock, address, FrameAuth(key)
         self._handle = sock.underlying
         self._unanswered_since = None
 
@@ -268,8 +323,8 @@ class ZmqGateClient:
         resolved = self._resolved
         if resolved is not None:
             self._resolved = None
-            if resolved != self.address:
-                logger.info("rank %d: balance coordinator moved to %s; reconnecting", self.rank, resolved)
+            if resolved[0] != self.address or self._auth is None or resolved[1] != self._auth.key:
+                logger.info("rank %d: balance coordinator moved to %s; reconnecting", self.rank, resolved[0])
                 self._attach(resolved)
                 self.reconnects += 1
         if (
@@ -315,11 +370,15 @@ class ZmqGateClient:
             return False
 
     def _drain(self) -> None:
-        while (payload := self._recv()) is not None:
+        while (frame := self._recv()) is not None:
+            payload = self._auth.open(frame) if self._auth is not None else None
             try:
+                if payload is None:
+                    raise ValueError("not sealed with the group's key")
                 wave, first, admits = decode_decisions(payload)
             except Exception:
-                logger.warning("rank %d: malformed gate reply (%d bytes) ignored", self.rank, len(payload))
+                self.dropped_replies += 1
+                logger.warning("rank %d: gate reply (%d bytes) dropped", self.rank, len(frame))
                 continue
             self._unanswered_since = None
             if self.down:
@@ -345,6 +404,7 @@ class ZmqGateClient:
             msg = self.cfg.report(
                 self.rank, key, running, waiting, max_num_seqs, lead, self.client_s, self.calls, self.late
             ).to_bytes()
+            msg = self._auth.seal(msg) if self._auth is not None else msg
             # Not sent = no live connection (coordinator gone or not up yet): counts as unanswered.
             if self._send(msg) and not self.down:  # while down, decisions are not waited for
                 for i in range(self.cfg.horizon):
@@ -395,6 +455,7 @@ class ZmqGateClient:
             "reconnects": self.reconnects,
             "down_decisions": self.down_decisions,
             "last_outage_s": self.last_outage_s,
+            "dropped_replies": self.dropped_replies,
         }
 
     def close(self) -> None:

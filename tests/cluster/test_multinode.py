@@ -121,8 +121,9 @@ print("deployed")
 def _rank_network(cluster, generation: int) -> list[dict[str, str]]:
     code = f"""
 import json, ray
+from deployments.rank_group import named_rank_actors
 ray.init(namespace="dpserve")
-actors = [ray.get_actor(f"dpserve_g{generation}_rank{{r}}") for r in range(2)]
+actors = named_rank_actors({generation})
 print(json.dumps(ray.get([a.network_info.remote() for a in actors])))
 """
     return _json_line(cluster.run_python(0, code, timeout_s=120).stdout)

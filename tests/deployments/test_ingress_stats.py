@@ -1,5 +1,8 @@
-"""The ingress's view of rank stats without Ray or engines: stats riding on a rank's output batches
-replace that rank's poll, idle ranks are still polled, and a dead engine or rank is noticed either way."""
+"""The ingress's view of its ranks without Ray or engines: stats riding on a rank's output batches
+replace that rank's poll, idle ranks are still polled, and a dead engine or rank is noticed either way;
+the output channel's frames are authenticated and numbered (forged, malformed and replayed frames are
+dropped and counted, lost ones end the requests they may have carried); requests have deadlines; a busy
+rank whose engine stops stepping is declared hung; a stuck re-formation makes the ingress unhealthy."""
 
 from __future__ import annotations
 
@@ -13,14 +16,32 @@ import pytest
 import deployments.group_supervisor as supervisor_module
 from deployments.config import DPServeConfig
 from deployments.group_supervisor import RankGroupSupervisor
+from deployments.output_channel import SEQ
+from scheduler.frame_auth import FrameAuth, new_key
+
+
+class Frame:
+    """A frame the stand-in rank sends as given: sequence number `seq`, `payload` (a (batch, stats)
+    pair to encode, or raw bytes), sealed with the group's key or, with `key`, another one."""
+
+    def __init__(self, seq: int, payload: Any, key: bytes | None = None) -> None:
+        self.seq, self.payload, self.key = seq, payload, key
+
+    def seal(self, auth: FrameAuth) -> bytes:
+        body = self.payload if isinstance(self.payload, bytes) else msgspec.msgpack.encode(self.payload)
+        return (FrameAuth(self.key) if self.key else auth).seal(SEQ.pack(self.seq) + body)
 
 
 class _Metrics:
     def __init__(self) -> None:
         self.gauges: list[tuple[int, dict]] = []
+        self.dropped: list[tuple[str, str]] = []
 
     def rank_gauges(self, rank: int, stats: dict[str, Any]) -> None:
         self.gauges.append((rank, stats))
+
+    def internal_frame_dropped(self, channel: str, reason: str) -> None:
+        self.dropped.append((channel, reason))
 
 
 class _Method:
@@ -35,6 +56,16 @@ class _Method:
             return self.fn(*args)
 
         return self.fn(*args) if asyncio.iscoroutinefunction(self.fn) else call()
+
+
+class _Sent:
+    """A fire-and-forget actor call (the caller never awaits its ref): takes effect at once."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def remote(self, *args: Any) -> None:
+        self.fn(*args)
 
 
 class _Rank:
@@ -52,12 +83,15 @@ class _Rank:
         self.batches = batches or []
         self.output_stream = self
         self.push_outputs = _Method(self._push)
+        self.aborted: list[str] = []
+        self.abort = _Sent(self.aborted.append)
         self.fail_after_s = fail_after_s
         self.reachable = reachable
 
-    async def _push(self, address: str) -> None:
-        """DPRank.push_outputs' wire format over a real ZMQ socket; raises like a dead rank's call
-        after `fail_after_s`."""
+    async def _push(self, address: str, key: bytes) -> None:
+        """DPRank.push_outputs' wire format over a real ZMQ socket (each batch numbered in order and
+        sealed with `key`; raw bytes and `Frame`s are sent as they are); raises like a dead rank's
+        call after `fail_after_s`."""
         import msgspec
         import zmq
         import zmq.asyncio
@@ -67,9 +101,14 @@ class _Rank:
         ctx = zmq.asyncio.Context()
         sock = ctx.socket(zmq.PUSH)
         sock.connect(address)
+        auth, seq = FrameAuth(key), 0
         try:
             for item in self.batches:
-                await sock.send(item if isinstance(item, bytes) else msgspec.msgpack.encode(item))
+                if isinstance(item, Frame):
+                    item = item.seal(auth)
+                elif not isinstance(item, bytes):
+                    item, seq = auth.seal(SEQ.pack(seq) + msgspec.msgpack.encode(item)), seq + 1
+                await sock.send(item)
             if self.fail_after_s is not None:
                 await asyncio.sleep(self.fail_after_s)
                 raise ConnectionError("rank actor died")
@@ -269,3 +308,119 @@ def test_a_rank_that_stops_answering_is_given_up_after_missed_polls(monkeypatch:
         ]
 
     asyncio.run(main())
+
+
+def _pump_until(
+    server: Any, rank: _Rank, inboxes: dict[str, asyncio.Queue], cond, timeout_s: float = 10
+) -> None:
+    """Run rank 0's ZMQ pump with `inboxes` open until `cond()` holds."""
+
+    async def main() -> None:
+        server.channel.actors, server.channel.generation = [rank], 1  # what `start` sets
+        for request_id, inbox in inboxes.items():
+            server.channel.inboxes[request_id] = (0, 1, inbox)
+        pump = asyncio.create_task(server.channel.pump(0, rank, 1))
+        try:
+            await _until(cond, timeout_s)
+        finally:
+            pump.cancel()
+
+    asyncio.run(main())
+
+
+def test_forged_malformed_and_replayed_frames_are_dropped_and_counted() -> None:
+    good = ([("req-1", CHUNK)], {"running": 1})
+    frames = [
+        Frame(0, good),
+        b"garbage",  # no tag at all
+        Frame(1, ([("req-1", {"text": "forged"})], {"running": 99}), key=new_key()),  # wrong key
+        Frame(1, b"not msgpack \xc1"),  # authentic but undecodable
+        Frame(1, msgspec.msgpack.encode({"not": "a pair"})),
+        Frame(0, good),  # a replay of frame 0
+        Frame(1, ([("req-1", dict(CHUNK, finish_reason="stop"))], {"running": 0})),
+    ]
+    rank = _Rank(0, batches=frames)
+    server = _server([rank], "zmq")
+    inbox: asyncio.Queue = asyncio.Queue()
+    _pump_until(server, rank, {"req-1": inbox}, lambda: inbox.qsize() == 2)
+    assert [inbox.get_nowait() for _ in range(2)] == [CHUNK, dict(CHUNK, finish_reason="stop")]
+    assert server.channel.dropped[0] == {"unauthenticated": 2, "malformed": 2, "replayed": 1}
+    assert (
+        server.metrics.dropped.count(("output", "unauthenticated")) == 2 and len(server.metrics.dropped) == 5
+    )
+    assert server.stats[0] == {"running": 0} and server.channel.lost.get(0, 0) == 0
+    assert server.recoveries_started == [] and not rank.aborted
+    status = server.channel.stats()["ranks"][0]
+    assert status["address"].startswith("tcp://127.0.0.1:") and status["dropped"]["replayed"] == 1
+
+
+def test_a_lost_frame_ends_the_ranks_requests_with_a_clear_error_and_aborts_them() -> None:
+    frames = [Frame(0, ([("req-1", CHUNK)], {})), Frame(3, ([("req-2", CHUNK)], {}))]  # 1 and 2 lost
+    rank = _Rank(0, batches=frames)
+    server = _server([rank], "zmq")
+    inboxes = {"req-1": asyncio.Queue(), "req-2": asyncio.Queue()}
+    _pump_until(server, rank, inboxes, lambda: inboxes["req-2"].qsize() == 2 and len(rank.aborted) == 2)
+    assert inboxes["req-1"].get_nowait() == CHUNK
+    for request_id in ("req-1", "req-2"):
+        err = inboxes[request_id].get_nowait()
+        assert err["status"] == 503 and "2 output frame(s) from DP rank 0 were lost" in err["error"]
+    assert inboxes["req-2"].get_nowait() == CHUNK  # the frame after the gap is still delivered
+    assert sorted(rank.aborted) == ["req-1", "req-2"] and server.channel.lost[0] == 2
+    assert server.recoveries_started == []  # the rank and the group serve on
+
+
+def test_a_request_past_its_deadline_gets_a_504_and_is_aborted_on_its_rank() -> None:
+    async def main() -> None:
+        rank = _Rank(0)
+        server = _server([rank])
+        server.channel.serving.request_timeout_s = 0.2
+        server.channel.start([rank], 1, [{}])
+        slow = server.channel.open("slow", 0, 1)
+        done = server.channel.open("done", 0, 1)
+        server.channel.close("done")  # finished in time: its deadline is cancelled
+        err = await asyncio.wait_for(slow.get(), 10)
+        assert err["status"] == 504 and "request_timeout_s (0.2 s)" in err["error"]
+        await asyncio.sleep(0.3)
+        assert done.empty() and rank.aborted == ["slow"] and server.channel.timed_out == 1
+        server.channel.stop()
+
+    asyncio.run(main())
+
+
+def test_a_busy_rank_whose_engine_stops_stepping_is_declared_hung(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(supervisor_module, "time", clock)
+    server = _server([_Rank(0), _Rank(1)])
+    hang_s = server.config.serving.hang_timeout_s
+    assert hang_s <= 60
+
+    def stats(rank: int, step: int, in_flight: int) -> None:
+        server.take_stats(rank, 1, {"step": step, "in_flight": in_flight, "running": in_flight})
+
+    for t in range(0, int(3 * hang_s), 5):  # idle with a still counter, then stepping with work: fine
+        clock.now += 5
+        stats(0, 7, 0)
+        stats(1, t, 3)
+    assert server.recoveries_started == []
+    stats(1, 9999, 3)
+    clock.now += hang_s - 1
+    stats(1, 9999, 3)  # stalled, not yet for hang_timeout_s
+    assert server.recoveries_started == []
+    clock.now += 2
+    stats(1, 9999, 3)
+    assert len(server.recoveries_started) == 1 and server.hangs == 1
+    assert server.recoveries_started[0].startswith("rank 1 is hung: no engine step for")
+
+
+def test_a_stuck_recovery_makes_the_ingress_unhealthy(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(supervisor_module, "time", clock)
+    server = _server([_Rank(0)])
+    assert server.health_problem() is None
+    server.recovering_since = clock.now
+    server.recovery_error = "attempt 3: TimeoutError: no bundles"
+    clock.now += server.config.serving.recovery_bound_s - 1
+    assert server.health_problem() is None  # re-forming, within its bound
+    clock.now += 2
+    assert "re-forming for more than 1800 s" in server.health_problem()
+    assert "no bundles" in server.health_problem()

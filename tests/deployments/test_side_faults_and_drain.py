@@ -135,6 +135,8 @@ def _eplb_actor(ray) -> Any:
 
 
 def test_eplb_actor_killed_serving_continues_and_it_resumes(served, ray_local):
+    from deployments.rank_group import named_rank_actors
+
     ray = ray_local
     url = served["url"]
     timeline: list[tuple[float, dict | None]] = []
@@ -190,7 +192,7 @@ def test_eplb_actor_killed_serving_continues_and_it_resumes(served, ray_local):
     full = ray.get(_eplb_actor(ray).get_state.remote())
     assert any(e["event"] == "resumed" for e in full["history"]), full["history"]
     # The resumed actor planned from what the ranks hold: both ranks agree with its placement.
-    ranks = [ray.get_actor(f"dpserve_g1_rank{r}", namespace="dpserve") for r in (0, 1)]
+    ranks = named_rank_actors(1)
     # Between its cycles (phase "collecting", the same rebalance count before and after reading the
     # ranks) the actor's placement is the one both ranks hold; while a plan is in flight they may not.
     deadline = time.monotonic() + 120

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from scheduler.coordinator import CoordinatorState
+from scheduler.frame_auth import new_key
 from scheduler.gate_report import BalanceConfig, GateReport
 from scheduler.gate_transport import (
     GateServer,
@@ -21,6 +22,8 @@ from scheduler.gate_transport import (
     decode_decisions,
     encode_decisions,
 )
+
+KEY = new_key()
 
 
 def _server(state: CoordinatorState) -> GateServer:
@@ -31,7 +34,7 @@ def _server(state: CoordinatorState) -> GateServer:
             ds, _ = state.report(r)
         return [d.admit for d in ds]
 
-    return GateServer(handle, "127.0.0.1")
+    return GateServer(handle, "127.0.0.1", KEY)
 
 
 def test_wire_roundtrip() -> None:
@@ -48,7 +51,7 @@ def test_zmq_clients_get_the_frozen_decisions(gil_held: bool) -> None:
     state = CoordinatorState("any_at_cap", timeout_s=5)
     srv = _server(state)
     cfg = BalanceConfig(lead=1)
-    clients = [ZmqGateClient(cfg, r, resolve=lambda: srv.address) for r in (0, 1)]
+    clients = [ZmqGateClient(cfg, r, resolve=lambda: srv.endpoint) for r in (0, 1)]
     try:
         for c in clients:
             if sys.platform == "linux":  # pyzmq's libzmq is found in /proc/self/maps
@@ -80,7 +83,7 @@ def test_zmq_clients_get_the_frozen_decisions(gil_held: bool) -> None:
 def test_zmq_client_horizon() -> None:
     state = CoordinatorState("cadence", params={"interval": 2}, timeout_s=5)
     srv = _server(state)
-    c = ZmqGateClient(BalanceConfig(lead=1, horizon=4), 0, resolve=lambda: srv.address)
+    c = ZmqGateClient(BalanceConfig(lead=1, horizon=4), 0, resolve=lambda: srv.endpoint)
     try:
         c.connect()
         c.report((0, 4), running=0, waiting=1, max_num_seqs=4, lead=1)
@@ -95,8 +98,8 @@ def test_zmq_client_outage_falls_back_without_waiting_then_reconnects() -> None:
     """The server goes away: the client declares it down after ``dead_after_s`` and stops waiting
     ``wait_s`` per step; a new server (new address, empty state) is found by the background lookup."""
     srv = _server(CoordinatorState("any_at_cap"))
-    where = {"address": srv.address}
-    c = ZmqGateClient(BalanceConfig(dead_after_s=0.3), 0, resolve=lambda: where["address"], retry_s=0.05)
+    where = {"endpoint": srv.endpoint}
+    c = ZmqGateClient(BalanceConfig(dead_after_s=0.3), 0, resolve=lambda: where["endpoint"], retry_s=0.05)
     step = 0
 
     def one_step(wait_s: float = 0.05) -> bool | None:
@@ -121,7 +124,7 @@ def test_zmq_client_outage_falls_back_without_waiting_then_reconnects() -> None:
         # A successor on a new address, with its own (empty) state.
         state2 = CoordinatorState("any_at_cap")
         srv = _server(state2)
-        where["address"] = srv.address
+        where["endpoint"] = srv.endpoint
         t_new = time.monotonic()
         decisions = []
         while not decisions or decisions[-1] is None:
@@ -138,12 +141,12 @@ def test_zmq_client_outage_falls_back_without_waiting_then_reconnects() -> None:
 
 def test_zmq_client_unreachable_at_start_keeps_looking() -> None:
     """No coordinator at start-up: the gate is open, and the client connects once it exists."""
-    where: dict[str, str | None] = {"address": None}
+    where: dict[str, tuple[str, bytes] | None] = {"endpoint": None}
 
-    def resolve() -> str:
-        if where["address"] is None:
+    def resolve() -> tuple[str, bytes]:
+        if where["endpoint"] is None:
             raise LookupError("no coordinator yet")
-        return where["address"]
+        return where["endpoint"]
 
     c = ZmqGateClient(BalanceConfig(), 0, resolve=resolve, retry_s=0.05)
     srv = None
@@ -152,7 +155,7 @@ def test_zmq_client_unreachable_at_start_keeps_looking() -> None:
         c.report((0, 1), running=0, waiting=1, max_num_seqs=4, lead=1)
         assert c.decision((0, 2), 0.05) is None
         srv = _server(CoordinatorState("any_at_cap"))
-        where["address"] = srv.address
+        where["endpoint"] = srv.endpoint
         deadline = time.monotonic() + 3
         got = None
         step = 1
@@ -175,13 +178,13 @@ def test_zmq_client_lookup_retries_while_the_rank_is_idle() -> None:
     calls = {"n": 0}
     srv = _server(CoordinatorState("any_at_cap"))
 
-    def resolve() -> str:
+    def resolve() -> tuple[str, bytes]:
         calls["n"] += 1
         if calls["n"] <= 4:  # start-up, then three refusals while "restarting"
             if calls["n"] == 1:
                 raise LookupError("not yet")
             raise RuntimeError("the actor is restarting")
-        return srv.address
+        return srv.endpoint
 
     c = ZmqGateClient(BalanceConfig(), 0, resolve=resolve, retry_s=0.05)
     try:
@@ -275,3 +278,96 @@ def test_coordinator_killed_ranks_admit_then_resume_from_restarted_actor(ray_loc
     common = set(by_step[0]) & set(by_step[1])
     assert len(common) > 50 and all(by_step[0][s] == by_step[1][s] for s in common)
     print("coordinator restart figures:", figures)
+
+
+def test_server_drops_forged_malformed_and_out_of_range_frames_and_keeps_serving() -> None:
+    """Whatever reaches the ROUTER socket, only authentic in-range reports touch the state; the rest
+    is dropped and counted by reason, and the serving thread lives on for the real ranks."""
+    import zmq
+
+    from scheduler.frame_auth import FrameAuth
+
+    state = CoordinatorState("any_at_cap", timeout_s=5)
+    srv = _server(state)
+    ctx = zmq.Context()
+    attacker = ctx.socket(zmq.DEALER)
+    attacker.setsockopt(zmq.LINGER, 0)
+    attacker.connect(srv.address)
+    forged = FrameAuth(new_key())  # the right format, the wrong key
+    good = FrameAuth(KEY)
+    at_cap = GateReport(5, 0, 1, running=4, waiting=9, max_num_seqs=4)  # would close the gate for all
+    frames = [
+        [b"garbage"],
+        [b""],
+        [b"two", b"parts"],  # the ROUTER sees three frames
+        [forged.seal(at_cap.to_bytes())],
+        [at_cap.to_bytes()],  # unsealed
+        [good.seal(b"R" + b"\x00" * 10)],  # sealed, but no report
+        # A horizon that would make the coordinator build 2**31 decisions.
+        [good.seal(GateReport(1, 0, 1, 0, 0, 4, horizon=2**31 - 1).to_bytes())],
+        [good.seal(GateReport(1, 0, 1, -5, 0, 4).to_bytes())],
+        [good.seal(GateReport(1, 0, 1, 0, 0, 0).to_bytes())],
+        [good.seal(GateReport(1, 0, 1, 0, 0, 4, lead=0).to_bytes())],
+        [good.seal(GateReport(1, 0, 1, 0, 0, 4, client_ms=float("nan")).to_bytes())],
+        [good.seal(GateReport(-1, 0, 1, 0, 0, 4).to_bytes())],
+    ]
+    c = ZmqGateClient(BalanceConfig(lead=1), 0, resolve=lambda: srv.endpoint)
+    try:
+        for parts in frames:
+            attacker.send_multipart(parts)
+        deadline = time.monotonic() + 10
+        while sum(srv.dropped.values()) < len(frames):
+            assert time.monotonic() < deadline, srv.dropped
+            time.sleep(0.01)
+        assert srv.dropped == {"unauthenticated": 4, "malformed": 1, "invalid": 7}
+        assert srv.alive and state.ranks == {} and srv.served == 0
+        # A real rank is still served, and the forged at-cap report closed nothing.
+        assert c.connect()
+        c.report((0, 1), running=0, waiting=1, max_num_seqs=4, lead=1)
+        assert c.decision((0, 2), 5.0) is True
+        assert srv.served == 1 and set(state.ranks) == {0}
+    finally:
+        c.close()
+        ctx.destroy(linger=0)
+        srv.close()
+
+
+def test_client_drops_replies_not_sealed_with_the_key() -> None:
+    """A ROUTER impersonating the coordinator: its forged and malformed replies are dropped, and only
+    the authentic one is taken."""
+    import zmq
+
+    from scheduler.frame_auth import FrameAuth
+    from scheduler.gate_transport import encode_decisions
+
+    ctx = zmq.Context()
+    fake = ctx.socket(zmq.ROUTER)
+    fake.setsockopt(zmq.LINGER, 0)
+    port = fake.bind_to_random_port("tcp://127.0.0.1")
+    c = ZmqGateClient(BalanceConfig(lead=1), 0, resolve=lambda: (f"tcp://127.0.0.1:{port}", KEY))
+    try:
+        assert c.connect()
+        c.report((0, 1), running=0, waiting=1, max_num_seqs=4, lead=1)
+        assert fake.poll(5000)
+        ident, frame = fake.recv_multipart()
+        assert GateReport.from_bytes(FrameAuth(KEY).open(frame)).rank == 0
+        for reply in (FrameAuth(new_key()).seal(encode_decisions(0, 2, [False])), encode_decisions(0, 2, [False]),
+                      FrameAuth(KEY).seal(b"D"), FrameAuth(KEY).seal(encode_decisions(0, 2, [True]))):  # fmt: skip
+            fake.send_multipart([ident, reply])
+        assert c.decision((0, 2), 5.0) is True
+        assert c.dropped_replies == 3
+    finally:
+        c.close()
+        ctx.destroy(linger=0)
+
+
+def test_report_ranges() -> None:
+    ok = GateReport(3, 1, 2, 0, 0, 1, lead=1024, horizon=1024, client_ms=0.0)
+    assert GateReport.from_bytes(ok.to_bytes()) == ok
+    for bad in (dict(horizon=1025), dict(lead=0), dict(running=-1), dict(waiting=1 << 25), dict(wave=-1),
+                dict(step=-1), dict(max_num_seqs=0), dict(client_ms=-1.0), dict(client_ms=float("inf"))):  # fmt: skip
+        fields = dict(rank=0, wave=0, step=0, running=0, waiting=0, max_num_seqs=1) | bad
+        with pytest.raises(ValueError):
+            GateReport.from_bytes(GateReport(**fields).to_bytes())
+    with pytest.raises(ValueError, match="horizon"):
+        BalanceConfig.from_additional_config({"dpserve_balance": {"horizon": 4096}})
