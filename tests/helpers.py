@@ -68,3 +68,18 @@ def random_placement(
         [rng.permutation(np.concatenate([np.arange(num_logical), rng.integers(0, num_logical, num_redundant)]))
          for _ in range(layers)]
     )  # fmt: skip
+
+
+TINY_MODEL_NAME = "dpserve-tiny-moe"
+
+
+def tiny_app_args(tiny_model_dir: str, **sections: dict[str, Any] | None) -> dict[str, Any]:
+    """dpserve app args for the tiny model on 2 DP ranks (tests/deployments/conftest.py serves them as
+    `base_url`); each of `sections` updates the engine section or sets the balance/eplb/serving one."""
+    args: dict[str, Any] = {
+        "engine": {"model": tiny_model_dir, "served_model_name": TINY_MODEL_NAME, "data_parallel_size": 2,
+                   "max_model_len": 512, "max_num_seqs": 8},
+    }  # fmt: skip
+    for name, section in sections.items():
+        args[name] = None if section is None else (args.get(name) or {}) | section
+    return args

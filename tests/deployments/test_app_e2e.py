@@ -9,6 +9,8 @@ import httpx
 import openai
 import pytest
 
+from tests.helpers import tiny_app_args
+
 pytestmark = pytest.mark.slow
 
 MODEL = "dpserve-tiny-moe"
@@ -17,21 +19,11 @@ QUEUE_BOUND = 16  # admitted requests per rank before the ingress answers 429
 
 
 @pytest.fixture(scope="module")
-def base_url(ray_local, tiny_model_dir):
-    from ray import serve
-
-    from deployments.app import build_app
-    from deployments.rank import free_port
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"engine": {"model": tiny_model_dir, "served_model_name": MODEL, "data_parallel_size": 2,
-                                "enable_expert_parallel": True, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 8,
-                                "engine_nice": 0},
-                     "balance": {"policy": "any_at_cap"}, "serving": {"max_queued_per_rank": QUEUE_BOUND}})  # fmt: skip
-    serve.run(app, name="dpserve", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+def app_args(tiny_model_dir):
+    """EP on, balance on, a small admission bound; engine_nice 0 for the niceness check below."""
+    return tiny_app_args(tiny_model_dir, engine={"enable_expert_parallel": True, "max_model_len": MAX_MODEL_LEN,
+                                                 "engine_nice": 0},
+                         balance={"policy": "any_at_cap"}, serving={"max_queued_per_rank": QUEUE_BOUND})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
