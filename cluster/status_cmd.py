@@ -27,6 +27,11 @@ def format_status(status: dict) -> str:
             f"{r.get('waiting', 0):>8} {r.get('dispatched', 0):>10} {r.get('kv_cache_usage', 0.0):>7.1%} "
             f"{r.get('step', 0):>8}"
         )
+    patches = sorted({r["vllm_patches"] for r in status["ranks"] if r.get("vllm_patches")})
+    if len(patches) == 1:
+        lines.append(f"vllm patches: {patches[0]}")
+    for r in status["ranks"] if len(patches) > 1 else []:  # ranks on different vLLM installs
+        lines.append(f"vllm patches: rank {r.get('rank', '?')}: {r.get('vllm_patches') or 'unknown'}")
     if status.get("recovering"):
         lines.append(f"DP group is being re-formed (generation {status.get('group_generation')}); "
                      f"last error: {status.get('recovery_error') or 'none yet'}")  # fmt: skip

@@ -27,6 +27,7 @@ from deployments.rank_outbox import RankOutbox
 from deployments.rank_requests import prompt_token_ids, sampling_params
 from deployments.rank_stats import RankStats, stats_logger_factory, vllm_metrics_logger
 from deployments.request_errors import RankFailure, RequestError, RequestRejected, classify, error_reply
+from npu_runtime import vllm_patches
 from npu_runtime.platform import Platform, by_name, detect
 
 __all__ = ["DPRank", "RequestRejected", "free_port"]
@@ -85,6 +86,9 @@ class DPRank:
 
         t0 = time.perf_counter()
         kwargs = self.settings.engine_args(self.rank, dp_address, dp_rpc_port, self.platform)
+        # A feature whose vLLM patches do not fit this vLLM refuses here, before any engine process.
+        vllm_patches.require_for_engine(kwargs, self.platform.name)
+        self.stats.vllm_patches = vllm_patches.summary()
         engine_args = AsyncEngineArgs(**kwargs)
         self.engine = AsyncLLM.from_engine_args(
             engine_args,

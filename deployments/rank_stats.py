@@ -18,6 +18,7 @@ class RankStats:
     in_flight: int = 0  # requests this rank's frontend holds (admitted, not yet finished)
     ready: bool = False
     errored: bool = False  # the engine died (e.g. a peer rank's collectives broke)
+    vllm_patches: str = ""  # the vLLM version and refused features (npu_runtime.vllm_patches.summary)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

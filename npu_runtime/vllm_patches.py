@@ -34,7 +34,7 @@ import importlib
 import inspect
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 logger = logging.getLogger("dpserve.vllm_patches")
@@ -94,8 +94,8 @@ PATCHES: tuple[Patch, ...] = (
           ("moe_config", "router", "routed_experts"), HAS, why="the applier finds MoE layers by MoERunner"),
     Patch("eplb", f"{_MOE}.routed_experts", "RoutedExperts", "used",
           why="weights grown to physical slots, _expert_map replaced under EP"),
-    Patch("eplb", "vllm.model_executor.utils", "replace_parameter", "used",
-          ("layer", "param_name", "new_tensor"), PREFIX),
+    Patch("eplb", "vllm.model_executor.utils", "replace_parameter", "used", ("layer", "param_name"), PREFIX,
+          why="called with (layer, name, tensor) positionally; the third's name varies"),
     Patch("eplb", "vllm.distributed.parallel_state", "get_ep_group", "used", ()),
     Patch("eplb", "vllm.v1.worker.gpu_worker", "Worker.execute_model", "wrapped-per-instance",
           ("self", "scheduler_output"), PREFIX, why="step timing (eplb.applier.StepLog)"),
@@ -185,6 +185,10 @@ def check_patch(patch: Patch) -> str | None:
         return f"module {patch.module} does not import ({exc})"
     except AttributeError:
         return "does not exist"
+    owner, _, name = patch.qualname.rpartition(".")
+    if owner and patch.how in _APPLIED_HOW and name not in vars(_resolve(replace(patch, qualname=owner))):
+        # A patch of a method the class only inherits would change every sibling class too.
+        return f"is not defined on {owner} itself (inherited)"
     if patch.params is None:
         return None
     try:

@@ -158,3 +158,24 @@ def test_features_for_engine() -> None:
 def test_unknown_feature_is_an_error() -> None:
     with pytest.raises(KeyError):
         vllm_patches.require("no_such_feature")
+
+
+def test_the_rank_refuses_to_start_an_engine_its_vllm_cannot_carry(
+    fresh, monkeypatch, tiny_model_dir
+) -> None:
+    import asyncio
+    import os
+
+    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+
+    from deployments.rank import DPRank
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the rank sets its environment in-process
+    monkeypatch.delattr(cpu_moe.CPUUnquantizedExperts, "apply")
+    settings = {"model": tiny_model_dir, "data_parallel_size": 2, "enable_expert_parallel": True,
+                "max_model_len": 256, "max_num_seqs": 8}  # fmt: skip
+    rank = DPRank(settings, rank=0, platform_name="cpu")
+    with pytest.raises(VllmPatchError, match=r"refuses expert parallelism on CPU on vLLM .*cpu_moe\."
+                                             r"CPUUnquantizedExperts\.apply is not defined on CPUUnquantizedExperts itself"):  # fmt: skip
+        asyncio.run(rank.start("127.0.0.1", 1))
+    assert rank.engine is None and not rank.get_stats()["ready"]

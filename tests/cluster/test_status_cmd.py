@@ -1,0 +1,31 @@
+"""`dpserve status`'s table: the ranks' vLLM patch state is shown once, or per rank where they differ."""
+
+from __future__ import annotations
+
+from cluster.status_cmd import format_status
+
+
+def _status(*patches: str) -> dict:
+    ranks = [{"rank": i, "live": True, "vllm_patches": p} for i, p in enumerate(patches)]
+    return {
+        "model": "m",
+        "data_parallel_size": len(ranks),
+        "live_ranks": list(range(len(ranks))),
+        "ranks": ranks,
+    }
+
+
+def test_one_line_when_every_rank_agrees() -> None:
+    out = format_status(_status("vLLM 0.32.0: all 26 patches fit", "vLLM 0.32.0: all 26 patches fit"))
+    assert out.count("vllm patches:") == 1
+    assert "vllm patches: vLLM 0.32.0: all 26 patches fit" in out
+
+
+def test_per_rank_lines_when_ranks_differ() -> None:
+    out = format_status(_status("vLLM 0.32.0: all 26 patches fit", "vLLM 0.23.0: refused cpu_ep, eplb"))
+    assert "vllm patches: rank 1: vLLM 0.23.0: refused cpu_ep, eplb" in out
+    assert "vllm patches: rank 0: vLLM 0.32.0: all 26 patches fit" in out
+
+
+def test_no_line_from_ranks_that_do_not_report_it() -> None:
+    assert "vllm patches" not in format_status(_status("", ""))
