@@ -1,5 +1,7 @@
 """Applying a plan on one worker: accept, the per-step agreement with the other DP ranks, commit.
 
+The plan's way from the EPLB actor to here: docs/design.md, "An EPLB plan".
+
 0. Accept: `stage` (an RPC on the engine's stepping thread) does only the cheap checks (id, options,
    group size, stale start placement, well-formed tables); an async plan is then prepared on a
    background thread (nice 19, one OpenMP thread: TransferPlan diff and validation, pieces, every
