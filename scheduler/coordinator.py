@@ -448,8 +448,13 @@ def get_or_create_coordinator(
     # get_if_exists returns a running actor unchanged: apply this group's policy and timeout to it.
     ray.get([actor.set_policy.remote(policy, params), actor.set_timeout.remote(timeout_s)])
     # A non-detached actor dies when its creator drops the last handle; the engines only look it up
-    # by name, so this process keeps one for as long as it lives (or until release_coordinator).
-    _HANDLES[(namespace, name)] = actor
+    # by name, so this process keeps one for as long as it lives (or until release_coordinator). The
+    # handle kept is the creating one: a later call (the next group's start) gets the running actor
+    # through get_if_exists, and dropping the creating handle for that one ends the actor ("all
+    # references to the actor were removed") under the group being formed.
+    held = _HANDLES.get((namespace, name))
+    if held is None or held._actor_id != actor._actor_id:
+        _HANDLES[(namespace, name)] = actor
     return actor
 
 

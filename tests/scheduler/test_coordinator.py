@@ -216,3 +216,27 @@ def test_actor_restart_keeps_run_time_policy_and_timeout(coordinator, ray_local)
         assert ray_local.get(fresh.get_stats.remote())["policy"] == "off"
     finally:
         ray_local.kill(fresh)
+
+
+def test_a_second_group_start_keeps_the_coordinator_alive(ray_local) -> None:
+    """Each group start (the first, then every re-formation) calls get_or_create_coordinator; the
+    actor must survive the calls after the first, which get it through get_if_exists."""
+    import gc
+
+    from scheduler.coordinator import get_or_create_coordinator, release_coordinator
+
+    name = f"test_keep_{time.monotonic_ns()}"
+    first = get_or_create_coordinator(name, "dpserve_test", "any_at_cap", None, 5.0)
+    actor_id = first._actor_id
+    del first
+    try:
+        for _ in range(3):  # re-formations
+            assert (
+                get_or_create_coordinator(name, "dpserve_test", "any_at_cap", None, 5.0)._actor_id == actor_id
+            )
+            gc.collect()
+        time.sleep(1.0)  # an actor whose last owning handle went is killed within moments
+        again = ray_local.get_actor(name, namespace="dpserve_test")
+        assert again._actor_id == actor_id and ray_local.get(again.ping.remote(), timeout=30)
+    finally:
+        release_coordinator(name, "dpserve_test")
