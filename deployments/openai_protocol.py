@@ -75,9 +75,9 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
-    stream: bool = False
+    stream: bool | None = False  # null as vLLM takes it: the default
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=INT32_MAX)
+    n: int | None = Field(1, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
@@ -121,7 +121,7 @@ class _SamplingFields(BaseModel):
         for name, defaults in UNSUPPORTED.items():
             if name in extra and not any(extra[name] == d and type(extra[name]) is type(d) for d in defaults):
                 raise RequestRejected(f"{name!r} is not supported by this server", param=name)
-        if self.n != 1:
+        if self.n not in (None, 1):
             raise RequestRejected("n must be 1: this server returns one choice per request", param="n")
         for stop in self.stop_list():
             if not stop:
@@ -163,7 +163,7 @@ def _check_text(text: str, param: str, max_chars: int) -> None:
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
-    echo: bool = False
+    echo: bool | None = False
 
     def single_prompt(self) -> str | list[int]:
         p = self.prompt
