@@ -24,8 +24,10 @@ def error(message: str, status: int, param: str | None = None, headers: dict | N
 
 
 def rejected(exc: RequestError) -> JSONResponse:
-    """The reply to a request that failed on its own (a 4xx, or a 500 for that request only)."""
-    return error(exc.message, exc.status, exc.param)
+    """The reply to a request that failed on its own (a 4xx, or a 5xx for that request only; vLLM's
+    own busy answers are 503s, worth a retry)."""
+    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+    return error(exc.message, exc.status, exc.param, headers=headers)
 
 
 def failure_message(exc: BaseException, where: str) -> str:

@@ -263,3 +263,12 @@ def test_a_rank_failure_chunk_after_tokens_reforms_the_group_and_is_reported() -
     got = asyncio.run(scenario())
     assert [c.get("text") for c in got] == [None, "a"]  # no retry after a token: no duplicate text
     assert group.generation == 2
+
+
+def test_a_requests_own_busy_answer_says_when_to_retry() -> None:
+    from deployments.responses import rejected
+
+    busy = rejected(RequestError("The engine is currently busy", 503))
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    bad = rejected(RequestRejected("stop cannot contain an empty string", param="stop"))
+    assert bad.status_code == 400 and "retry-after" not in bad.headers
