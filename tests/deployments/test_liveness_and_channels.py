@@ -1,0 +1,264 @@
+"""Liveness and the internal channels through the serving app: 2 DP ranks + EP, balance and EPLB on, an
+API key, real HTTP.
+
+One app start for the module; the tests run in file order:
+1. the API key: every route but /health refuses a request without it (401, OpenAI's body);
+2. forged and malformed frames on every internal socket (each rank's output PULL socket at the
+   ingress, the balance coordinator's ROUTER socket) while a stream runs: dropped and counted, the
+   stream completes with every token, nothing is re-formed, the coordinator's server still serves;
+3. one rank's engine frozen with SIGSTOP under load: declared hung within `serving.hang_timeout_s`
+   (+ the stats poll), the group is re-formed, every request gets its tokens or a clear error, the
+   frozen engine process and the old generation's actors and placement group are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.helpers import TINY_MODEL_NAME, tiny_app_args
+
+pytestmark = pytest.mark.slow
+
+KEY = "sk-liveness-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+HANG_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = 300  # a request not resolved by then counts as hung
+EPLB = {"enabled": True, "num_redundant": 4, "policy": "deepseek", "window_steps": 20, "interval_s": 0.5,
+        "threshold": 0.99, "window_samples": 4}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def app_args(tiny_model_dir):
+    return tiny_app_args(
+        tiny_model_dir,
+        engine={"enable_expert_parallel": True},
+        balance={"policy": "any_at_cap"},
+        eplb=EPLB,
+        serving={"api_key": KEY, "hang_timeout_s": HANG_TIMEOUT_S},
+    )
+
+
+def _status(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/dpserve/status", headers=AUTH, timeout=30).json()
+
+
+async def _request(client: httpx.AsyncClient, url: str, i: int, max_tokens: int, stream: bool,
+                   started: asyncio.Event | None = None) -> str:  # fmt: skip
+    """One completion: 'ok' (every token), 'clear_error' (an HTTP error or SSE error event with a
+    message), or what went wrong ('hung', 'truncated', 'wrong_count', 'unclear_error', ...)."""
+    body = {"model": TINY_MODEL_NAME, "prompt": f"request {i} about experts", "max_tokens": max_tokens,
+            "ignore_eos": True, "stream": stream, "stream_options": {"include_usage": True} if stream else None}  # fmt: skip
+    try:
+        if not stream:
+            r = await client.post(f"{url}/v1/completions", json=body, headers=AUTH)
+            if r.status_code != 200:
+                return "clear_error" if r.json()["error"]["message"] else "unclear_error"
+            return "ok" if r.json()["usage"]["completion_tokens"] == max_tokens else "wrong_count"
+        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH) as r:
+            if r.status_code != 200:
+                return "clear_error" if json.loads(await r.aread())["error"]["message"] else "unclear_error"
+            done, tokens = False, None
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return "clear_error" if event["error"].get("message") else "unclear_error"
+                if event.get("choices") and started is not None:
+                    started.set()
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+            if not done:
+                return "truncated"
+            return "ok" if tokens == max_tokens else "wrong_count"
+    except httpx.TimeoutException:
+        return "hung"
+    except httpx.HTTPError as exc:
+        return f"connection_error:{type(exc).__name__}"
+
+
+def test_api_key_on_every_route_but_health(base_url) -> None:
+    assert httpx.get(f"{base_url}/health", timeout=30).status_code == 200
+    for path in ("/v1/models", "/dpserve/status"):
+        r = httpx.get(f"{base_url}{path}", timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+        assert (
+            httpx.get(f"{base_url}{path}", headers={"Authorization": "Bearer no"}, timeout=30).status_code
+            == 401
+        )
+        assert httpx.get(f"{base_url}{path}", headers=AUTH, timeout=30).status_code == 200
+    body = {"model": TINY_MODEL_NAME, "prompt": "hi", "max_tokens": 2}
+    assert httpx.post(f"{base_url}/v1/completions", json=body, timeout=60).status_code == 401
+    assert httpx.post(f"{base_url}/v1/completions", json=body, headers=AUTH, timeout=120).status_code == 200
+
+
+def _send_junk(address: str, socket_type: int, messages: list[list[bytes]]) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(socket_type)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(address)
+    for parts in messages:
+        sock.send_multipart(parts)
+    sock.close()  # lingers until sent
+    ctx.term()
+
+
+def test_forged_and_malformed_frames_on_every_socket_are_dropped_and_counted(base_url) -> None:
+    import msgspec
+    import zmq
+
+    from deployments.output_channel import SEQ
+    from scheduler.frame_auth import FrameAuth, new_key
+    from scheduler.gate_report import GateReport
+
+    before = _status(base_url)
+    assert before["balance"]["zmq_server_alive"], before["balance"]
+    outputs = {int(r): v["address"] for r, v in before["output_channel"]["ranks"].items()}
+    assert len(outputs) == 2 and all(a and a.startswith("tcp://127.0.0.1:") for a in outputs.values()), (
+        outputs
+    )
+    forged = FrameAuth(new_key())  # the right format, a key nobody in the group holds
+    output_junk = [
+        [b"garbage"],
+        [b""],
+        [b"two", b"parts"],
+        # A chunk for a made-up request and stats claiming an idle rank.
+        [
+            forged.seal(
+                SEQ.pack(10**6) + msgspec.msgpack.encode(([["cmpl-x", {"text": "pwned"}]], {"running": 0}))
+            )
+        ],
+    ]
+    at_cap = GateReport(0, 0, 10**6, running=10**6, waiting=10**6, max_num_seqs=1)  # would close the gate
+    gate_junk = [[b"garbage"], [b"two", b"parts"], [forged.seal(at_cap.to_bytes())], [at_cap.to_bytes()],
+                 [b"\x00" * 5000]]  # fmt: skip
+
+    async def scenario() -> list[str]:
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+            started = asyncio.Event()
+            streams = [asyncio.create_task(_request(client, base_url, i, 160, stream=True, started=started))
+                       for i in range(2)]  # fmt: skip
+            await asyncio.wait_for(started.wait(), REQUEST_TIMEOUT_S)
+            for address in outputs.values():
+                await asyncio.to_thread(_send_junk, address, zmq.PUSH, output_junk)
+            await asyncio.to_thread(_send_junk, before["balance"]["zmq_address"], zmq.DEALER, gate_junk)
+            return await asyncio.gather(*streams)
+
+    results = asyncio.run(scenario())
+    after = _status(base_url)
+    dropped = {r: v["dropped"] for r, v in after["output_channel"]["ranks"].items()}
+    print(f"\nforged frames: streams {results}; output channel dropped {dropped}; "
+          f"gate dropped {after['balance']['zmq_dropped']}")  # fmt: skip
+    assert results == ["ok", "ok"]  # the streams beside the junk got every token
+    for rank_dropped in dropped.values():  # each part of a multipart message is one frame here
+        assert rank_dropped.get("unauthenticated", 0) >= len(output_junk) + 1, dropped
+    assert after["output_channel"]["ranks"]["0"]["lost"] == 0
+    gate = after["balance"]
+    # The 5000-byte frame exceeds the socket's message limit: libzmq drops its connection instead.
+    assert (
+        gate["zmq_dropped"].get("unauthenticated", 0) >= 3 and gate["zmq_dropped"].get("malformed", 0) >= 1
+    ), gate
+    assert gate["zmq_server_alive"] and gate["zmq_served"] > before["balance"]["zmq_served"]
+    assert 10**6 not in [r["running"] for r in gate["ranks"].values()]  # the forged counts never landed
+    assert after["group_generation"] == before["group_generation"] and after["recoveries"] == 0
+    assert not after["recovering"] and after["live_ranks"] == [0, 1]
+
+
+def _engine_core_pid(actor: Any) -> int:
+    """The pid of the engine-core process under a rank actor (vLLM titles it VLLM::EngineCore_DP<r>)."""
+    import ray
+
+    actor_pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+    cores = [p for p in psutil.Process(actor_pid).children(recursive=True)
+             if "EngineCore" in " ".join(p.cmdline()[:1])]  # fmt: skip
+    assert len(cores) == 1, [p.cmdline()[:1] for p in psutil.Process(actor_pid).children(recursive=True)]
+    return cores[0].pid
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_frozen_engine_is_declared_hung_and_the_group_recovers(base_url, ray_local) -> None:
+    from deployments.rank_group import named_rank_actors
+
+    ray = ray_local
+    before = _status(base_url)
+    generation = before["group_generation"]
+    old_ranks = named_rank_actors(generation)
+    assert len(old_ranks) == 2
+    frozen = _engine_core_pid(old_ranks[1])
+    groups_before = {i for i, g in ray.util.placement_group_table().items() if g["state"] != "REMOVED"}
+    timeline: dict[str, float] = {}
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+            started = asyncio.Event()
+            first = [asyncio.create_task(_request(client, base_url, i, 300, stream=i % 2 == 0, started=started))
+                     for i in range(6)]  # fmt: skip
+            await asyncio.wait_for(started.wait(), REQUEST_TIMEOUT_S)
+            await asyncio.sleep(0.5)
+            t_stop = time.monotonic()
+            os.kill(frozen, signal.SIGSTOP)
+            await asyncio.sleep(1.0)
+            # Sent while the engine is frozen: wait for the re-formed group, then served there.
+            late = [
+                asyncio.create_task(_request(client, base_url, 100 + i, 16, stream=False)) for i in range(2)
+            ]
+            deadline = t_stop + REQUEST_TIMEOUT_S
+            while time.monotonic() < deadline:
+                status = await asyncio.to_thread(_status, base_url)
+                now = time.monotonic() - t_stop
+                if status["recovering"] and "detected" not in timeline:
+                    timeline["detected"] = now
+                if status["group_generation"] > generation and not status["recovering"]:
+                    timeline["re-formed"] = now
+                    break
+                await asyncio.sleep(0.5)
+            return await asyncio.gather(*first), await asyncio.gather(*late)
+
+    try:
+        first, late = asyncio.run(scenario())
+    finally:
+        if not _gone(frozen):
+            os.kill(frozen, signal.SIGKILL)  # never leave a stopped process behind, even on failure
+            left_behind = True
+        else:
+            left_behind = False
+    after = _status(base_url)
+    report = {k: (first + late).count(k) for k in sorted(set(first + late))}
+    print(f"\nSIGSTOP on rank 1's engine (hang_timeout_s {HANG_TIMEOUT_S:g}): {timeline}; requests {report}; "
+          f"hung ranks detected {after['hung_ranks_detected']}")  # fmt: skip
+    assert not left_behind, "the frozen engine process outlived its group"
+    assert "detected" in timeline and "re-formed" in timeline, timeline
+    # Stats are polled every 0.2 s while a rank has work; the status poll adds up to 0.5 s.
+    assert HANG_TIMEOUT_S <= timeline["detected"] <= HANG_TIMEOUT_S + 5, timeline
+    assert after["hung_ranks_detected"] >= 1 and after["live_ranks"] == [0, 1]
+    assert set(report) <= {"ok", "clear_error"}, report  # nothing hung, truncated or lost
+    assert late == ["ok", "ok"]
+    # The old generation is gone: its actors (by name) and its placement group.
+    assert named_rank_actors(generation) == []
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    assert not [n for n in names if n.startswith(f"dpserve_g{generation}_")], names
+    live = {i for i, g in ray.util.placement_group_table().items() if g["state"] != "REMOVED"}
+    assert len(live - groups_before) == 1 and len(groups_before - live) == 1, (groups_before, live)
+    r = httpx.post(f"{base_url}/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "after", "max_tokens": 4},
+                   headers=AUTH, timeout=120)  # fmt: skip
+    assert r.status_code == 200
