@@ -96,7 +96,7 @@ def test_config_check_prints_the_effective_settings(capsys: pytest.CaptureFixtur
     printed = yaml.safe_load(out)["args"]
     assert printed["engine"]["data_parallel_size"] == 2
     assert printed["serving"]["stream_interval_ms"] == 50.0  # a default, filled in
-    assert printed["balance"]["policy"] == "any_at_cap" and printed["eplb"] is None
+    assert printed["balance"]["policy"] == "bounded_hold" and printed["eplb"] is None
 
 
 def test_config_check_names_the_bad_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -287,7 +287,7 @@ def test_kuberay_app_args_match_the_code():
 
     config = serve_config(load(KUBERAY))
     args = config["applications"][0]["args"]
-    assert args["balance"] == {"policy": "any_at_cap"} and args["balance"]["policy"] in GATE_POLICIES
+    assert args["balance"] == {"policy": "bounded_hold"} and args["balance"]["policy"] in GATE_POLICIES
     assert args["eplb"] == {"enabled": True, "policy": "swift", "window_steps": 1000, "num_redundant": 16}
     assert args["eplb"]["policy"] in EPLB_POLICIES
     assert args["engine"]["enable_expert_parallel"] is True
