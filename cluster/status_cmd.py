@@ -35,6 +35,7 @@ def format_status(status: dict) -> str:
     if status.get("recovering"):
         lines.append(f"DP group is being re-formed (generation {status.get('group_generation')}); "
                      f"last error: {status.get('recovery_error') or 'none yet'}")  # fmt: skip
+    lines.append(liveness_line(status))
     balance = status.get("balance")
     if balance:
         lines.append(
@@ -57,6 +58,22 @@ def format_status(status: dict) -> str:
     else:
         lines.append("eplb: off")
     return "\n".join(lines)
+
+
+def liveness_line(status: dict) -> str:
+    """Re-formations, hung ranks, timed-out requests and what the internal sockets dropped or lost
+    (anything but zeros on the sockets means something other than dpserve writes to them)."""
+    channel = status.get("output_channel") or {}
+    ranks = (channel.get("ranks") or {}).values()
+    dropped = sum(sum((r.get("dropped") or {}).values()) for r in ranks)
+    lost = sum(r.get("lost", 0) for r in ranks)
+    gate = status.get("balance") or {}
+    gate_dropped = sum((gate.get("zmq_dropped") or {}).values())
+    return (
+        f"liveness: recoveries {status.get('recoveries', 0)}  hung ranks {status.get('hung_ranks_detected', 0)}  "
+        f"timed-out requests {channel.get('timed_out_requests', 0)}  internal frames dropped: output {dropped}, "
+        f"gate {gate_dropped}; output frames lost {lost}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
