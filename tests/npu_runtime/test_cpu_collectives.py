@@ -57,7 +57,7 @@ def test_all_gatherv_and_reduce_scatterv_over_gloo():
     procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = {r: rest for r, *rest in (queue.get(timeout=120) for _ in range(2))}
+    results = {r: rest for r, *rest in (queue.get(timeout=300) for _ in range(2))}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
