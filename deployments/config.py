@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -149,6 +150,19 @@ class BalanceSection(_Section):
         from scheduler.policy import POLICIES
 
         return _known(name, POLICIES, "gate policy")
+
+    @field_validator("params")
+    @classmethod
+    def _policy_accepts_params(
+        cls, params: dict[str, Any] | None, info: ValidationInfo
+    ) -> dict[str, Any] | None:
+        # Built here so a misspelt or out-of-range parameter fails the config check, not the
+        # coordinator when the group starts; make_policy's error names the parameter.
+        from scheduler.policy import make_policy
+
+        if "policy" in info.data:  # absent when the policy name itself is invalid
+            make_policy(info.data["policy"], **(params or {}))
+        return params
 
     def scheduler_config(self) -> dict[str, Any]:
         """The `additional_config["dpserve_balance"]` block each engine's scheduler reads."""

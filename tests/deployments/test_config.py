@@ -61,6 +61,40 @@ def test_invalid_values_and_policies_name_their_key() -> None:
         DPServeConfig.from_args({"eplb": {"policy": "random"}})
 
 
+@pytest.mark.parametrize(
+    ("balance", "match"),
+    [
+        ({"policy": "bounded_hold", "params": {"max_hold": 4}}, "unknown parameter.*max_hold; accepted"),
+        (
+            {"params": {"max_hold_steps": 4}},
+            "'any_at_cap' got unknown parameter.*max_hold_steps",
+        ),  # the default policy
+        ({"policy": "off", "params": {"interval": 2}}, "'off' got unknown parameter.*interval"),
+        (
+            {"policy": "bounded_hold", "params": {"max_hold_steps": 0}},
+            "max_hold_steps must be an integer >= 1",
+        ),
+        ({"policy": "cadence", "params": {"interval": "4"}}, "interval must be an integer >= 1"),
+    ],
+)
+def test_gate_params_are_checked_against_the_policy(balance: dict, match: str) -> None:
+    """A gate parameter the policy does not take (or an invalid value) fails the config check, naming
+    it, instead of the coordinator when the group starts."""
+    with pytest.raises(ConfigError, match=f"balance.params.*{match}"):
+        DPServeConfig.from_args({"balance": balance})
+
+
+def test_valid_gate_params_pass() -> None:
+    config = DPServeConfig.from_args(
+        {"balance": {"policy": "bounded_hold", "params": {"max_hold_steps": 16, "min_occupancy": 0.0}}}
+    )
+    assert config.balance is not None and config.balance.params == {
+        "max_hold_steps": 16,
+        "min_occupancy": 0.0,
+    }
+    assert DPServeConfig.from_args({"balance": {"policy": "cadence", "params": {"interval": 4}}}).balance
+
+
 def test_sections_reach_the_ranks_and_the_ingress() -> None:
     config = DPServeConfig.from_args(
         {
