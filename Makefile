@@ -10,7 +10,7 @@ STAMP := $(VENV)/.dpserve-installed
 # pip pulls CUDA builds of these next to the CPU torch; they fail to load and break transformers.
 CUDA_LEFTOVERS := torchvision torchaudio torchcodec triton
 
-.PHONY: serve test test-fast install model lint clean
+.PHONY: serve test test-fast install model lint clean test-vllm023
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
