@@ -37,7 +37,7 @@ KUBERAY = RAY_CONFIGS / "kuberay-rayservice.yaml"
 
 NETWORK_VARS = ("HCCL_IF_IP", "HCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME", "VLLM_HOST_IP")
 ENV_FILE = "dpserve-node-env.sh"
-VLLM_ASCEND_RELEASE = "v0.23.0"  # vllm-ascend v0.23.0 (vLLM 0.23.0)
+VLLM_RELEASE = "v0.23.0"  # the vLLM that vllm-ascend 0.23.0.post1 runs
 APP_IMPORT_PATH = "deployments.app:build_app"
 APP_ARGS = {"engine", "balance", "eplb"}  # sections of deployments.config.DPServeConfig
 
@@ -174,9 +174,12 @@ def test_ascend_ray_starts_inside_the_node_environment():
 
 def test_ascend_setup_installs_the_targeted_releases():
     commands = "\n".join(load(ASCEND)["setup_commands"])
-    assert "dpserve[ascend]" in commands
-    for repo in ("vllm-project/vllm.git", "vllm-project/vllm-ascend.git"):
-        assert re.search(rf"--branch {re.escape(VLLM_ASCEND_RELEASE)} \S*{re.escape(repo)}", commands), repo
+    assert (
+        "dpserve[ascend]" in commands
+    )  # vllm-ascend, torch and torch-npu (tests/ray_configs/test_ascend_extra.py)
+    repo = "vllm-project/vllm.git"
+    assert re.search(rf"--branch {re.escape(VLLM_RELEASE)} \S*{re.escape(repo)}", commands), repo
+    assert "vllm-ascend.git" not in commands
     assert "VLLM_TARGET_DEVICE=empty" in commands
 
 
