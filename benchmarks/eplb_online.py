@@ -21,7 +21,9 @@ import os
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -29,6 +31,7 @@ from eplb.actor import DEFAULTS
 from eplb.messages import PlanMessage
 
 RESULTS = Path(__file__).parent / "results"
+T = TypeVar("T")
 NUM_REDUNDANT = 4
 PROMPTS = [f"Prompt number {i}: experts and ranks" for i in range(8)]
 
@@ -708,6 +711,30 @@ def _md(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_on_local_ray(run: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run the coroutine `run()` makes on a local Ray instance on loopback (more logical CPUs than cores:
+    the actors mostly wait), with vLLM's CPU environment set first; Ray is shut down after."""
+    from npu_runtime.platform import apply_vllm_env
+
+    apply_vllm_env()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        return asyncio.run(run())
+    finally:
+        ray.shutdown()
+
+
+def write_results(out: Path, res: dict, md: str) -> None:
+    """OUT.json (the results) and OUT.md (their report), which is also printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
 def main() -> None:
 
     from npu_runtime.platform import apply_vllm_env
@@ -727,27 +754,19 @@ def main() -> None:
         Path(args.out).with_suffix(".md").write_text(_md(json.loads(Path(args.render).read_text())))
         return
     apply_vllm_env()
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     res: dict = {"hook": hook_cost()}
     print(json.dumps(res["hook"], indent=1))
-    import ray
-
     variants = {v: VARIANTS[v] for v in args.variants.split(",")}
     if args.pyspy:
         Path(args.pyspy).mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        res["engine"] = asyncio.run(engine_phases(args.rounds, args.max_tokens, variants, args.pyspy))
-        res["engine"]["variants"] = list(variants)
-    finally:
-        ray.shutdown()
+    res["engine"] = run_on_local_ray(
+        lambda: engine_phases(args.rounds, args.max_tokens, variants, args.pyspy)
+    )
+    res["engine"]["variants"] = list(variants)
     out = Path(args.out)
     if args.pyspy:
         out = Path(args.pyspy) / "eplb_online"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    out.with_suffix(".md").write_text(_md(res))
-    print(_md(res))
+    write_results(out, res, _md(res))
 
 
 if __name__ == "__main__":
