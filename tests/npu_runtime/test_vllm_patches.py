@@ -104,7 +104,7 @@ def test_a_changed_signature_refuses_the_balance_scheduler(fresh, monkeypatch) -
 def test_eplb_applier_refuses_to_start_on_a_broken_symbol(fresh, monkeypatch) -> None:
     from vllm.v1.worker import dp_utils
 
-    from eplb.applier import EplbWorkerState
+    from eplb.agreement import EplbWorkerState
 
     def _run_ar(should_ubatch, num_tokens, parallel_config):
         raise AssertionError("never called")
@@ -115,7 +115,7 @@ def test_eplb_applier_refuses_to_start_on_a_broken_symbol(fresh, monkeypatch) ->
 
 
 def test_eplb_applier_refuses_without_the_plugin(fresh) -> None:
-    from eplb.applier import EplbWorkerState
+    from eplb.agreement import EplbWorkerState
 
     with pytest.raises(VllmPatchError, match="did not run in this worker"):
         EplbWorkerState.from_worker(worker=None, num_redundant=1)
