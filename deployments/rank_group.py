@@ -83,6 +83,8 @@ async def start_rank_group(
     )
     actors: list[Any] = []
     try:
+        if settings.balance is not None:
+            await bind_balance_coordinator(settings.balance, pg, n)
         infos = await _start_ranks(settings, pg, platform, actors, name_prefix, start_timeout_s)
         if settings.eplb_enabled and settings.eplb.setup_on_start:
             await start_eplb(actors, settings, name_prefix)
@@ -211,6 +213,19 @@ async def start_balance_coordinator(settings: EngineSettings) -> EngineSettings:
     # engines fetch it from the actor through Ray: scheduler/gate_transport.py).
     await coordinator.reset.remote(new_key())
     return settings.model_copy(update={"balance": balance})
+
+
+async def bind_balance_coordinator(balance: BalanceSection, pg: Any, n: int) -> None:
+    """Have the coordinator serve the gate on loopback when every rank's bundle is on its node (no
+    other node needs to reach it), else on its node's address. Before the engines start: they look
+    the address up as they start."""
+    import ray
+
+    coordinator = ray.get_actor(balance.coordinator_name, namespace=balance.namespace)
+    nodes = set((await asyncio.to_thread(ray.util.placement_group_table, pg))["bundles_to_node_id"].values())
+    here = await coordinator.node_id.remote()
+    address = await coordinator.bind.remote(nodes == {here})
+    logger.info("balance gate served at %s (%d ranks on nodes %s)", address, n, sorted(nodes))
 
 
 async def stop_rank_group(actors: list[Any], pg: Any | None = None, timeout_s: float = 30.0) -> None:

@@ -214,9 +214,11 @@ class BalanceCoordinator:
         # The key that seals gate frames: the group's (`reset`), kept across restarts with the
         # configuration; until a group sets one, a random key nobody holds (every frame is dropped).
         self._key = new_key()
+        self._local_only = False  # serve the gate on loopback (every rank on this node; `bind`)
         if saved is not None:
             policy, params, timeout_s = saved["policy"], saved["params"], saved["timeout_s"]
             self._key = bytes.fromhex(saved.get("key") or self._key.hex())
+            self._local_only = bool(saved.get("local_only", False))
             logger.warning("balance coordinator restarted: policy %s %s restored", policy, params)
         self.state = CoordinatorState(policy, params, timeout_s)
         self._save()
@@ -228,11 +230,28 @@ class BalanceCoordinator:
         if serve_zmq:
             from scheduler.gate_transport import GateServer
 
-            self._server = GateServer(self.report, _node_ip(), self._key, on_drop=self._metrics.dropped)
+            host = "127.0.0.1" if self._local_only else _node_ip()
+            self._server = GateServer(self.report, host, self._key, on_drop=self._metrics.dropped)
 
     def zmq_address(self) -> str | None:
         """Where the ranks' ZMQ gate clients connect (changes when the actor restarts)."""
         return None if self._server is None else self._server.address
+
+    def node_id(self) -> str:
+        """The Ray node this actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def bind(self, local_only: bool) -> str | None:
+        """Serve the gate on loopback (`local_only`: every rank of the group is on this node) or on
+        this node's address; returns the ZMQ address. Kept across restarts."""
+        with self._lock:
+            self._local_only = bool(local_only)
+            self._save()
+        if self._server is not None:
+            self._server.rebind("127.0.0.1" if local_only else _node_ip())
+        return self.zmq_address()
 
     def gate_endpoint(self) -> tuple[str, bytes] | None:
         """The ZMQ address and the frame key the ranks' gate clients use (a Ray call: the key never
@@ -266,7 +285,11 @@ class BalanceCoordinator:
     def _save(self) -> None:
         if self._store is not None:
             self._store.save(
-                self.state.policy_name, self.state.policy_params, self.state.timeout_s, self._key
+                self.state.policy_name,
+                self.state.policy_params,
+                self.state.timeout_s,
+                self._key,
+                self._local_only,
             )
 
     def reset(self, key: bytes | None = None) -> None:
@@ -353,13 +376,15 @@ class _ConfigStore:
         saved = json.loads(raw)
         return saved if saved.get("actor_id") == self.actor_id else None
 
-    def save(self, policy: str, params: dict[str, Any], timeout_s: float, key: bytes) -> None:
+    def save(
+        self, policy: str, params: dict[str, Any], timeout_s: float, key: bytes, local_only: bool
+    ) -> None:
         from ray.experimental import internal_kv
 
         # The frame key too: a restarted actor must accept the group's ranks. The GCS store is no
         # less protected than the Ray calls that hand the key out.
         value = {"actor_id": self.actor_id, "policy": policy, "params": params, "timeout_s": timeout_s,
-                 "key": key.hex()}  # fmt: skip
+                 "key": key.hex(), "local_only": local_only}  # fmt: skip
         try:
             internal_kv._internal_kv_put(self.key, json.dumps(value), namespace=self.KV_NAMESPACE)
         except Exception:  # the change itself is applied; only a restart would lose it

@@ -104,16 +104,31 @@ class GateServer:
         self._auth = FrameAuth(key)
         self._on_drop = on_drop
         self._ctx = zmq.Context(io_threads=1)
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, _RECV_BUF)  # a larger frame is no report: never buffered
-        port = self._sock.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
         self.served = 0
         self.dropped: dict[str, int] = {}
+        self._open(host)
+
+    def _open(self, host: str) -> None:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, _RECV_BUF)  # a larger frame is no report: never buffered
+        port = sock.bind_to_random_port(f"tcp://{host}")
+        self._sock, self.host, self.address = sock, host, f"tcp://{host}:{port}"
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="dpserve-gate-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._serve, args=(sock, self._stop), name="dpserve-gate-server", daemon=True
+        )
         self._thread.start()
+
+    def rebind(self, host: str) -> None:
+        """Serve on `host` from now on (a new port; the old socket is closed). Loopback when every
+        rank runs on this node: then nothing off the node can reach the socket at all."""
+        if host == self.host:
+            return
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close(0)
+        self._open(host)
 
     @property
     def endpoint(self) -> GateEndpoint:
@@ -136,18 +151,17 @@ class GateServer:
         if self._on_drop is not None:
             self._on_drop(reason)
 
-    def _serve(self) -> None:
-        while not self._stop.is_set():
+    def _serve(self, sock: zmq.Socket, stop: threading.Event) -> None:
+        while not stop.is_set():
             try:
-                self._serve_ready()
+                self._serve_ready(sock)
             except Exception:  # whatever a frame does, the server keeps serving
-                if self._stop.is_set():
+                if stop.is_set():
                     return
                 logger.exception("balance gate server: unexpected error; serving on")
                 time.sleep(0.01)
 
-    def _serve_ready(self) -> None:
-        sock = self._sock
+    def _serve_ready(self, sock: zmq.Socket) -> None:
         if not sock.poll(200):  # wake up now and then to notice close()
             return
         # Drain everything queued: one wake-up can serve both ranks. (poll(0) is ~5x cheaper than a

@@ -141,6 +141,9 @@ def test_every_start_has_its_own_names(ray_local, monkeypatch: pytest.MonkeyPatc
         assert sorted(_named(first)) == [f"{first}eplb", f"{first}rank0", f"{first}rank1"]
         assert len(_named(second)) == 3
         assert len(named_rank_actors(7, RANK_NAMESPACE)) == 2  # one per rank (the later start wins)
+        # Every rank on the coordinator's node (one node here): the gate is served on loopback only.
+        coordinator = ray_local.get_actor(COORDINATOR, namespace="dpserve_test")
+        assert ray_local.get(coordinator.zmq_address.remote()).startswith("tcp://127.0.0.1:")
     finally:
         for actors, pg, _ in groups:
             asyncio.run(rank_group.stop_rank_group(actors, pg, timeout_s=10))

@@ -371,3 +371,22 @@ def test_report_ranges() -> None:
             GateReport.from_bytes(GateReport(**fields).to_bytes())
     with pytest.raises(ValueError, match="horizon"):
         BalanceConfig.from_additional_config({"dpserve_balance": {"horizon": 4096}})
+
+
+def test_server_rebinds_and_clients_follow_the_new_endpoint() -> None:
+    state = CoordinatorState("any_at_cap")
+    srv = _server(state)
+    old = srv.address
+    srv.rebind("127.0.0.1")  # the same host: nothing changes
+    assert srv.address == old
+    srv.rebind("0.0.0.0")
+    assert srv.address != old and srv.address.startswith("tcp://0.0.0.0:")
+    port = srv.address.rsplit(":", 1)[1]
+    c = ZmqGateClient(BalanceConfig(lead=1), 0, resolve=lambda: (f"tcp://127.0.0.1:{port}", KEY))
+    try:
+        assert c.connect()
+        c.report((0, 1), running=0, waiting=1, max_num_seqs=4, lead=1)
+        assert c.decision((0, 2), 5.0) is True and srv.alive and srv.served == 1
+    finally:
+        c.close()
+        srv.close()
