@@ -59,6 +59,18 @@ def install_graceful_signals(drain_timeout_s: float | None) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a TCP port can be bound on every interface (where Ray's metrics agent listens)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     from deployments.serve_env import apply_serve_env, direct_ingress_url
     from npu_runtime.platform import apply_vllm_env
@@ -92,7 +104,15 @@ def run(args: argparse.Namespace) -> int:
     # ray.init installs its own SIGTERM handler (exit at once), which ours must replace.
     address = os.environ.get("RAY_ADDRESS")
     # The metrics port applies only to a Ray started here; a running cluster keeps its own.
-    ports = {} if address else {"_metrics_export_port": args.metrics_port}
+    ports = {}
+    if not address:
+        if port_is_free(args.metrics_port):
+            ports["_metrics_export_port"] = args.metrics_port
+            print(f"dpserve: metrics (dpserve_*) at http://127.0.0.1:{args.metrics_port}/metrics "
+                  "when this command starts Ray", flush=True)  # fmt: skip
+        else:
+            print(f"dpserve: port {args.metrics_port} is taken; Ray picks its metrics port (--metrics-port)",
+                  flush=True)  # fmt: skip
     ray.init(address=address, namespace="serve", **ports)
     install_graceful_signals(args.drain_timeout)
     try:
