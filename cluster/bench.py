@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import statistics
 import time
@@ -101,8 +102,11 @@ async def run_workload(url: str, model: str, workload: Workload, progress: bool 
     rng = random.Random(workload.seed + 1)
     done = 0
 
+    # The API key the server requires, if any: the same variable the server reads (deployments/api_key.py).
+    key = os.environ.get("DPSERVE_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else None
     async with httpx.AsyncClient(
-        timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=1000)
+        timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=1000), headers=headers
     ) as client:
 
         async def limited(p: list[int]) -> RequestResult:
