@@ -284,3 +284,50 @@ def test_a_dead_engine_is_a_rank_failure_reply(rank) -> None:
         rank.engine.errored = False
     assert reply["rank_failed"] and reply["status"] == 503
     assert isinstance(from_reply(reply), RankFailure)
+
+
+class _FailingEngine(_Engine):
+    """An engine whose generate raises `exc` for the request (after taking it, as vLLM's processor does)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+        self.aborted: list[str] = []
+
+    async def generate(self, prompt: Any, params: Any, request_id: str):
+        raise self.exc
+        yield  # pragma: no cover
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+
+def _engine_error(exc: BaseException) -> dict:
+    from deployments.rank import DPRank
+
+    r = DPRank({"data_parallel_size": 1}, 0, platform_name="cpu")
+    r.engine, r._max_model_len, r.tokenizer = _FailingEngine(exc), MAX_MODEL_LEN, _SlowTokenizer(0)
+
+    async def scenario() -> dict:
+        assert "error" not in await r.submit("r5", "hello", {"max_tokens": 4})
+        batch = await asyncio.wait_for(r.outbox.next_batch(), 10)
+        return dict(batch)["r5"]
+
+    try:
+        return asyncio.run(scenario())
+    finally:
+        r.engine = None
+        r.shutdown()
+
+
+def test_an_error_the_engine_raises_for_one_request_is_its_error_chunk() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    rejected = _engine_error(VLLMValidationError("prompt too long for the engine", parameter="prompt"))
+    assert rejected == {
+        "error": "prompt too long for the engine (parameter=prompt)",
+        "status": 400,
+        "param": "prompt",
+    }
+    dead = _engine_error(EngineDeadError())
+    assert dead["rank_failed"] and dead["status"] == 503
