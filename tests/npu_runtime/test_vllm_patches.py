@@ -179,3 +179,50 @@ def test_the_rank_refuses_to_start_an_engine_its_vllm_cannot_carry(
                                              r"CPUUnquantizedExperts\.apply is not defined on CPUUnquantizedExperts itself"):  # fmt: skip
         asyncio.run(rank.start("127.0.0.1", 1))
     assert rank.engine is None and not rank.get_stats()["ready"]
+
+
+def test_patched_run_ar_carries_participant_rows(fresh, monkeypatch) -> None:
+    import types
+
+    import torch
+    import torch.distributed as dist
+    from vllm.v1.worker import dp_utils
+
+    from npu_runtime import eplb_hooks
+
+    class Participant:
+        num_rows = 2
+
+        def __init__(self) -> None:
+            self.sums: list[int] = []
+
+        def contribute(self) -> list[int]:
+            return [7]  # one value short: the missing row is sent as 0
+
+        def on_sums(self, sums: list[int], dp_size: int) -> None:
+            self.sums = sums
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+
+        def _get_device_and_group(parallel_config):  # the one-process gloo group (vLLM's own: its DP group)
+            return torch.device("cpu"), dist.group.WORLD
+
+        monkeypatch.setattr(dp_utils, "_get_device_and_group", _get_device_and_group)
+        assert fresh.install(["eplb"]) == []
+        config = types.SimpleNamespace(data_parallel_size=1, data_parallel_rank=0)
+        p = Participant()
+        eplb_hooks.register_step_sync(p)
+        before = eplb_hooks.dp_steps()
+        try:
+            out = dp_utils._run_ar(True, 5, 8, 2, config)
+        finally:
+            eplb_hooks.unregister_step_sync(p)
+        assert out.flatten().tolist() == [5, 8, 1, 2]  # vLLM's four rows, as its caller reads them
+        assert p.sums == [7, 0]
+        assert eplb_hooks.dp_steps() == before + 1
+    finally:
+        if started:
+            dist.destroy_process_group()
