@@ -227,3 +227,17 @@ def test_hostile_requests_beside_a_stream_are_4xx_and_never_reform_the_group(bas
     assert after["recoveries"] == before["recoveries"] and not after["recovering"]
     assert live.results and all(r == (STREAM_TOKENS, "done") for r in live.results), live.results
     assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
+
+
+def test_oversized_bodies_and_prompts_are_refused_before_a_rank(base_url):
+    before = _status(base_url)["group_generation"]
+    with httpx.Client(timeout=60) as client:
+        url = f"{base_url}/v1/completions"
+        too_big = client.post(url, content=b'{"model": "' + b"x" * (9 << 20) + b'"}',
+                              headers={"content-type": "application/json"})  # fmt: skip
+        assert too_big.status_code == 413 and "limit" in too_big.json()["error"]["message"]
+        long_prompt = client.post(url, json={"model": MODEL, "prompt": "ab" * 1_000_001, "max_tokens": 1})
+        assert long_prompt.status_code == 400 and long_prompt.json()["error"]["param"] == "prompt"
+        ok = client.post(url, json={"model": MODEL, "prompt": "still serving", "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+    assert _status(base_url)["group_generation"] == before
