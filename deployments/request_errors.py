@@ -80,6 +80,15 @@ def _vllm_client_error(exc: BaseException) -> RequestError | None:
     return None
 
 
+def _vllm_engine_errors() -> tuple[type[BaseException], type[BaseException]] | None:
+    """vLLM's (EngineDeadError, EngineGenerateError); None without vLLM."""
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+    except ImportError:
+        return None
+    return EngineDeadError, EngineGenerateError
+
+
 def classify(exc: BaseException, engine_alive: bool) -> RequestError | RankFailure:
     """What `exc`, raised while preparing or running one request on a rank, means.
 
@@ -90,11 +99,12 @@ def classify(exc: BaseException, engine_alive: bool) -> RequestError | RankFailu
     rank failure whatever was raised."""
     if isinstance(exc, RankFailure):
         return exc
-    if not engine_alive or type(exc).__name__ == "EngineDeadError":
+    dead, generate = _vllm_engine_errors() or ((), ())
+    if not engine_alive or isinstance(exc, dead):
         return RankFailure(clean_message(f"the engine is gone ({type(exc).__name__}: {exc})"))
     if isinstance(exc, RequestError):
         return exc
-    if type(exc).__name__ == "EngineGenerateError" and exc.__cause__ is not None:
+    if isinstance(exc, generate) and exc.__cause__ is not None:
         return classify(exc.__cause__, engine_alive)
     if (known := _vllm_client_error(exc)) is not None:
         return known
