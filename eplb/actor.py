@@ -148,6 +148,7 @@ class EplbController:
         if self.current is None:
             self.initialize()
         if self._thread is None:
+            self._stop.clear()  # a start after stop() runs again
             self._thread = threading.Thread(target=self._loop, name="eplb-controller", daemon=True)
             self._thread.start()
         return self.get_state()

@@ -191,6 +191,15 @@ def test_background_thread_rebalances_and_state_answers(fake_ranks):
     state = ray.get(ctl.get_state.remote())
     assert state["alive"] and state["imbalance"]["planned"] < state["imbalance"]["current"]
     ray.get(ctl.stop.remote())
+    # Stopped, it cycles no more; started again, it does.
+    cycles = ray.get(ctl.get_state.remote())["cycles"]
+    time.sleep(0.3)
+    assert ray.get(ctl.get_state.remote())["cycles"] == cycles
+    ray.get(ctl.start.remote())
+    while ray.get(ctl.get_state.remote())["cycles"] <= cycles:
+        assert time.monotonic() < deadline + 20, "start() after stop() did not resume the cycles"
+        time.sleep(0.05)
+    ray.get(ctl.stop.remote())
 
 
 def test_policy_that_raises_is_logged_skipped_and_reported(fake_ranks):
