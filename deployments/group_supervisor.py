@@ -201,7 +201,7 @@ class RankGroupSupervisor:
         group is re-formed."""
         step = stats.get("step")
         busy = stats.get("in_flight", 0) > 0 or self.dispatched[rank] > 0
-        if step != self.step_seen[rank] or not busy:
+        if step is None or step != self.step_seen[rank] or not busy:  # no counter: nothing to judge
             self.step_seen[rank], self.progress_at[rank] = step, now
             return False
         stalled = now - self.progress_at[rank]
