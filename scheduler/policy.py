@@ -43,8 +43,12 @@ held requests' TTFT. A rank is *ready* when it has waiting requests and a free s
 5. otherwise                              -> closed.
 
 Parameters: ``max_hold_steps`` (int >= 1, default 8) is the operator's TTFT budget in steps: with a
-decode step of ``d`` ms a held request waits at most ``(max_hold_steps - 1) * d`` ms, and larger values
-move the policy along its own throughput/TTFT frontier. ``quorum`` (0 < q <= 1, default 0.5) is the
+decode step of ``d`` ms a held request waits at most ``(max_hold_steps - 1) * d`` ms once the snapshot
+shows its rank ready, and larger values move the policy along its own throughput/TTFT frontier. Counted
+in the rank's own steps, the decision pipeline adds up to ``lead + 1`` steps: a decision is frozen
+``lead`` steps ahead, from the counts of the ranks that have reported by then (one step older when a
+peer's report freezes it first), so a request can wait up to ``max_hold_steps + lead`` steps
+(checked on real engines by ``tests/scheduler/test_balance_e2e.py``). ``quorum`` (0 < q <= 1, default 0.5) is the
 fraction of live ranks that must be ready to open early. ``min_occupancy`` (0 <= m <= 1, default 0.9)
 is the saturation guard's threshold; 0 disables it. Below about 90 % of the slots running, requests do
 not queue for slots, so the group serves what arrives whether or not it holds. The rule reads only the snapshot and the step

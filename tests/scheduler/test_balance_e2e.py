@@ -8,47 +8,56 @@ and every request must still complete.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from deployments.config import EngineSettings
 from deployments.rank_group import start_rank_group, stop_rank_group
+from scheduler.step_trace import IDX
 from tests.helpers import collect_stream
 
 pytestmark = pytest.mark.slow
 
 SAMPLING = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+GROUP = "test_e2e_balance"  # the coordinator of the module's shared group
 
 
-def test_two_ranks_balance_all_complete_and_gate_closes(ray_local, tiny_model_dir) -> None:
-    name = "test_e2e_balance"
+@pytest.fixture(scope="module")
+def group(ray_local, tiny_model_dir) -> Iterator[tuple[list[Any], Any]]:
+    """One 2-rank group with balance on (any_at_cap, 2 slots per rank), shared by the tests that
+    only switch the policy at run time; yields (rank actors, coordinator)."""
+    import ray
+
+    from scheduler.coordinator import release_coordinator
+
     settings = EngineSettings(
         model=tiny_model_dir,
         data_parallel_size=2,
         max_model_len=256,
         max_num_seqs=2,
-        balance={"policy": "any_at_cap", "timeout_s": 10.0, "coordinator_name": name, "wait_ms": 20.0},
+        balance={"policy": "any_at_cap", "timeout_s": 10.0, "coordinator_name": GROUP, "wait_ms": 20.0},
     )
+    actors, pg, _ = asyncio.run(start_rank_group(settings))
+    try:
+        yield actors, ray.get_actor(GROUP, namespace="dpserve")
+    finally:
+        asyncio.run(stop_rank_group(actors, pg))
+        release_coordinator(GROUP, "dpserve")
+
+
+def test_two_ranks_balance_all_complete_and_gate_closes(group) -> None:
+    actors, coord = group
 
     async def go():
-        actors, pg, _ = await start_rank_group(settings)
-        try:
-            # Skewed: rank 0 gets 8 requests, rank 1 gets 4 — both over their 2 slots.
-            prompts = [f"balance prompt number {i} goes here" for i in range(12)]
-            outs = await asyncio.gather(
-                *[collect_stream(actors[0 if i % 3 else 1], p, SAMPLING) for i, p in enumerate(prompts)]
-            )
-            import ray
-
-            coord = ray.get_actor(name, namespace="dpserve")
-            stats = await coord.get_stats.remote()
-            scores = await coord.get_load_scores.remote()
-        finally:
-            await stop_rank_group(actors, pg)
-            from scheduler.coordinator import release_coordinator
-
-            release_coordinator(name, "dpserve")
-        return outs, stats, scores
+        await coord.set_policy.remote("any_at_cap", {})
+        # Skewed: rank 0 gets 8 requests, rank 1 gets 4 — both over their 2 slots.
+        prompts = [f"balance prompt number {i} goes here" for i in range(12)]
+        outs = await asyncio.gather(
+            *[collect_stream(actors[0 if i % 3 else 1], p, SAMPLING) for i, p in enumerate(prompts)]
+        )
+        return outs, await coord.get_stats.remote(), await coord.get_load_scores.remote()
 
     outs, stats, scores = asyncio.run(go())
     assert all(len(o["token_ids"]) == SAMPLING["max_tokens"] for o in outs)
@@ -62,6 +71,79 @@ def test_two_ranks_balance_all_complete_and_gate_closes(ray_local, tiny_model_di
     r0, r1 = stats["ranks"][0], stats["ranks"][1]
     assert r0["wave"] == r1["wave"] and abs(r0["step"] - r1["step"]) <= 1, stats
     print("coordinator stats:", stats)
+
+
+def _admission_waits(rows: list[Any], max_num_seqs: int) -> list[tuple[int, int]]:
+    """(steps waited, admitting step) for each admission that followed steps on which the rank had a
+    waiting request and a free slot: counted from the first such step of the streak, in lockstep steps."""
+    waits, since, prev = [], None, None
+    for row in sorted(rows, key=lambda r: r[IDX["seq"]]):
+        wave, step = row[IDX["wave"]], row[IDX["step"]]
+        if prev is not None and prev != (wave, step - 1):
+            since = None  # a new wave (or a gap) starts the count again
+        ready = row[IDX["waiting"]] > 0 and row[IDX["running"]] < max_num_seqs
+        if row[IDX["new_reqs"]] > 0:
+            if since is not None:
+                waits.append((step - since, step))
+            since = None
+        elif ready:
+            since = step if since is None else since
+        else:
+            since = None
+        prev = (wave, step)
+    return waits
+
+
+def test_bounded_hold_admits_within_the_hold_bound(group) -> None:
+    """bounded_hold where the gate would otherwise stay closed: rank 1 runs two long requests (its
+    slots full, nothing waiting), rank 0 has more requests than slots. The quorum (both ranks ready)
+    is never reached and the group runs at least half its slots (min_occupancy 0.5), so only the
+    hold bound opens the gate: no request of rank 0 waits past it, read from rank 0's step trace."""
+    actors, coord = group
+    hold, lead = 6, 1  # lead: the scheduler's default (BalanceConfig)
+
+    async def go():
+        await coord.set_policy.remote(
+            "bounded_hold", {"max_hold_steps": hold, "quorum": 1.0, "min_occupancy": 0.5}
+        )
+        long = [
+            asyncio.ensure_future(
+                collect_stream(actors[1], f"long request {i}", {**SAMPLING, "max_tokens": 160})
+            )
+            for i in range(2)
+        ]
+        for _ in range(1000):  # until rank 1 runs both (its slots full, nothing waiting)
+            if (await coord.get_stats.remote())["ranks"][1]["running"] == 2:
+                break
+            await asyncio.sleep(0.02)
+        seq = [(await a.balance_stats.remote())["trace_seq"] for a in actors]
+        # Different lengths, so rank 0's slots free up at different steps.
+        short = [
+            collect_stream(actors[0], f"short request {i} here", {**SAMPLING, "max_tokens": 4 + i % 5})
+            for i in range(10)
+        ]
+        outs = await asyncio.gather(*short)
+        stats = [await a.balance_stats.remote(seq[i]) for i, a in enumerate(actors)]
+        return outs + await asyncio.gather(*long), stats, await coord.get_decisions.remote()
+
+    outs, (rank0, rank1), decisions = asyncio.run(go())
+    assert all(o["finish_reason"] == "length" for o in outs)
+    assert all(r[IDX["waiting"]] == 0 for r in rank1["trace"]), "rank 1 must never be ready to admit"
+    waits = _admission_waits(rank0["trace"], max_num_seqs=2)
+    held = [r for r in rank0["trace"] if not r[IDX["admit"]] and r[IDX["waiting"]] > 0]
+    print(f"rank 0: admissions after a wait (steps, at step): {waits}; held steps: {len(held)}")
+    assert held, "the gate never held: the scenario did not keep it closed"
+    # While rank 0 had requests, the coordinator opened the gate on deadline steps only (rule 2):
+    # neither the quorum nor the saturation guard could open it.
+    phase = {(r[IDX["wave"]], r[IDX["step"]]) for r in rank0["trace"]}
+    opened = sorted(key[1] for key, admit in decisions.items() if admit and key in phase)
+    assert opened and all(step % hold == 0 for step in opened), opened
+    assert any(w > 0 for w, _ in waits), waits
+    # The bound: at most hold - 1 closed steps once the coordinator's snapshot shows the rank ready
+    # (rule 2), which it does `lead` steps after the trace does (a decision is frozen `lead` steps
+    # ahead), plus one more when the other rank's report freezes that decision before this rank's
+    # report of the same step lands.
+    assert max(w for w, _ in waits) <= hold + lead, waits
 
 
 def test_two_ranks_keep_serving_across_coordinator_kill(ray_local, tiny_model_dir) -> None:
