@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -416,6 +417,9 @@ def _bench(args: argparse.Namespace, url: str, tokenizer: str, n: int, rate: flo
         "mean_tpot_ms": res["mean_tpot_ms"],
         "output_tokens": res["total_output_tokens"],
         "completed": res["completed"],
+        # The box's 1-minute load at the end of the run: other work on the shared cores stretches every
+        # step, the gate client's wall time included.
+        "loadavg_1m": os.getloadavg()[0],
     }
 
 
@@ -506,8 +510,6 @@ async def _cluster_rounds(args: argparse.Namespace, url: str, tokenizer: str) ->
 
 def _cluster(args: argparse.Namespace) -> dict[str, Any]:
     """Start dpserve's Serve app (2 DP ranks + EP, balance on) in this process, run the rounds."""
-    import os
-
     os.environ.update(SERVE_ENV)  # before Ray and Serve import them (direct ingress)
     import ray
     from ray import serve
@@ -580,19 +582,21 @@ def _cluster_md(res: dict[str, Any], args: argparse.Namespace) -> str:
             "",
             "Absolute values per round:",
             "",
-            "| policy | round | out tok/s | mean TPOT ms | mean TTFT ms | p99 TTFT ms | duration s |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| policy | round | out tok/s | mean TPOT ms | mean TTFT ms | p99 TTFT ms | duration s | load 1m |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for name, m in pol.items():
             for i, x in enumerate(m["runs"]):
+                load = f"{x['loadavg_1m']:.1f}" if "loadavg_1m" in x else "-"
                 lines.append(
                     f"| {name} | {i} | {x['output_tok_s']:.1f} | {x['mean_tpot_ms']:.1f} | "
-                    f"{x['mean_ttft_ms']:.0f} | {x['p99_ttft_ms']:.0f} | {x['duration_s']:.1f} |"
+                    f"{x['mean_ttft_ms']:.0f} | {x['p99_ttft_ms']:.0f} | {x['duration_s']:.1f} | {load} |"
                 )
         lines += [
             "",
             "coord ms/step: time an engine core spends in the gate client per lockstep step; its share is "
-            "over the mean busy step time from the traces (idle gaps between arrivals excluded).",
+            "over the mean busy step time from the traces (idle gaps between arrivals excluded). load 1m: "
+            "the box's 1-minute load average at the end of the run (2 cores).",
             _trace_table(pol, args),
         ]
     return "\n".join(lines) + "\n"
