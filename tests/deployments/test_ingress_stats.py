@@ -380,7 +380,8 @@ def test_a_request_past_its_deadline_gets_a_504_and_is_aborted_on_its_rank() -> 
         server.channel.close("done")  # finished in time: its deadline is cancelled
         err = await asyncio.wait_for(slow.get(), 10)
         assert err["status"] == 504 and "request_timeout_s (0.2 s)" in err["error"]
-        await asyncio.sleep(0.3)
+        await _until(lambda: rank.aborted)  # the abort is a call to the rank after the error
+        await asyncio.sleep(0.3)  # past the closed request's deadline too
         assert done.empty() and rank.aborted == ["slow"] and server.channel.timed_out == 1
         server.channel.stop()
 
