@@ -183,9 +183,14 @@ def _engine_core_pid(actor: Any) -> int:
     import ray
 
     actor_pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
-    cores = [p for p in psutil.Process(actor_pid).children(recursive=True)
-             if "EngineCore" in " ".join(p.cmdline()[:1])]  # fmt: skip
-    assert len(cores) == 1, [p.cmdline()[:1] for p in psutil.Process(actor_pid).children(recursive=True)]
+    deadline = time.monotonic() + 30  # the title is set once the spawned process runs vLLM's code
+    while True:
+        children = psutil.Process(actor_pid).children(recursive=True)
+        cores = [p for p in children if "EngineCore" in " ".join(p.cmdline()[:1])]
+        if len(cores) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(cores) == 1, [(p.pid, p.cmdline()) for p in children]
     return cores[0].pid
 
 

@@ -124,6 +124,11 @@ async def _request(client: httpx.AsyncClient, url: str, i: int, max_tokens: int,
         return f"connection_error:{type(exc).__name__}"
 
 
+async def _one_request(url: str) -> str:
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+        return await _request(client, url, 0, 8, stream=False)
+
+
 def _status(url: str) -> dict[str, Any]:
     return httpx.get(f"{url}/dpserve/status", timeout=10).json()
 
@@ -195,9 +200,11 @@ def test_eplb_actor_killed_serving_continues_and_it_resumes(served, ray_local):
     ranks = named_rank_actors(1)
     # Between its cycles (phase "collecting", the same rebalance count before and after reading the
     # ranks) the actor's placement is the one both ranks hold; while a plan is in flight they may not.
+    # A plan in flight commits only while the group steps: keep one small request going meanwhile.
     deadline = time.monotonic() + 120
     while True:
         assert time.monotonic() < deadline, full["phase"]
+        asyncio.run(_one_request(url))
         full = ray.get(_eplb_actor(ray).get_state.remote())
         held = ray.get([a.eplb_call.remote("eplb_placement") for a in ranks])
         after = ray.get(_eplb_actor(ray).get_state.remote())
