@@ -182,8 +182,8 @@ def test_actor_driven_rebalance_under_traffic(group):
             assert time.monotonic() < deadline, await controller.get_state.remote()
             assert await _generate(actors) == reference  # every wave, also those overlapping a rebalance
             waves += 1
+        await controller.stop.remote()  # joins the cycling thread: a second plan may have landed meanwhile
         state = await controller.get_state.remote()
-        await controller.stop.remote()
         after = np.asarray(await actors[0].eplb_call.remote("eplb_placement"))
         assert (after == np.asarray(state["placement"])).all() and not (after == before).all()
         assert (np.asarray(await actors[1].eplb_call.remote("eplb_placement")) == after).all()
