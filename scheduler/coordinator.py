@@ -19,13 +19,13 @@ or, by default, through a ZMQ ROUTER socket the actor serves from a thread (``zm
 Restarts: the actor is created with ``max_restarts=-1``. A restarted actor starts empty (no ranks, no
 frozen decisions) on a new ZMQ address; ranks notice the silence, admit meanwhile, and look the address
 up again. Its configuration (policy, params, timeout) is *not* lost: every change is written to the
-GCS key-value store (``_ConfigStore``) and a restarted actor reads it back, so a run-time
-``set_policy`` survives the restart instead of reverting to the creation-time policy.
+GCS key-value store (``ConfigStore`` in ``scheduler/coordinator_config.py``) and a restarted actor
+reads it back, so a run-time ``set_policy`` survives the restart instead of reverting to the
+creation-time policy. The actor's Ray metrics are ``Metrics`` in ``scheduler/coordinator_metrics.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from scheduler.coordinator_config import ConfigStore
+from scheduler.coordinator_metrics import Metrics
 from scheduler.frame_auth import new_key
 from scheduler.gate_report import GateReport, StepKey
 from scheduler.policy import GateDecision, GatePolicy, RankCounts, make_policy
@@ -208,8 +210,8 @@ class BalanceCoordinator:
         serve_zmq: bool = True,
     ):
         # Ray restarts the actor with its *creation* arguments; the configuration set since then
-        # (set_policy / set_timeout) is read back from the GCS store (see _ConfigStore).
-        self._store = _ConfigStore.for_this_actor()
+        # (set_policy / set_timeout) is read back from the GCS store (see ConfigStore).
+        self._store = ConfigStore.for_this_actor()
         saved = self._store.load() if self._store is not None else None
         # The key that seals gate frames: the group's (`reset`), kept across restarts with the
         # configuration; until a group sets one, a random key nobody holds (every frame is dropped).
@@ -222,7 +224,7 @@ class BalanceCoordinator:
             logger.warning("balance coordinator restarted: policy %s %s restored", policy, params)
         self.state = CoordinatorState(policy, params, timeout_s)
         self._save()
-        self._metrics = _Metrics()
+        self._metrics = Metrics()
         self.state.on_exclude = lambda rank, age: self._metrics.excluded(rank)
         # The ZMQ server thread and the Ray methods both touch the state: one lock for all of it.
         self._lock = threading.Lock()
@@ -327,119 +329,6 @@ class BalanceCoordinator:
 
     def ping(self) -> bool:
         return True
-
-
-class _ConfigStore:
-    """The coordinator's configuration in the GCS key-value store, for the actor's restarts.
-
-    Why here: Ray re-runs ``__init__`` with the creation arguments, so anything set later lives only
-    in the dead process. The ranks cannot re-assert it (they never see ``set_policy``: operators and
-    benchmarks call the actor directly), and a second actor to hold it could die too. The GCS outlives
-    any actor (Ray Serve's controller recovers its own state from the same store). One key per actor
-    name (or id, if unnamed); the value carries the actor id, so a *new* actor created under the same
-    name later (a new rank group) starts from its own arguments, never from a predecessor's leftovers.
-    """
-
-    KV_NAMESPACE = "dpserve"
-
-    def __init__(self, key: str, actor_id: str) -> None:
-        self.key, self.actor_id = key, actor_id
-
-    @classmethod
-    def for_this_actor(cls) -> _ConfigStore | None:
-        """The store of the calling actor; None outside a Ray actor (plain tests)."""
-        try:
-            import ray
-
-            if not ray.is_initialized():
-                return None
-            ctx = ray.get_runtime_context()
-            actor_id = ctx.get_actor_id()
-            if actor_id is None:
-                return None
-            name = ctx.get_actor_name() or actor_id
-            return cls(f"balance_coordinator/{ctx.namespace}/{name}", actor_id)
-        except Exception:  # pragma: no cover - no Ray runtime
-            return None
-
-    def load(self) -> dict[str, Any] | None:
-        """The configuration this same actor (id) saved before a restart, if any."""
-        from ray.experimental import internal_kv
-
-        try:
-            raw = internal_kv._internal_kv_get(self.key, namespace=self.KV_NAMESPACE)
-        except Exception:
-            logger.warning("balance coordinator: cannot read the saved configuration", exc_info=True)
-            return None
-        if not raw:
-            return None
-        saved = json.loads(raw)
-        return saved if saved.get("actor_id") == self.actor_id else None
-
-    def save(
-        self, policy: str, params: dict[str, Any], timeout_s: float, key: bytes, local_only: bool
-    ) -> None:
-        from ray.experimental import internal_kv
-
-        # The frame key too: a restarted actor must accept the group's ranks. The GCS store is no
-        # less protected than the Ray calls that hand the key out.
-        value = {"actor_id": self.actor_id, "policy": policy, "params": params, "timeout_s": timeout_s,
-                 "key": key.hex(), "local_only": local_only}  # fmt: skip
-        try:
-            internal_kv._internal_kv_put(self.key, json.dumps(value), namespace=self.KV_NAMESPACE)
-        except Exception:  # the change itself is applied; only a restart would lose it
-            logger.warning("balance coordinator: cannot save the configuration", exc_info=True)
-
-
-class _Metrics:
-    """ray.util.metrics instruments; a no-op outside Ray (so the class works in plain tests).
-
-    Per-rank running/waiting gauges (``dpserve_rank_running`` / ``_waiting``) are exported by the
-    ingress only (``deployments/metrics.py``; it also covers serving without balance): exporting
-    them here as well gave two series per rank.
-    """
-
-    def __init__(self) -> None:
-        try:
-            from ray.util import metrics
-
-            self._closed = metrics.Counter(
-                "dpserve_gate_closed_steps", "Lockstep steps with the prefill gate closed"
-            )
-            self._excluded = metrics.Counter(
-                "dpserve_gate_rank_excluded",
-                "Ranks excluded from the gate for not reporting",
-                tag_keys=("rank",),
-            )
-            self._dropped = metrics.Counter(
-                "dpserve_internal_frames_dropped",  # npu_runtime.metric_names.INTERNAL_FRAMES_DROPPED
-                "frames dropped on dpserve's internal ZMQ sockets (unauthenticated, malformed, invalid)",
-                tag_keys=("channel", "reason"),
-            )
-            self._gather = metrics.Histogram(
-                "dpserve_gate_gather_latency_ms",
-                "Spread between the first and the last rank's report of one lockstep step",
-                boundaries=[0.1, 0.5, 1, 2, 5, 10, 20, 50, 100, 500],
-            )
-            self.ok = True
-        except Exception:  # pragma: no cover - metrics unavailable
-            self.ok = False
-
-    def closed(self) -> None:
-        if self.ok:
-            self._closed.inc()
-
-    def excluded(self, rank: int) -> None:
-        if self.ok:
-            self._excluded.inc(tags={"rank": str(rank)})
-
-    def dropped(self, reason: str) -> None:
-        if self.ok:
-            self._dropped.inc(tags={"channel": "gate", "reason": reason})
-
-    def gather(self, ms: float) -> None:
-        if self.ok:
-            self._gather.observe(ms)
 
 
 def get_or_create_coordinator(
