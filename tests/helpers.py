@@ -3,14 +3,17 @@
 
 Equivalence tests compare greedy token ids of a fixed prompt set before and after a change (another
 DP layout, an expert placement): the prompts, the greedy sampling and the round-robin generation
-over rank actors live here once.
+over rank actors live here once. Fault tests send OpenAI requests over HTTP and count how each one
+ended (`request_completion`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import json
+from typing import Any, Literal
 
+import httpx
 import numpy as np
 
 PROMPTS = [
@@ -83,3 +86,79 @@ def tiny_app_args(tiny_model_dir: str, **sections: dict[str, Any] | None) -> dic
     for name, section in sections.items():
         args[name] = None if section is None else (args.get(name) or {}) | section
     return args
+
+
+async def request_completion(
+    client: httpx.AsyncClient,
+    url: str,
+    i: int,
+    max_tokens: int,
+    stream: bool,
+    started: asyncio.Event | None = None,
+    *,
+    api_key: str | None = None,
+    prompt: str | None = None,
+    errors: Literal["message", "status"] = "message",
+    stream_usage: bool = True,
+) -> str:
+    """Send one completion (`ignore_eos`, the tiny model) to `url` and say how it ended.
+
+    * ``"ok"``: exactly `max_tokens` tokens (a stream: and ``[DONE]``; with ``stream_usage=False`` the
+      stream does not ask for usage and its token count is not checked), else ``"wrong_count"``;
+    * ``"truncated"``: a stream that ended without ``[DONE]``;
+    * ``"hung"``: an httpx timeout; ``"connection_error:<httpx exception class>"``: any other httpx error;
+    * a refusal (HTTP status not 200) or an SSE error event, by `errors`:
+      ``"message"``: ``"clear_error"`` if it carries an error message (OpenAI's body), else
+      ``"unclear_error"``; the first error event ends the read;
+      ``"status"``: ``"http_<status>"``, and ``"error_event"`` for a stream that carried an error event
+      (read to its end first).
+
+    `i` names the request (prompt ``"request {i} about experts"`` unless `prompt` is given); `started` is
+    set at a stream's first chunk with choices; `api_key` is sent as a Bearer token.
+    """
+    if prompt is None:
+        prompt = f"request {i} about experts"
+    body: dict[str, Any] = {"model": TINY_MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
+                            "ignore_eos": True, "stream": stream}  # fmt: skip
+    if stream_usage:
+        body["stream_options"] = {"include_usage": True} if stream else None
+    headers = None if api_key is None else {"Authorization": f"Bearer {api_key}"}
+    try:
+        if not stream:
+            r = await client.post(f"{url}/v1/completions", json=body, headers=headers)
+            if r.status_code != 200:
+                if errors == "status":
+                    return f"http_{r.status_code}"
+                return "clear_error" if r.json()["error"]["message"] else "unclear_error"
+            return "ok" if r.json()["usage"]["completion_tokens"] == max_tokens else "wrong_count"
+        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                raw = await r.aread()
+                if errors == "status":
+                    return f"http_{r.status_code}"
+                return "clear_error" if json.loads(raw)["error"]["message"] else "unclear_error"
+            done, tokens, error = False, None, False
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    done = True
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    if errors == "message":
+                        return "clear_error" if event["error"].get("message") else "unclear_error"
+                    error = True
+                if event.get("choices") and started is not None:
+                    started.set()
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+            if error:
+                return "error_event"
+            if not done:
+                return "truncated"
+            return "ok" if not stream_usage or tokens == max_tokens else "wrong_count"
+    except httpx.TimeoutException:
+        return "hung"
+    except httpx.HTTPError as exc:
+        return f"connection_error:{type(exc).__name__}"

@@ -14,7 +14,6 @@ One app start for the module; the tests run in file order:
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -24,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import TINY_MODEL_NAME, tiny_app_args
+from tests.helpers import TINY_MODEL_NAME, request_completion, tiny_app_args
 
 pytestmark = pytest.mark.slow
 
@@ -49,44 +48,6 @@ def app_args(tiny_model_dir):
 
 def _status(url: str) -> dict[str, Any]:
     return httpx.get(f"{url}/dpserve/status", headers=AUTH, timeout=30).json()
-
-
-async def _request(client: httpx.AsyncClient, url: str, i: int, max_tokens: int, stream: bool,
-                   started: asyncio.Event | None = None) -> str:  # fmt: skip
-    """One completion: 'ok' (every token), 'clear_error' (an HTTP error or SSE error event with a
-    message), or what went wrong ('hung', 'truncated', 'wrong_count', 'unclear_error', ...)."""
-    body = {"model": TINY_MODEL_NAME, "prompt": f"request {i} about experts", "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": stream, "stream_options": {"include_usage": True} if stream else None}  # fmt: skip
-    try:
-        if not stream:
-            r = await client.post(f"{url}/v1/completions", json=body, headers=AUTH)
-            if r.status_code != 200:
-                return "clear_error" if r.json()["error"]["message"] else "unclear_error"
-            return "ok" if r.json()["usage"]["completion_tokens"] == max_tokens else "wrong_count"
-        async with client.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH) as r:
-            if r.status_code != 200:
-                return "clear_error" if json.loads(await r.aread())["error"]["message"] else "unclear_error"
-            done, tokens = False, None
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    done = True
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    return "clear_error" if event["error"].get("message") else "unclear_error"
-                if event.get("choices") and started is not None:
-                    started.set()
-                if event.get("usage"):
-                    tokens = event["usage"]["completion_tokens"]
-            if not done:
-                return "truncated"
-            return "ok" if tokens == max_tokens else "wrong_count"
-    except httpx.TimeoutException:
-        return "hung"
-    except httpx.HTTPError as exc:
-        return f"connection_error:{type(exc).__name__}"
 
 
 def test_api_key_on_every_route_but_health(base_url) -> None:
@@ -150,7 +111,8 @@ def test_forged_and_malformed_frames_on_every_socket_are_dropped_and_counted(bas
     async def scenario() -> list[str]:
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
             started = asyncio.Event()
-            streams = [asyncio.create_task(_request(client, base_url, i, 160, stream=True, started=started))
+            streams = [asyncio.create_task(request_completion(client, base_url, i, 160, stream=True,
+                                                              started=started, api_key=KEY))
                        for i in range(2)]  # fmt: skip
             await asyncio.wait_for(started.wait(), REQUEST_TIMEOUT_S)
             for address in outputs.values():
@@ -216,7 +178,8 @@ def test_frozen_engine_is_declared_hung_and_the_group_recovers(base_url, ray_loc
     async def scenario() -> tuple[list[str], list[str]]:
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
             started = asyncio.Event()
-            first = [asyncio.create_task(_request(client, base_url, i, 300, stream=i % 2 == 0, started=started))
+            first = [asyncio.create_task(request_completion(client, base_url, i, 300, stream=i % 2 == 0,
+                                                            started=started, api_key=KEY))
                      for i in range(6)]  # fmt: skip
             await asyncio.wait_for(started.wait(), REQUEST_TIMEOUT_S)
             await asyncio.sleep(0.5)
@@ -225,7 +188,10 @@ def test_frozen_engine_is_declared_hung_and_the_group_recovers(base_url, ray_loc
             await asyncio.sleep(1.0)
             # Sent while the engine is frozen: wait for the re-formed group, then served there.
             late = [
-                asyncio.create_task(_request(client, base_url, 100 + i, 16, stream=False)) for i in range(2)
+                asyncio.create_task(
+                    request_completion(client, base_url, 100 + i, 16, stream=False, api_key=KEY)
+                )
+                for i in range(2)
             ]
             deadline = t_stop + REQUEST_TIMEOUT_S
             while time.monotonic() < deadline:

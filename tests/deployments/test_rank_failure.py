@@ -6,6 +6,8 @@ import time
 import httpx
 import pytest
 
+from tests.helpers import request_completion
+
 pytestmark = pytest.mark.slow
 
 MODEL = "dpserve-tiny-moe"
@@ -31,27 +33,12 @@ def base_url(ray_local, tiny_model_dir):
 
 
 async def _request(client: httpx.AsyncClient, url: str, i: int, stream: bool) -> str:
-    body = {"model": MODEL, "prompt": f"request {i}", "max_tokens": 48, "ignore_eos": True, "stream": stream}
-    try:
-        if not stream:
-            r = await client.post(f"{url}/v1/completions", json=body)
-            if r.status_code == 200:
-                return "ok" if r.json()["usage"]["completion_tokens"] == 48 else "wrong"
-            return "clear_error" if r.json()["error"]["message"] else "unclear_error"
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                return "clear_error" if (await r.aread()) else "unclear_error"
-            done, error = False, False
-            async for line in r.aiter_lines():
-                if line == "data: [DONE]":
-                    done = True
-                elif line.startswith("data: ") and '"error"' in line:
-                    error = True
-            return "ok" if done and not error else ("clear_error" if error else "truncated")
-    except httpx.TimeoutException:
-        return "hung"
-    except httpx.HTTPError:
+    """48 tokens; outcomes as `request_completion` says, in this test's terms: a wrong token count is
+    'wrong' and every httpx error but a timeout is one 'connection_error'."""
+    outcome = await request_completion(client, url, i, 48, stream, prompt=f"request {i}", stream_usage=False)
+    if outcome.startswith("connection_error"):
         return "connection_error"
+    return "wrong" if outcome == "wrong_count" else outcome
 
 
 def test_rank_killed_under_load(base_url, ray_local):

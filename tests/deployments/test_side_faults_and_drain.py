@@ -20,6 +20,7 @@ them to the proxy and the replicas); the ingress replica's own port range is pic
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -32,6 +33,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+
+from tests.helpers import request_completion
 
 pytestmark = pytest.mark.slow
 
@@ -84,44 +87,8 @@ def served(ray_local, tiny_model_dir):
         pass
 
 
-async def _request(client: httpx.AsyncClient, url: str, i: int, max_tokens: int, stream: bool,
-                   started: asyncio.Event | None = None) -> str:  # fmt: skip
-    """One completion; 'ok' only if it returned exactly max_tokens tokens (streams: and [DONE])."""
-    body = {"model": MODEL, "prompt": f"request {i} about experts", "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": stream, "stream_options": {"include_usage": True} if stream else None}  # fmt: skip
-    try:
-        if not stream:
-            r = await client.post(f"{url}/v1/completions", json=body)
-            if r.status_code != 200:
-                return f"http_{r.status_code}"
-            return "ok" if r.json()["usage"]["completion_tokens"] == max_tokens else "wrong_count"
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                await r.aread()
-                return f"http_{r.status_code}"
-            done, tokens, error = False, None, False
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    done = True
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    error = True
-                if event.get("choices") and started is not None:
-                    started.set()
-                if event.get("usage"):
-                    tokens = event["usage"]["completion_tokens"]
-            if error:
-                return "error_event"
-            if not done:
-                return "truncated"
-            return "ok" if tokens == max_tokens else "wrong_count"
-    except httpx.TimeoutException:
-        return "hung"
-    except httpx.HTTPError as exc:
-        return f"connection_error:{type(exc).__name__}"
+# Refusals by HTTP status (the drain tests expect 503s); error events as "error_event".
+_request = functools.partial(request_completion, errors="status")
 
 
 async def _one_request(url: str) -> str:
