@@ -100,9 +100,7 @@ class DPServer:
             inbox = group.channel.open(request_id, rank, generation)
             status = "error"
             try:
-                first = await actor.submit.remote(
-                    request_id, prompt, sampling, messages, self.config.serving.stream_interval_ms
-                )
+                first = await self._submit(group, rank, actor, inbox, request_id, prompt, sampling, messages)
                 if "error" in first:
                     raise from_reply(first)
                 if not sent_first:  # the caller reads prompt_tokens from it, whichever attempt made it
@@ -122,10 +120,7 @@ class DPServer:
             except (asyncio.CancelledError, GeneratorExit):
                 status = "aborted"
                 # Client went away: stop the rank's work for this request.
-                try:
-                    actor.abort.remote(request_id)
-                except Exception:
-                    pass
+                group.channel.abort(rank, generation, request_id)
                 raise
             except RequestError:
                 status = "rejected"
@@ -151,6 +146,25 @@ class DPServer:
                     group.dispatched[rank] -= 1
                 group.served[rank] += 1
                 self.metrics.request_done(rank, status)
+
+    async def _submit(self, group: RankGroupSupervisor, rank: int, actor: Any, inbox: asyncio.Queue,
+                      request_id: str, prompt: Any, sampling: dict[str, Any], messages: list | None) -> dict:  # fmt: skip
+        """Start the request on `rank`; its reply: `prompt_tokens`, or an error reply. Over the request
+        channel when the rank has one (the reply is the first chunk in `inbox`), else a Ray call."""
+        serving = self.config.serving
+        if not group.channel.submit(rank, request_id, prompt, sampling, messages, serving.stream_interval_ms):
+            return await actor.submit.remote(
+                request_id, prompt, sampling, messages, serving.stream_interval_ms
+            )
+        try:
+            first = await asyncio.wait_for(inbox.get(), serving.submit_ack_timeout_s)
+        except TimeoutError:
+            group.channel.abort(rank, group.generation, request_id)
+            raise RequestError(f"DP rank {rank} did not take the request within serving.submit_ack_timeout_s "
+                               f"({serving.submit_ack_timeout_s:g} s); retry it", 503) from None  # fmt: skip
+        if isinstance(first, BaseException):  # the rank's output channel broke
+            raise RankFailure(f"rank {rank}'s output channel broke") from first
+        return first
 
     # ---- routes ----------------------------------------------------------------------------------
     @app.get("/health")

@@ -219,6 +219,10 @@ class ServingSection(_Section):
     # like vLLM's DP ports) or "ray" (a Ray streaming call per rank; more CPU per step, no extra port).
     output_transport: Literal["zmq", "ray"] = "zmq"
     output_connect_timeout_s: float = 30.0  # then that rank's output goes through Ray instead
+    # With "zmq", new requests and aborts go to the ranks over the same channel (one frame each, not
+    # a Ray call; deployments/request_channel.py). A request the rank has not acknowledged (tokenized
+    # and queued) within this long gets a 503 and is aborted there.
+    submit_ack_timeout_s: float = Field(60.0, gt=0)
     # Request limits, checked in the ingress before anything reaches a rank. A body over
     # `max_body_bytes` is refused with 413 while it is read (8 MiB holds a 128k-token prompt as token
     # ids); a text prompt (or a chat's messages together) over `max_prompt_chars` is a 400 before it is

@@ -11,6 +11,10 @@ does not decode or repeats a number is dropped and counted; a gap in the numbers
 lost, and every request then in flight on that rank ends with a clear error and is aborted there
 (which of them lost a chunk is unknown; the rank and the group serve on).
 
+With ZMQ, new requests and aborts travel the other way over the same kind of channel
+(deployments/request_channel.py: each rank binds a request socket once its output channel works; the
+ingress connects to it); until then, and with `output_transport: ray`, they are Ray calls.
+
 Each request may have a deadline (`serving.request_timeout_s`): past it the request gets a 504 error
 chunk and is aborted on its rank.
 """
@@ -72,6 +76,8 @@ class OutputChannel:
         self.key = new_key()  # this generation's frame key (a new one per generation)
         # Per rank of this generation: the PULL socket's address, frames dropped by reason, frames lost.
         self.addresses: dict[int, str] = {}
+        self.senders: dict[int, Any] = {}  # rank -> RequestSender, once its request socket is open
+        self.submits: dict[int, list[int]] = {}  # rank -> [requests sent over its socket, over Ray]
         self.dropped: dict[int, dict[str, int]] = {}
         self.lost: dict[int, int] = {}
         self.timed_out = 0
@@ -100,11 +106,30 @@ class OutputChannel:
             return
         rank, generation, inbox = entry
         inbox.put_nowait({"error": message, "status": status})
-        if generation == self.generation and rank < len(self.actors):
-            try:
-                self.actors[rank].abort.remote(request_id)  # frees its batch slot and KV cache
-            except Exception:  # the rank is gone: nothing left to free
-                pass
+        self.abort(rank, generation, request_id)  # frees its batch slot and KV cache
+
+    def submit(self, rank: int, request_id: str, prompt: Any, sampling: dict[str, Any],
+               messages: list | None, stream_interval_ms: float) -> bool:  # fmt: skip
+        """Send a new request to rank `rank` of this generation over its request socket; False when
+        there is none or it cannot take the frame now (the caller then uses the rank's Ray call)."""
+        sender = self.senders.get(rank)
+        sent = sender is not None and sender.submit(
+            request_id, prompt, sampling, messages, stream_interval_ms
+        )
+        self.submits.setdefault(rank, [0, 0])[0 if sent else 1] += 1
+        return sent
+
+    def abort(self, rank: int, generation: int, request_id: str) -> None:
+        """Stop request `request_id` on rank `rank` of group `generation` (nothing if that group is gone)."""
+        if generation != self.generation or rank >= len(self.actors):
+            return
+        sender = self.senders.get(rank)
+        if sender is not None and sender.abort(request_id):
+            return
+        try:
+            self.actors[rank].abort.remote(request_id)
+        except Exception:  # the rank is gone: nothing left to free
+            pass
 
     def fail_generation(self, generation: int, reason: str) -> None:
         """Every request waiting on group `generation` gets a rank failure (the group is going)."""
@@ -128,6 +153,7 @@ class OutputChannel:
         self.start_info = list(start_info)
         self.actors, self.generation, self.key = list(actors), generation, new_key()
         self.addresses, self.lost = {}, {r: 0 for r in range(len(actors))}
+        self.submits = {r: [0, 0] for r in range(len(actors))}
         self.dropped = {r: {} for r in range(len(actors))}
         loop = asyncio.get_running_loop()
         self.pumps = [loop.create_task(self.pump(r, a, generation)) for r, a in enumerate(actors)]
@@ -136,6 +162,9 @@ class OutputChannel:
         for task in self.pumps:
             task.cancel()
         self.pumps = []
+        for sender in self.senders.values():
+            sender.close()
+        self.senders = {}
 
     async def pump(self, rank: int, actor: Any, generation: int) -> None:
         """Move rank `rank`'s batched output into the requests' inboxes. If the rank's channel breaks,
@@ -163,7 +192,10 @@ class OutputChannel:
         """For /dpserve/status: per rank the PULL address, dropped frames by reason, lost frames."""
         return {"transport": self.serving.output_transport, "timed_out_requests": self.timed_out,
                 "ranks": {r: {"address": self.addresses.get(r), "dropped": dict(self.dropped.get(r, {})),
-                              "lost": self.lost.get(r, 0)} for r in range(len(self.actors))}}  # fmt: skip
+                              "lost": self.lost.get(r, 0),
+                              "requests": self.senders[r].address if r in self.senders else None,
+                              "submitted": dict(zip(("socket", "ray"), self.submits.get(r, [0, 0]), strict=True))}
+                          for r in range(len(self.actors))}}  # fmt: skip
 
     def _drop(self, rank: int, reason: str, size: int) -> None:
         counts = self.dropped.setdefault(rank, {})
@@ -256,6 +288,7 @@ class OutputChannel:
                 )
             take(first.result())
             receiving = asyncio.ensure_future(receive())
+            await self._open_requests(rank, actor, generation, host == "127.0.0.1")
             done, _ = await asyncio.wait({receiving, watching}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # raises the rank's failure (or a receive error)
@@ -265,6 +298,23 @@ class OutputChannel:
                     task.cancel()
             cancel_ref(pushing)
             ctx.destroy(linger=0)
+            sender = self.senders.pop(rank, None) if generation == self.generation else None
+            if sender is not None:  # (a newer generation's `start` closed this one's senders)
+                sender.close()
+
+    async def _open_requests(self, rank: int, actor: Any, generation: int, local: bool) -> None:
+        """Have rank `rank` bind its request socket and connect to it (deployments/request_channel.py).
+        If that fails the rank's requests stay Ray calls: slower, not broken."""
+        from deployments.request_channel import RequestSender
+
+        try:
+            ref = actor.open_requests.remote(local, self.key)
+            address = await asyncio.wait_for(ref, self.serving.output_connect_timeout_s)
+            if generation == self.generation:
+                self.senders[rank] = RequestSender(address, self.key)
+        except Exception as exc:
+            logger.warning("rank %d's request channel did not open (%s: %s); its requests go through Ray",
+                           rank, type(exc).__name__, exc)  # fmt: skip
 
     def output_host(self, rank: int) -> str:
         """Where this ingress binds rank `rank`'s output socket: loopback when the rank runs on this

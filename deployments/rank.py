@@ -26,6 +26,7 @@ from deployments.rank_eplb import RankEplb
 from deployments.rank_outbox import RankOutbox
 from deployments.rank_requests import prompt_token_ids, sampling_params
 from deployments.rank_stats import RankStats, stats_logger_factory, vllm_metrics_logger
+from deployments.request_channel import RequestReceiver
 from deployments.request_errors import RankFailure, RequestError, RequestRejected, classify, error_reply
 from npu_runtime import vllm_patches
 from npu_runtime.platform import Platform, by_name, detect
@@ -64,6 +65,7 @@ class DPRank:
         # between threads.
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dpserve-tokenize-{rank}")
         self.eplb = RankEplb(rank, self.settings.eplb, self.eplb_call, self._engine_running)
+        self.requests: RequestReceiver | None = None  # the ingress's request channel, once opened
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def node_ip(self) -> str:
@@ -109,6 +111,8 @@ class DPRank:
         return self._max_model_len
 
     def shutdown(self) -> None:
+        if self.requests is not None:
+            self.requests.close()
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
             self.engine.shutdown()
@@ -131,9 +135,7 @@ class DPRank:
         """Stream one request's output as plain dicts: the first carries `prompt_tokens`, each later
         one the new text and token ids; the last has `finish_reason` set. (One Ray stream per
         request: simple, for tools and tests; the ingress uses `submit` + `push_outputs`.)"""
-        request_id, ids, params = await self._prepare(request_id, prompt, sampling, messages)
-        yield {"prompt_tokens": len(ids), "rank": self.rank}
-        chunks = self._chunks(request_id, ids, params, stream_interval_ms)
+        chunks = self._request_chunks(request_id, prompt, sampling, messages, stream_interval_ms)
         try:
             async for chunk in chunks:
                 yield chunk
@@ -203,6 +205,35 @@ class DPRank:
         self.outbox.start(request_id, self._chunks(request_id, ids, params, stream_interval_ms))
         return {"prompt_tokens": len(ids), "rank": self.rank}
 
+    def _submit_from_channel(self, request_id: str, prompt: Any, sampling: dict[str, Any],
+                             messages: list | None, stream_interval_ms: float) -> None:  # fmt: skip
+        # The whole request (tokenizing included) is one outbox task, so an abort that follows on
+        # the channel finds it at any stage.
+        self.outbox.start(
+            request_id, self._request_chunks(request_id, prompt, sampling, messages, stream_interval_ms)
+        )
+
+    async def _request_chunks(self, request_id, prompt, sampling, messages, stream_interval_ms):
+        """One request from its prompt on: `prompt_tokens` (`submit`'s reply) as the first chunk,
+        then its output."""
+        request_id, ids, params = await self._prepare(request_id, prompt, sampling, messages)
+        yield {"prompt_tokens": len(ids), "rank": self.rank}
+        chunks = self._chunks(request_id, ids, params, stream_interval_ms)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    async def open_requests(self, local: bool, key: bytes) -> str:
+        """Bind this rank's request socket (deployments/request_channel.py) for frames sealed with
+        `key`, on loopback when the ingress runs on this node (`local`), else on this node's address;
+        returns its address for the ingress to connect to."""
+        if self.requests is not None:
+            self.requests.close()
+        self.requests = RequestReceiver(key, self._submit_from_channel, self.outbox.cancel)
+        return self.requests.bind("127.0.0.1" if local else self.node_ip())
+
     async def output_stream(
         self,
     ) -> AsyncIterator[tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]]]:
@@ -234,7 +265,10 @@ class DPRank:
 
     def get_stats(self) -> dict[str, Any]:
         self.stats.errored = self.engine is not None and self.engine.errored
-        return self.stats.as_dict()
+        stats = self.stats.as_dict()
+        if self.requests is not None and (self.requests.dropped or self.requests.lost):
+            stats["request_channel"] = self.requests.stats()
+        return stats
 
     async def balance_stats(self, trace_from: int | None = None) -> dict[str, Any] | None:
         """The balance scheduler's gate counters in this rank's engine core (``None`` without balance);

@@ -49,7 +49,7 @@ class RankOutbox:
             finished = False
             async for chunk in chunks:
                 self.queue.put_nowait((request_id, chunk))
-                finished = chunk["finish_reason"] is not None
+                finished = chunk.get("finish_reason") is not None  # the first chunk has none
             if not finished:  # the engine ended the stream without a final output: say so
                 self.queue.put_nowait((request_id, {"text": "", "token_ids": [], "finish_reason": "abort"}))
         except asyncio.CancelledError:

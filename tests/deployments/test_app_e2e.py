@@ -86,8 +86,15 @@ def test_concurrent_requests_land_on_both_ranks(base_url):
 
     results = asyncio.run(go())
     assert all(r.usage.completion_tokens == 24 for r in results)
-    after = {r["rank"]: r["served"] for r in _status(base_url)["ranks"]}
+    status = _status(base_url)
+    after = {r["rank"]: r["served"] for r in status["ranks"]}
     assert all(after[r] - before[r] >= 3 for r in (0, 1)), (before, after)
+    # They went to the ranks over each rank's request socket, not as Ray calls.
+    channels = status["output_channel"]["ranks"]
+    assert all(channels[r]["requests"].startswith("tcp://127.0.0.1:") for r in ("0", "1")), channels
+    assert all(rank.get("request_channel") is None for rank in status["ranks"]), status["ranks"]
+    assert all(channels[r]["submitted"]["socket"] >= 3 and channels[r]["submitted"]["ray"] == 0
+               for r in ("0", "1")), channels  # fmt: skip
 
 
 def test_client_disconnect_aborts_on_rank(base_url):

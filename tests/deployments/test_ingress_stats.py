@@ -17,6 +17,7 @@ import deployments.group_supervisor as supervisor_module
 from deployments.config import DPServeConfig
 from deployments.group_supervisor import RankGroupSupervisor
 from deployments.output_channel import SEQ
+from deployments.request_channel import RequestReceiver
 from scheduler.frame_auth import FrameAuth, new_key
 
 
@@ -77,6 +78,7 @@ class _Rank:
         batches: list | None = None,
         fail_after_s: float | None = None,
         reachable: bool = True,
+        request_socket: bool = False,
     ) -> None:
         self.rank = rank
         self.get_stats = _Method(lambda: {"rank": rank, "running": 1, "waiting": 0, "ready": True})
@@ -87,6 +89,19 @@ class _Rank:
         self.abort = _Sent(self.aborted.append)
         self.fail_after_s = fail_after_s
         self.reachable = reachable
+        self.requests: list[tuple[Any, ...]] = []  # what arrived on its request socket
+        self.receiver: RequestReceiver | None = None
+        if request_socket:  # else like a rank whose request socket does not open: requests are Ray calls
+            self.open_requests = _Method(self._open_requests)
+
+    async def _open_requests(self, local: bool, key: bytes) -> str:
+        """DPRank.open_requests with a real request socket that records what arrives."""
+        self.receiver = RequestReceiver(
+            key,
+            lambda *args: self.requests.append(("submit", *args)),
+            lambda rid: self.requests.append(("abort", rid)),
+        )
+        return self.receiver.bind("127.0.0.1")
 
     async def _push(self, address: str, key: bytes) -> None:
         """DPRank.push_outputs' wire format over a real ZMQ socket (each batch numbered in order and
@@ -430,3 +445,32 @@ def test_a_stuck_recovery_makes_the_ingress_unhealthy(monkeypatch: pytest.Monkey
     clock.now += 2
     assert "re-forming for more than 1800 s" in server.health_problem()
     assert "no bundles" in server.health_problem()
+
+
+def test_requests_and_aborts_go_over_the_ranks_request_socket_once_its_output_channel_works() -> None:
+    rank = _Rank(0, batches=[([], {"running": 0})], request_socket=True)
+    server = _server([rank], "zmq")
+    channel = server.channel
+    assert not channel.submit(0, "early", "p", {}, None, 0.0)  # no request socket yet: the caller uses Ray
+    seen: dict[str, Any] = {}
+
+    def done() -> bool:
+        if "submitted" not in seen:  # the socket refuses frames until its connection is up
+            if 0 not in channel.senders or not channel.submit(
+                0, "req-1", "a prompt", {"max_tokens": 4}, None, 0.0
+            ):
+                return False
+            seen["submitted"] = channel.stats()["ranks"][0]["requests"]
+            channel.abort(0, 1, "req-1")
+            channel.abort(0, 2, "req-1")  # another generation's rank: nothing is sent
+        return len(rank.requests) == 2
+
+    _pump_until(server, rank, {}, done)
+    assert rank.requests == [
+        ("submit", "req-1", "a prompt", {"max_tokens": 4}, None, 0.0),
+        ("abort", "req-1"),
+    ]
+    assert rank.aborted == []  # the abort took the socket, not a Ray call
+    assert seen["submitted"] == rank.receiver.address
+    assert channel.senders == {}  # closed with the pump
+    rank.receiver.close()

@@ -1,0 +1,164 @@
+"""The ingress-to-rank direction of the ZMQ channel: new requests and aborts.
+
+Each rank binds a PULL socket (`RequestReceiver`, started by `DPRank.open_requests`); the ingress
+connects one PUSH socket per rank (`RequestSender`). A message is one frame, numbered and sealed with
+the group's key like the output frames (scheduler/frame_auth.py; `SEQ` before the msgpack payload):
+
+    ["submit", request_id, prompt, sampling, messages, stream_interval_ms]
+    ["abort", request_id]
+
+A submitted request's reply (`prompt_tokens`, or its error) comes back as the first chunk of its
+output on the rank's output channel (deployments/rank_outbox.py), so a request costs no Ray call.
+
+Why: a Ray actor call per request costs a serialisation, a task submission and a reply on both sides,
+about as much CPU as the request's whole output stream (benchmarks/results/serving.md); a ZMQ frame
+is one syscall. The rank binds and the ingress connects, so a stranger who connects to the rank's
+port can only send frames, which it drops unread (no valid tag); a PUSH socket bound by the ingress
+would hand requests round-robin to whoever connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from deployments.output_channel import SEQ
+from scheduler.frame_auth import FrameAuth
+
+logger = logging.getLogger("dpserve.rank")
+
+# (request id, prompt, sampling, messages, stream_interval_ms) -> None
+SubmitSink = Callable[[str, Any, dict[str, Any], list | None, float], None]
+AbortSink = Callable[[str], None]
+
+
+class RequestSender:
+    """The ingress's PUSH socket to one rank's request PULL socket at `address`.
+
+    Sends never wait: a frame the socket cannot take now (no completed connection, or its queue full)
+    is refused (`False`), and the caller uses the rank's Ray call instead."""
+
+    def __init__(self, address: str, key: bytes) -> None:
+        import zmq
+
+        self.address = address
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)  # refuse, rather than queue for a peer not yet there
+        self._sock.connect(address)
+        self._again = zmq.Again
+        self._noblock = zmq.NOBLOCK
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._auth = FrameAuth(key)
+        self._seq = 0
+
+    def _send(self, message: list[Any]) -> bool:
+        frame = self._auth.seal(SEQ.pack(self._seq) + self._encode(message))
+        try:
+            self._sock.send(frame, flags=self._noblock, copy=False)
+        except self._again:
+            return False
+        self._seq += 1
+        return True
+
+    def submit(self, request_id: str, prompt: Any, sampling: dict[str, Any], messages: list | None,
+               stream_interval_ms: float) -> bool:  # fmt: skip
+        """Send a new request; False if the socket cannot take it now."""
+        return self._send(["submit", request_id, prompt, sampling, messages, float(stream_interval_ms)])
+
+    def abort(self, request_id: str) -> bool:
+        return self._send(["abort", request_id])
+
+    def close(self) -> None:
+        self._ctx.destroy(linger=0)
+
+
+class RequestReceiver:
+    """A rank's request PULL socket: checks each frame (tag, number, shape) and hands submits and
+    aborts to `on_submit` / `on_abort`. Frames that fail a check are dropped and counted in
+    `dropped` (by reason); a gap in the numbers is counted in `lost` (those requests' ingress
+    side ends them when their first chunk does not come)."""
+
+    def __init__(self, key: bytes, on_submit: SubmitSink, on_abort: AbortSink) -> None:
+        self.key = key
+        self.on_submit = on_submit
+        self.on_abort = on_abort
+        self.address: str | None = None
+        self.dropped: dict[str, int] = {}
+        self.lost = 0
+        self._expected = 0
+        self._task: asyncio.Task | None = None
+        self._ctx: Any = None
+
+    def bind(self, host: str) -> str:
+        """Bind on `host` (a random port) and start receiving; returns ``tcp://host:port``."""
+        import zmq
+        import zmq.asyncio
+
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.PULL)
+        sock.setsockopt(zmq.LINGER, 0)
+        port = sock.bind_to_random_port(f"tcp://{host}")
+        self.address = f"tcp://{host}:{port}"
+        self._task = asyncio.get_running_loop().create_task(self._receive(sock))
+        return self.address
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"address": self.address, "dropped": dict(self.dropped), "lost": self.lost}
+
+    async def _receive(self, sock: Any) -> None:
+        decode = msgspec.msgpack.Decoder().decode
+        auth = FrameAuth(self.key)
+        while True:
+            frame = (await sock.recv(copy=False)).bytes
+            try:
+                self.take(frame, auth, decode)
+            except Exception:  # a bug in a handler must not end the channel
+                logger.exception("request frame handling failed")
+
+    def _drop(self, reason: str, size: int) -> None:
+        n = self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if n == 1 or n % 1000 == 0:
+            logger.warning("dropped a %d-byte frame on the request channel (%s; %d so far)", size, reason, n)
+
+    def take(self, frame: bytes, auth: FrameAuth, decode: Callable[[Any], Any]) -> None:
+        """Check one frame and act on it."""
+        payload = auth.open(frame)
+        if payload is None or len(payload) < SEQ.size:
+            return self._drop("unauthenticated", len(frame))
+        (seq,) = SEQ.unpack_from(payload)
+        try:
+            message = decode(memoryview(payload)[SEQ.size :])
+            op, request_id = message[0], message[1]
+            if not isinstance(request_id, str):
+                raise TypeError("request id is not a string")
+            if op == "submit":
+                _, _, prompt, sampling, messages, interval = message
+                if not isinstance(sampling, dict) or not isinstance(interval, float):
+                    raise TypeError("bad submit")
+            elif op != "abort" or len(message) != 2:
+                raise TypeError(f"unknown message {op!r}")
+        except (msgspec.DecodeError, ValueError, TypeError, IndexError):
+            return self._drop("malformed", len(frame))
+        if seq < self._expected:
+            return self._drop("replayed", len(frame))
+        if seq > self._expected:
+            self.lost += seq - self._expected
+            logger.error("%d request frame(s) to this rank were lost", seq - self._expected)
+        self._expected = seq + 1
+        if op == "submit":
+            self.on_submit(request_id, prompt, sampling, messages, interval)
+        else:
+            self.on_abort(request_id)
