@@ -209,11 +209,12 @@ class ServingSection(_Section):
     max_queued_per_rank: int | None = Field(None, ge=1)  # admission bound; None: 4 x max_num_seqs
     rank_start_timeout_s: float = 900.0
     recovery_wait_s: float = 300.0  # how long a new request waits for a re-forming DP group
-    # Streamed tokens are sent in chunks at most this often (0: every token on its own). Each chunk
-    # is work on every hop (rank -> ingress, ingress -> client as an SSE event); per-token messages
-    # cost more CPU than decoding the tiny model, and at DeepSeek scale tens of thousands of tokens/s
-    # pass one ingress.
-    stream_interval_ms: float = Field(50.0, ge=0)
+    # Streamed tokens are sent in chunks at most this often; 0 (the default): every token as its own
+    # SSE event, as vLLM's and OpenAI's servers stream (benchmarks/results/serving.md measures both
+    # servers at that granularity). Each chunk is work on every hop (rank -> ingress, ingress ->
+    # client); a busy ingress at DeepSeek scale (tens of thousands of tokens/s through one replica)
+    # can trade latency granularity for CPU with e.g. 50.
+    stream_interval_ms: float = Field(0.0, ge=0)
     # How the ranks' output batches reach the ingress: "zmq" (a PUSH socket per rank to a PULL socket
     # bound on the ingress's node; needs a TCP port open from the ranks' nodes to the ingress's node,
     # like vLLM's DP ports) or "ray" (a Ray streaming call per rank; more CPU per step, no extra port).

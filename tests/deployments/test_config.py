@@ -101,13 +101,13 @@ def test_sections_reach_the_ranks_and_the_ingress() -> None:
             "engine": {"data_parallel_size": 4, "max_num_seqs": 8},
             "balance": {"policy": "any_at_cap", "lead": 2},
             "eplb": {"num_redundant": 4},
-            "serving": {"stream_interval_ms": 0},
+            "serving": {"stream_interval_ms": 25},
         }
     )
     settings = config.rank_settings
     assert settings.data_parallel_size == 4 and settings.eplb_enabled
     assert settings.balance.scheduler_config() == {"lead": 2}  # only what the scheduler reads, when set
-    assert config.queue_bound == 32 and config.serving.stream_interval_ms == 0
+    assert config.queue_bound == 32 and config.serving.stream_interval_ms == 25
     assert DPServeConfig.from_args(None).balance is None and not DPServeConfig().rank_settings.eplb_enabled
     # What a rank actor receives round-trips.
     assert EngineSettings.model_validate(settings.model_dump()) == settings
@@ -129,7 +129,7 @@ def test_config_check_prints_the_effective_settings(capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     printed = yaml.safe_load(out)["args"]
     assert printed["engine"]["data_parallel_size"] == 2
-    assert printed["serving"]["stream_interval_ms"] == 50.0  # a default, filled in
+    assert printed["serving"]["stream_interval_ms"] == 0.0  # a default, filled in
     assert printed["balance"]["policy"] == "bounded_hold" and printed["eplb"] is None
 
 

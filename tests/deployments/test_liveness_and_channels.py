@@ -4,7 +4,7 @@ API key, real HTTP.
 One app start for the module; the tests run in file order:
 1. the API key: every route but /health refuses a request without it (401, OpenAI's body);
 2. forged and malformed frames on every internal socket (each rank's output PULL socket at the
-   ingress, the balance coordinator's ROUTER socket) while a stream runs: dropped and counted, the
+   ingress, each rank's request PULL socket, the balance coordinator's ROUTER socket) while a stream runs: dropped and counted, the
    stream completes with every token, nothing is re-formed, the coordinator's server still serves;
 3. one rank's engine frozen with SIGSTOP under load: declared hung within `serving.hang_timeout_s`
    (+ the stats poll), the group is re-formed, every request gets its tokens or a clear error, the
@@ -107,6 +107,11 @@ def test_forged_and_malformed_frames_on_every_socket_are_dropped_and_counted(bas
     at_cap = GateReport(0, 0, 10**6, running=10**6, waiting=10**6, max_num_seqs=1)  # would close the gate
     gate_junk = [[b"garbage"], [b"two", b"parts"], [forged.seal(at_cap.to_bytes())], [at_cap.to_bytes()],
                  [b"\x00" * 5000]]  # fmt: skip
+    requests = {int(r): v["requests"] for r, v in before["output_channel"]["ranks"].items()}
+    assert all(a and a.startswith("tcp://127.0.0.1:") for a in requests.values()), requests
+    submit = ["submit", "cmpl-forged", "forged prompt", {"max_tokens": 4}, None, 0.0]
+    request_junk = [[b"garbage"], [b"two", b"parts"], [forged.seal(SEQ.pack(0) + msgspec.msgpack.encode(submit))],
+                    [SEQ.pack(0) + msgspec.msgpack.encode(submit)]]  # fmt: skip
 
     async def scenario() -> list[str]:
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
@@ -117,6 +122,8 @@ def test_forged_and_malformed_frames_on_every_socket_are_dropped_and_counted(bas
             await asyncio.wait_for(started.wait(), REQUEST_TIMEOUT_S)
             for address in outputs.values():
                 await asyncio.to_thread(_send_junk, address, zmq.PUSH, output_junk)
+            for address in requests.values():
+                await asyncio.to_thread(_send_junk, address, zmq.PUSH, request_junk)
             await asyncio.to_thread(_send_junk, before["balance"]["zmq_address"], zmq.DEALER, gate_junk)
             return await asyncio.gather(*streams)
 
@@ -129,6 +136,16 @@ def test_forged_and_malformed_frames_on_every_socket_are_dropped_and_counted(bas
     for rank_dropped in dropped.values():  # each part of a multipart message is one frame here
         assert rank_dropped.get("unauthenticated", 0) >= len(output_junk) + 1, dropped
     assert after["output_channel"]["ranks"]["0"]["lost"] == 0
+    # Each rank's request socket: all dropped, so the forged submit never ran (its stats reach the
+    # ingress with its next output batch or poll).
+    expected = {"dropped": {"unauthenticated": len(request_junk) + 1}, "lost": 0}
+    deadline = time.monotonic() + 10
+    while [{k: r.get("request_channel", {}).get(k) for k in expected} for r in after["ranks"]] != [
+        expected
+    ] * 2:
+        assert time.monotonic() < deadline, after["ranks"]
+        time.sleep(0.5)
+        after = _status(base_url)
     gate = after["balance"]
     # The 5000-byte frame exceeds the socket's message limit: libzmq drops its connection instead.
     assert (
