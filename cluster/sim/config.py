@@ -80,7 +80,10 @@ class RouterConfig:
     ``least_loaded_stale`` is vLLM's DP load balancer: score = 4 * waiting + running on counts the
     coordinator publishes every ``stats_interval_s`` (100 ms in vLLM), plus the router's own local
     increments between publishes; ties go to the lowest rank. ``least_loaded`` uses exact counts;
-    ``round_robin`` ignores load.
+    ``round_robin`` ignores load. ``dpserve`` is dpserve's ingress, through the product's own
+    `deployments.router.pick_rank` (its exact in-flight count per rank plus the engines' counts as of
+    the last stats, every ``stats_interval_s``): use it to plan a dpserve deployment
+    (``--set router.kind=dpserve``); the seed-calibrated configs keep vLLM's router, which the seed ran.
     """
 
     kind: str = "least_loaded_stale"
@@ -242,7 +245,7 @@ class SimConfig:
             )
         if not 1 <= e.sim_layers <= m.num_moe_layers:
             raise ValueError("experts.sim_layers must be between 1 and model.num_moe_layers")
-        if self.router.kind not in ("least_loaded_stale", "least_loaded", "round_robin", "random"):
+        if self.router.kind not in ("least_loaded_stale", "least_loaded", "round_robin", "random", "dpserve"):
             raise ValueError(f"router.kind {self.router.kind!r} unknown")
         if self.eplb.mode not in ("async", "sync"):
             raise ValueError("eplb.mode must be 'async' or 'sync'")

@@ -296,3 +296,27 @@ def test_gate_lag_decides_from_an_older_snapshot() -> None:
     simulate(small("cluster.gate_lag_steps=2"), Spy(), max_steps=10_000)
     assert seen[0] == (0, 0) and seen[1] == (1, 0)
     assert all(step - snap == 2 for step, snap in seen[2:])
+
+
+def test_dpserve_router_is_the_products_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`router.kind: dpserve` routes every request through deployments.router.pick_rank, with the
+    ingress's exact in-flight counts (waiting + running) as `dispatched`."""
+    import deployments.router as product_router
+
+    original = product_router.pick_rank
+    spy_calls = []
+
+    def recording_pick_rank(loads, live=None):
+        spy_calls.append(dict(loads))
+        return original(loads, live)
+
+    monkeypatch.setattr(product_router, "pick_rank", recording_pick_rank)
+    res = simulate(small("router.kind=dpserve", "router.stats_interval_s=0.2"), "off")
+    assert len(spy_calls) == 80  # one call per request
+    assert all(sorted(loads) == [0, 1, 2, 3] for loads in spy_calls)
+    first = spy_calls[0]
+    assert all(load == product_router.RankLoad() for load in first.values())  # nothing in flight yet
+    assert any(
+        load.dispatched > load.running + load.waiting for loads in spy_calls for load in loads.values()
+    )
+    assert res.steps > 0 and int(np.asarray(res.admitted).sum()) == 80
