@@ -70,7 +70,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from npu_runtime import vllm_patches
 from scheduler.gate_report import BalanceConfig, StepKey
-from scheduler.gate_transport import ZmqGateClient
+from scheduler.gate_transport import ZmqGateClient, coordinator_actor
 from scheduler.step_trace import StepTrace
 
 logger = logging.getLogger("dpserve.balance")
@@ -124,16 +124,7 @@ class RayGateClient:
         if self._actor is not None or self._broken:
             return self._actor
         try:
-            import ray
-
-            if not ray.is_initialized():
-                ray.init(
-                    address=self.cfg.ray_address or "auto",
-                    namespace=self.cfg.namespace,
-                    log_to_driver=False,
-                    logging_level=logging.WARNING,
-                )
-            self._actor = ray.get_actor(self.cfg.coordinator_name, namespace=self.cfg.namespace)
+            self._actor = coordinator_actor(self.cfg)
             logger.info("rank %d: connected to balance coordinator %r", self.rank, self.cfg.coordinator_name)
         except Exception:
             # Without a coordinator the gate stays open (plain vLLM) rather than stalling the rank.

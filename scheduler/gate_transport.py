@@ -203,6 +203,21 @@ class GateServer:
         self._ctx.term()
 
 
+def coordinator_actor(cfg: BalanceConfig) -> Any:
+    """The balance coordinator's actor handle, joining Ray as a driver first if this process is not
+    in Ray yet (the engine core is a subprocess of the rank actor, not a Ray worker)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=cfg.ray_address or "auto",
+            namespace=cfg.namespace,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+    return ray.get_actor(cfg.coordinator_name, namespace=cfg.namespace)
+
+
 class ZmqGateClient:
     """Engine-core side of the ZMQ transport (one per rank; used from the engine-core thread only).
 
@@ -254,15 +269,7 @@ class ZmqGateClient:
     def _resolve_via_ray(self) -> GateEndpoint:
         import ray
 
-        if not ray.is_initialized():
-            # The engine core is a subprocess of the rank actor, not a Ray worker: join as a driver.
-            ray.init(
-                address=self.cfg.ray_address or "auto",
-                namespace=self.cfg.namespace,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-            )
-        actor = ray.get_actor(self.cfg.coordinator_name, namespace=self.cfg.namespace)
+        actor = coordinator_actor(self.cfg)
         address, key = ray.get(actor.gate_endpoint.remote(), timeout=10)
         return str(address), bytes(key)
 
