@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from eplb.actor import DEFAULTS as EPLB_ACTOR_DEFAULTS
-from npu_runtime.platform import Platform, detect
+from npu_runtime.platform import Platform, by_name, detect
 from scheduler.coordinator import DEFAULT_NAME as COORDINATOR_NAME
 from scheduler.coordinator import DEFAULT_NAMESPACE as COORDINATOR_NAMESPACE
 from scheduler.gate_report import MAX_HORIZON, MAX_LEAD
@@ -81,6 +81,11 @@ class EngineSection(_Section):
 
     model: str | None = None
     served_model_name: str = DEFAULT_SERVED_NAME
+    # What the ranks run on, and so what each rank's bundle asks for (an NPU, a GPU or a share of a
+    # CPU) and the engine defaults. None (the default): chosen when the group starts, from the
+    # cluster's Ray resources (any NPU: npu, else any GPU: cuda, else cpu) or DPSERVE_PLATFORM where
+    # the ingress runs; never from the ingress's own node (npu_runtime.platform.choose_platform).
+    platform: Literal["npu", "cuda", "cpu"] | None = None
     data_parallel_size: int = Field(2, ge=1)
     enable_expert_parallel: bool = False
     tensor_parallel_size: int = Field(1, ge=1)
@@ -106,6 +111,10 @@ class EngineSection(_Section):
     # not shown. Lowering niceness needs root or CAP_SYS_NICE: without it the engine keeps Ray's
     # value and warns.
     engine_nice: int | None = Field(None, ge=-20, le=19)
+
+    def resolved_platform(self) -> Platform:
+        """`platform` when set, else this process's own (`detect()`: a rank in-process, a tool)."""
+        return by_name(self.platform) if self.platform else detect()
 
     def resolve_model(self) -> str:
         """The model path: `model`, or the tiny MoE model (built on first use)."""
@@ -287,8 +296,9 @@ class EngineSettings(EngineSection):
         platform: Platform | None = None,
     ) -> dict[str, Any]:
         """Keyword arguments for `AsyncEngineArgs` of DP rank `rank` (external load balancing: one
-        engine per rank, ranks joined through `dp_address:dp_rpc_port`)."""
-        platform = platform or detect()
+        engine per rank, ranks joined through `dp_address:dp_rpc_port`); the platform's defaults
+        are `platform`'s, else `self.platform`'s (the group sets it), else this process's."""
+        platform = platform or self.resolved_platform()
         args: dict[str, Any] = dict(platform.engine_defaults)
         args.update(
             model=self.resolve_model(),

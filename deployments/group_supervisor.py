@@ -39,8 +39,16 @@ class RecoveryBacklogFull(LookupError):
 
 
 async def _start_rank_group(config: DPServeConfig, generation: int) -> tuple[list[Any], Any, list[dict]]:
-    from deployments.rank_group import group_name_prefix, start_rank_group
+    from deployments.rank_group import group_name_prefix, group_platform, start_rank_group
 
+    if config.engine.platform is None:
+        # An accelerator platform, once the cluster shows one, is kept in `config` for every later
+        # group: re-formed while the accelerator hosts are down, the group waits for them
+        # (rank_start_timeout_s) instead of re-forming on CPU bundles. cpu is asked again each time
+        # (accelerator hosts may join after the ingress started).
+        platform, _ = await asyncio.to_thread(group_platform, config.rank_settings)
+        if platform.name != "cpu":
+            config.engine.platform = platform.name
     return await start_rank_group(
         config.rank_settings,
         config.serving.placement_strategy,

@@ -1,6 +1,7 @@
 """A rank's process environment: its CPU cores or devices, OpenMP threads, and network identity.
 
 It must be in place before vLLM is imported in the rank's process (the engine core inherits it).
+First of all, the rank checks that its node can run the group's platform (`require_platform_here`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,44 @@ def node_ip() -> str:
         return "127.0.0.1"
 
 
+def this_node_resources() -> dict[str, float] | None:
+    """The Ray resources this process's node advertises (None outside Ray)."""
+    import ray
+
+    node_id = ray_node_id()
+    if node_id is None:
+        return None
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id:
+            return dict(node.get("Resources") or {})
+    return {}
+
+
+def this_node_name() -> str:
+    """This node for people: its Ray address (else VLLM_HOST_IP or loopback) and host name."""
+    ip = None
+    if ray_node_id() is not None:
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+    return f"{ip or node_ip()} ({socket.gethostname()})"
+
+
+def require_platform_here(platform: Platform, rank: int | None = None) -> str:
+    """Refuse (PlatformUnavailable, naming this node's address and the platform) unless this node
+    can run `platform`: a device this process sees, or with DPSERVE_DEVICE_FROM_RAY_RESOURCE=1 in
+    the node's environment, the node's Ray resource for it (npu_runtime.platform.check_node_runs).
+    Returns how it can. cpu runs anywhere (no Ray call)."""
+    from npu_runtime.platform import check_node_runs
+
+    if platform.name == "cpu":
+        return "cpu"
+    node = this_node_name()
+    how = check_node_runs(platform, node, this_node_resources())
+    logger.info("rank %s: node %s runs platform %s (%s)", rank, node, platform.name, how)
+    return how
+
+
 class RankEnvironment:
     """Sets rank `rank`'s environment in this process when constructed.
 
@@ -61,6 +100,8 @@ class RankEnvironment:
         self.settings = settings
         self.rank = rank
         self.platform = platform
+        # Before anything: a rank on a node that cannot run the group's platform must not start.
+        require_platform_here(platform, rank)
         # Ranks sharing this host (all of them when the caller gave no slot: one host).
         self.ranks_on_host = host_slot[1] if host_slot else settings.data_parallel_size
         if cpu_cores is None and host_slot is not None and platform.name == "cpu":

@@ -12,7 +12,7 @@ from typing import Any
 from deployments.config import BalanceSection, EngineSettings, EplbSection
 from deployments.placement import create_rank_placement_group, host_slots, rank_bundle
 from deployments.rank import DPRank
-from npu_runtime.platform import detect
+from npu_runtime.platform import Platform, choose_platform
 from scheduler.frame_auth import new_key
 
 logger = logging.getLogger("dpserve.rank_group")
@@ -33,6 +33,16 @@ def _host_slots(pg: Any, n: int) -> list[tuple[int, int]]:
 
     nodes = ray.util.placement_group_table(pg)["bundles_to_node_id"]
     return host_slots([nodes[r] for r in range(n)])
+
+
+def group_platform(settings: EngineSettings) -> tuple[Platform, str]:
+    """The platform of a group's ranks, and where the choice came from: `engine.platform` when set,
+    else DPSERVE_PLATFORM in this process, else the cluster's Ray resources (any NPU: npu, else any
+    GPU: cuda, else cpu). Never this process's own devices: the ingress may run on a head node
+    without accelerators while the ranks go to nodes with them. Calls Ray (in a thread from async)."""
+    import ray
+
+    return choose_platform(settings.platform, ray.cluster_resources)
 
 
 def group_name_prefix(generation: int) -> str:
@@ -68,8 +78,13 @@ async def start_rank_group(
     address and a free port are asked from rank 0's actor, so this works across nodes. If anything
     fails on the way, whatever was created (rank actors, the EPLB actor, the placement group) is
     removed before the error is raised.
+
+    The ranks' platform (their bundles, engine defaults, the check each rank makes on its node) is
+    `group_platform(settings)`; the ranks get settings with `platform` filled in.
     """
-    platform = detect()
+    platform, source = await asyncio.to_thread(group_platform, settings)
+    logger.info("DP ranks on platform %s (from %s)", platform.name, source)
+    settings = settings.model_copy(update={"platform": platform.name})
     n = settings.data_parallel_size
     if settings.balance is not None:
         # The coordinator is one named actor that outlives groups (reset for each): not this
@@ -96,10 +111,27 @@ async def start_rank_group(
     return actors, pg, infos
 
 
-async def _start_ranks(settings: EngineSettings, pg: Any, platform: Any, actors: list[Any],
+async def _start_ranks(settings: EngineSettings, pg: Any, platform: Platform, actors: list[Any],
                        name_prefix: str, start_timeout_s: float) -> list[dict[str, Any]]:  # fmt: skip
     """Create the rank actors (appended to `actors` as they are made, for the caller's clean-up)
     and start their engines; returns their start info."""
+    n = settings.data_parallel_size
+    await create_rank_actors(settings, pg, platform, actors, name_prefix)
+
+    async def start() -> list[dict[str, Any]]:
+        dp_address, dp_port = await actors[0].reserve_dp_endpoint.remote()
+        return list(await asyncio.gather(*[a.start.remote(dp_address, dp_port) for a in actors]))
+
+    infos = await asyncio.wait_for(start(), timeout=start_timeout_s)
+    logger.info("started %d DP ranks: %s", n, infos)
+    return infos
+
+
+async def create_rank_actors(settings: EngineSettings, pg: Any, platform: Platform, actors: list[Any],
+                             name_prefix: str = "") -> list[Any]:  # fmt: skip
+    """One rank actor per bundle of `pg`, asking for its bundle's resources; appended to `actors` as
+    they are made (for the caller's clean-up). Each checks, on its node, that the node can run
+    `platform` (npu_runtime.platform.check_node_runs) before anything else; no engine starts."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     n = settings.data_parallel_size
@@ -120,14 +152,7 @@ async def _start_ranks(settings: EngineSettings, pg: Any, platform: Any, actors:
             opts["namespace"] = RANK_NAMESPACE
         # Each rank picks its cores on its own host (this process may run on another one).
         actors.append(actor_cls.options(**opts).remote(settings, r, None, platform.name, slots[r]))
-
-    async def start() -> list[dict[str, Any]]:
-        dp_address, dp_port = await actors[0].reserve_dp_endpoint.remote()
-        return list(await asyncio.gather(*[a.start.remote(dp_address, dp_port) for a in actors]))
-
-    infos = await asyncio.wait_for(start(), timeout=start_timeout_s)
-    logger.info("started %d DP ranks: %s", n, infos)
-    return infos
+    return actors
 
 
 async def wait_group_idle(

@@ -2,7 +2,19 @@
 
 Everything platform-specific (device type, Ray resource, collective backend, visible-device variable,
 vLLM environment defaults) is answered here, so the rest of the code base never branches on the
-platform by itself. Detection order is npu -> cuda -> cpu.
+platform by itself. Order everywhere is npu -> cuda -> cpu.
+
+Two questions, answered in two places:
+
+- Which platform a DP group runs on is decided where the group is started, from the whole cluster
+  (`choose_platform`: the config's `engine.platform`, else `DPSERVE_PLATFORM`, else the cluster's
+  Ray resources, `platform_for_cluster`), not from the devices of the process deciding it: the
+  ingress may sit on a head node without accelerators.
+- Whether a node can run it is checked by each rank on its own node (`check_node_runs`): local
+  devices, or with `DPSERVE_DEVICE_FROM_RAY_RESOURCE=1` in the node's environment, the node's Ray
+  resource for the platform (`NPU`, `GPU`) counts as the device without torch-npu / CUDA (test hosts).
+
+`detect()` is this process's own platform (local devices), for what runs in one process.
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ import importlib.util
 import ipaddress
 import os
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -121,22 +134,118 @@ CPU = Platform(
 _BY_NAME = {p.name: p for p in (NPU, CUDA, CPU)}
 
 
+PLATFORM_ENV = "DPSERVE_PLATFORM"
+# In a node's environment (`ray start`'s, so every rank there has it): that node's Ray resource for
+# the platform (e.g. a custom `NPU` resource) counts as the device, without torch-npu or CUDA.
+DEVICE_FROM_RAY_RESOURCE_ENV = "DPSERVE_DEVICE_FROM_RAY_RESOURCE"
+_TRUE = ("1", "true", "yes", "on")
+
+
+class PlatformUnavailable(RuntimeError):
+    """A rank landed on a node that cannot run the group's platform."""
+
+
+def platform_override(env: Mapping[str, str] | None = None) -> Platform | None:
+    """The platform `DPSERVE_PLATFORM=npu|cuda|cpu` forces (None when unset)."""
+    forced = (os.environ if env is None else env).get(PLATFORM_ENV)
+    if not forced:
+        return None
+    if forced not in _BY_NAME:
+        raise ValueError(f"{PLATFORM_ENV}={forced!r}: expected one of {sorted(_BY_NAME)}")
+    return _BY_NAME[forced]
+
+
 @lru_cache(maxsize=1)
 def detect() -> Platform:
     """Return the platform of this process: npu if torch_npu sees a device, else cuda, else cpu.
 
     `DPSERVE_PLATFORM=npu|cuda|cpu` overrides detection (for tests and heterogeneous clusters).
+    Where a DP group's platform is decided, `choose_platform` is used instead (the cluster's resources).
     """
-    forced = os.environ.get("DPSERVE_PLATFORM")
+    forced = platform_override()
     if forced:
-        if forced not in _BY_NAME:
-            raise ValueError(f"DPSERVE_PLATFORM={forced!r}: expected one of {sorted(_BY_NAME)}")
-        return _BY_NAME[forced]
+        return forced
     if _npu_available():
         return NPU
     if _cuda_available():
         return CUDA
     return CPU
+
+
+def platform_for_cluster(resources: Mapping[str, float]) -> Platform:
+    """The platform a cluster with Ray resources `resources` (`ray.cluster_resources()`) serves on:
+    npu if any node advertises `NPU`, else cuda if any advertises `GPU`, else cpu."""
+    for platform in (NPU, CUDA):
+        if resources.get(platform.ray_resource, 0) > 0:
+            return platform
+    return CPU
+
+
+def choose_platform(
+    configured: str | None,
+    cluster_resources: Callable[[], Mapping[str, float]],
+    env: Mapping[str, str] | None = None,
+) -> tuple[Platform, str]:
+    """A DP group's platform and where the choice came from: `configured` (the config's
+    `engine.platform`) when set, else `DPSERVE_PLATFORM` in `env` (this process's environment by
+    default), else the cluster's resources (`cluster_resources()`, asked only then)."""
+    if configured:
+        return by_name(configured), "engine.platform"
+    forced = platform_override(env)
+    if forced:
+        return forced, PLATFORM_ENV
+    resources = cluster_resources()
+    shown = {k: resources[k] for k in (NPU.ray_resource, CUDA.ray_resource) if resources.get(k, 0) > 0}
+    return platform_for_cluster(resources), f"cluster resources {shown or 'without NPU or GPU'}"
+
+
+def device_from_ray_resource(env: Mapping[str, str] | None = None) -> bool:
+    """Whether `DPSERVE_DEVICE_FROM_RAY_RESOURCE` is on (1/true/yes/on)."""
+    return (os.environ if env is None else env).get(DEVICE_FROM_RAY_RESOURCE_ENV, "").strip().lower() in _TRUE
+
+
+def local_devices(platform: Platform) -> bool:
+    """Whether this process sees a device of `platform` (always true for cpu)."""
+    if platform.name == "npu":
+        return _npu_available()
+    if platform.name == "cuda":
+        return _cuda_available()
+    return True
+
+
+def check_node_runs(
+    platform: Platform,
+    node: str,
+    node_resources: Mapping[str, float] | None = None,
+    env: Mapping[str, str] | None = None,
+    has_devices: Callable[[Platform], bool] = local_devices,
+) -> str:
+    """Check that this node (named `node` in the error: its address) can run `platform`; returns
+    how (for the log). Raises PlatformUnavailable naming the node and the platform otherwise.
+
+    cpu runs anywhere. An accelerator platform needs a device this process sees (`has_devices`),
+    or, with DPSERVE_DEVICE_FROM_RAY_RESOURCE on in `env`, the platform's Ray resource among the
+    node's `node_resources` (checked first: no torch import)."""
+    if platform.name == "cpu":
+        return "cpu"
+    resources = node_resources or {}
+    amount = resources.get(platform.ray_resource, 0)
+    from_resource = device_from_ray_resource(env)
+    if from_resource and amount > 0:
+        return f"Ray resource {platform.ray_resource}={amount:g} ({DEVICE_FROM_RAY_RESOURCE_ENV})"
+    if has_devices(platform):
+        return f"{platform.device_type} devices"
+    library = "torch_npu" if platform.name == "npu" else "torch.cuda"
+    if amount > 0:  # the switch is off: with it on, the resource would have been enough
+        why = (f"its Ray resource {platform.ray_resource}={amount:g} counts as the device only with "
+               f"{DEVICE_FROM_RAY_RESOURCE_ENV}=1 in the node's environment")  # fmt: skip
+    else:
+        why = f"and it advertises no Ray resource {platform.ray_resource}"
+    raise PlatformUnavailable(
+        f"node {node} cannot run platform {platform.name!r}: {library} sees no {platform.device_type} "
+        f"device there, {why} (the group's platform comes from engine.platform, {PLATFORM_ENV} or "
+        "the cluster's resources)"
+    )
 
 
 def by_name(name: str) -> Platform:

@@ -51,7 +51,7 @@ def ray_local(metrics_port):
 # ---- test tiers ------------------------------------------------------------------------------------
 # `make test-fast` runs `-m "not slow"` with DPSERVE_TEST_TIER=fast: no engine, no cluster. A test that
 # uses one of these fixtures starts Ray (or a Ray cluster) and is slow whether or not it says so.
-SLOW_FIXTURES = frozenset({"ray_local", "netns_ray_cluster"})
+SLOW_FIXTURES = frozenset({"ray_local", "netns_ray_cluster", "netns_npu_cluster"})
 FAST_TIER = os.environ.get("DPSERVE_TEST_TIER") == "fast"
 
 

@@ -115,14 +115,16 @@ class NetnsCluster:
 
     `resources`: custom Ray resources every host declares (its share of the platform resource; on
     CPU a custom resource such as {"dpserve_host": 1} stands in for NPUs). `head_resources` are
-    declared by the head only (e.g. to pin the Serve ingress there). `env`: extra environment for
-    every host's Ray processes (and so every worker and actor there).
+    declared by the head only (e.g. to pin the Serve ingress there), `worker_resources` by every
+    host but the head (e.g. {"NPU": 1}: accelerator hosts behind a head without any). `env`: extra
+    environment for every host's Ray processes (and so every worker and actor there).
     """
 
     num_hosts: int = 2
     subnet: str = "10.77.0"  # /24; host i gets .(i+1), the root-namespace bridge .254
     resources: dict[str, float] = field(default_factory=dict)
     head_resources: dict[str, float] = field(default_factory=dict)
+    worker_resources: dict[str, float] = field(default_factory=dict)
     num_cpus: int = 4  # logical CPUs per host (actors mostly wait; the machine's cores are shared)
     object_store_bytes: int = 150 * 1024**2
     env: dict[str, str] = field(default_factory=dict)
@@ -223,8 +225,7 @@ class NetnsCluster:
         h = self.hosts[index]
         os.makedirs(h.temp_dir, exist_ok=True)
         resources = dict(self.resources)
-        if index == 0:
-            resources.update(self.head_resources)
+        resources.update(self.head_resources if index == 0 else self.worker_resources)
         args = [self._ray_bin(), "start", f"--node-ip-address={h.ip}", f"--num-cpus={self.num_cpus}",
                 f"--resources={json.dumps(resources)}", f"--temp-dir={h.temp_dir}",
                 f"--object-store-memory={self.object_store_bytes}", "--disable-usage-stats"]  # fmt: skip

@@ -10,6 +10,7 @@ import yaml
 
 from cluster.cli import main
 from deployments.config import GROUP_OWNED_ENGINE_ARGS, ConfigError, DPServeConfig, EngineSettings
+from npu_runtime.platform import by_name
 
 RAY_CONFIGS = Path(__file__).resolve().parents[2] / "ray_configs"
 SERVE_CONFIGS = sorted(RAY_CONFIGS.glob("serve-*.yaml"))
@@ -140,3 +141,39 @@ def test_config_check_names_the_bad_key(tmp_path: Path, capsys: pytest.CaptureFi
     bad.write_text(yaml.safe_dump(raw))
     assert main(["config", "check", str(bad)]) == 1
     assert "unknown key 'engine.max_num_seq'" in capsys.readouterr().err
+
+
+# ---- engine.platform --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["npu", "cuda", "cpu", None])
+def test_engine_platform_is_a_known_platform_or_unset(name) -> None:
+    config = DPServeConfig.from_args({"engine": {"platform": name}} if name else {})
+    assert config.engine.platform == name == config.rank_settings.platform
+    # What a rank actor receives round-trips with it.
+    assert EngineSettings.model_validate(config.rank_settings.model_dump()).platform == name
+
+
+@pytest.mark.parametrize("value", ["tpu", "NPU", "gpu", 1])
+def test_engine_platform_refuses_others_naming_the_key(value) -> None:
+    with pytest.raises(ConfigError, match="engine.platform: Input should be 'npu', 'cuda' or 'cpu'"):
+        DPServeConfig.from_args({"engine": {"platform": value}})
+
+
+@pytest.mark.parametrize(
+    ("name", "defaults"),
+    [
+        # The platform's engine defaults and executor follow engine.platform, not this CPU machine.
+        ("cpu", {"enforce_eager": True, "dtype": "float32",
+                 "distributed_executor_backend": "vllm.v1.executor.uniproc_executor.UniProcExecutor"}),
+        ("npu", {"distributed_executor_backend": "uni"}),
+        ("cuda", {"distributed_executor_backend": "uni"}),
+    ],
+)  # fmt: skip
+def test_engine_args_use_the_configured_platform(name: str, defaults: dict) -> None:
+    settings = DPServeConfig.from_args({"engine": {"model": "/models/m", "platform": name}}).rank_settings
+    args = settings.engine_args(0, "10.0.0.1", 1234)
+    assert {k: args.get(k) for k in defaults} == defaults
+    if name != "cpu":
+        assert "enforce_eager" not in args and "dtype" not in args
+    assert settings.resolved_platform().name == name
+    # An explicit platform argument (what a rank passes) wins.
+    assert settings.engine_args(0, "10.0.0.1", 1234, by_name("cpu"))["dtype"] == "float32"
