@@ -30,6 +30,7 @@ class RankOutbox:
         self.get_stats = get_stats
         self.queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self.tasks: dict[str, asyncio.Task] = {}  # request id -> the task feeding its chunks
+        self.seq = 0  # the next output frame's number on the ZMQ channel (`push`)
 
     def start(self, request_id: str, chunks: AsyncIterator[dict[str, Any]]) -> None:
         """Feed request `request_id`'s chunks into the outbox in the background."""
@@ -100,12 +101,11 @@ class RankOutbox:
         sock.connect(address)
         encode = msgspec.msgpack.Encoder().encode
         auth = FrameAuth(key)
-        seq = 0
+        self.seq = 0  # the next frame's number (an attribute: a fault test skips one to lose a frame)
 
         def frame(batch: Batch) -> bytes:
-            nonlocal seq
-            sealed = auth.seal(SEQ.pack(seq) + encode((batch, self.get_stats())))
-            seq += 1
+            sealed = auth.seal(SEQ.pack(self.seq) + encode((batch, self.get_stats())))
+            self.seq += 1
             return sealed
 
         try:

@@ -6,7 +6,9 @@ One app start for the module; the tests run in file order:
 2. forged and malformed frames on every internal socket (each rank's output PULL socket at the
    ingress, each rank's request PULL socket, the balance coordinator's ROUTER socket) while a stream runs: dropped and counted, the
    stream completes with every token, nothing is re-formed, the coordinator's server still serves;
-3. one rank's engine frozen with SIGSTOP under load: declared hung within `serving.hang_timeout_s`
+3. a lost output frame (rank 0 skips a frame number): its requests in flight end with a clear 503,
+   rank 1's complete, nothing is re-formed;
+4. one rank's engine frozen with SIGSTOP under load: declared hung within `serving.hang_timeout_s`
    (+ the stats poll), the group is re-formed, every request gets its tokens or a clear error, the
    frozen engine process and the old generation's actors and placement group are gone.
 """
@@ -155,6 +157,48 @@ def test_forged_and_malformed_frames_on_every_socket_are_dropped_and_counted(bas
     assert 10**6 not in [r["running"] for r in gate["ranks"].values()]  # the forged counts never landed
     assert after["group_generation"] == before["group_generation"] and after["recoveries"] == 0
     assert not after["recovering"] and after["live_ranks"] == [0, 1]
+
+
+def test_a_lost_output_frame_ends_that_ranks_requests_with_a_clear_error(base_url, ray_local) -> None:
+    """Rank 0 skips one output frame number (as if a frame were lost on the way): the ingress sees
+    the gap, ends rank 0's requests in flight with a 503 error naming the loss and aborts them there;
+    rank 1's requests complete; nothing is re-formed and the group serves on."""
+    from deployments.rank_group import named_rank_actors
+
+    before = _status(base_url)
+    rank0 = named_rank_actors(before["group_generation"])[0]
+    lost_before = before["output_channel"]["ranks"]["0"]["lost"]
+
+    def skip_a_frame(rank: Any) -> int:
+        rank.outbox.seq += 1
+        return rank.outbox.seq
+
+    async def scenario() -> list[str]:
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+            started = asyncio.Event()
+            streams = [asyncio.create_task(request_completion(client, base_url, i, 160, stream=True,
+                                                              started=started, api_key=KEY))
+                       for i in range(4)]  # fmt: skip
+            await asyncio.wait_for(started.wait(), REQUEST_TIMEOUT_S)
+            await asyncio.sleep(1.0)  # every stream under way, on both ranks
+            await asyncio.to_thread(ray_local.get, rank0.__ray_call__.remote(skip_a_frame), timeout=60)
+            return await asyncio.gather(*streams)
+
+    results = asyncio.run(scenario())
+    after = _status(base_url)
+    print(f"\nlost output frame on rank 0: streams {results}; channel {after['output_channel']['ranks']}")
+    assert after["output_channel"]["ranks"]["0"]["lost"] == lost_before + 1
+    assert results.count("clear_error") >= 1 and set(results) <= {"ok", "clear_error"}, results
+    assert results.count("ok") >= 1, results  # rank 1's requests were not touched
+    assert after["group_generation"] == before["group_generation"] and after["recoveries"] == 0
+    deadline = time.monotonic() + 30  # the aborted requests leave rank 0
+    while any(r["in_flight"] for r in after["ranks"]):
+        assert time.monotonic() < deadline, after["ranks"]
+        time.sleep(0.5)
+        after = _status(base_url)
+    r = httpx.post(f"{base_url}/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "after", "max_tokens": 4},
+                   headers=AUTH, timeout=120)  # fmt: skip
+    assert r.status_code == 200
 
 
 def _engine_core_pid(actor: Any) -> int:
