@@ -19,6 +19,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -50,6 +51,23 @@ def app_args(tiny_model_dir):
 
 def _status(url: str) -> dict[str, Any]:
     return httpx.get(f"{url}/dpserve/status", headers=AUTH, timeout=30).json()
+
+
+def _streams_while(base_url: str, n: int, fault: Callable[[], Awaitable[None]]) -> list[str]:
+    """Start `n` streams of 160 tokens, run `fault()` once they have started, and return their
+    outcomes (`request_completion`)."""
+
+    async def scenario() -> list[str]:
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+            started = asyncio.Event()
+            streams = [asyncio.create_task(request_completion(client, base_url, i, 160, stream=True,
+                                                              started=started, api_key=KEY))
+                       for i in range(n)]  # fmt: skip
+            await asyncio.wait_for(started.wait(), REQUEST_TIMEOUT_S)
+            await fault()
+            return await asyncio.gather(*streams)
+
+    return asyncio.run(scenario())
 
 
 def test_api_key_on_every_route_but_health(base_url) -> None:
@@ -115,21 +133,14 @@ def test_forged_and_malformed_frames_on_every_socket_are_dropped_and_counted(bas
     request_junk = [[b"garbage"], [b"two", b"parts"], [forged.seal(SEQ.pack(0) + msgspec.msgpack.encode(submit))],
                     [SEQ.pack(0) + msgspec.msgpack.encode(submit)]]  # fmt: skip
 
-    async def scenario() -> list[str]:
-        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
-            started = asyncio.Event()
-            streams = [asyncio.create_task(request_completion(client, base_url, i, 160, stream=True,
-                                                              started=started, api_key=KEY))
-                       for i in range(2)]  # fmt: skip
-            await asyncio.wait_for(started.wait(), REQUEST_TIMEOUT_S)
-            for address in outputs.values():
-                await asyncio.to_thread(_send_junk, address, zmq.PUSH, output_junk)
-            for address in requests.values():
-                await asyncio.to_thread(_send_junk, address, zmq.PUSH, request_junk)
-            await asyncio.to_thread(_send_junk, before["balance"]["zmq_address"], zmq.DEALER, gate_junk)
-            return await asyncio.gather(*streams)
+    async def send_junk() -> None:
+        for address in outputs.values():
+            await asyncio.to_thread(_send_junk, address, zmq.PUSH, output_junk)
+        for address in requests.values():
+            await asyncio.to_thread(_send_junk, address, zmq.PUSH, request_junk)
+        await asyncio.to_thread(_send_junk, before["balance"]["zmq_address"], zmq.DEALER, gate_junk)
 
-    results = asyncio.run(scenario())
+    results = _streams_while(base_url, 2, send_junk)
     after = _status(base_url)
     dropped = {r: v["dropped"] for r, v in after["output_channel"]["ranks"].items()}
     print(f"\nforged frames: streams {results}; output channel dropped {dropped}; "
@@ -173,18 +184,11 @@ def test_a_lost_output_frame_ends_that_ranks_requests_with_a_clear_error(base_ur
         rank.outbox.seq += 1
         return rank.outbox.seq
 
-    async def scenario() -> list[str]:
-        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
-            started = asyncio.Event()
-            streams = [asyncio.create_task(request_completion(client, base_url, i, 160, stream=True,
-                                                              started=started, api_key=KEY))
-                       for i in range(4)]  # fmt: skip
-            await asyncio.wait_for(started.wait(), REQUEST_TIMEOUT_S)
-            await asyncio.sleep(1.0)  # every stream under way, on both ranks
-            await asyncio.to_thread(ray_local.get, rank0.__ray_call__.remote(skip_a_frame), timeout=60)
-            return await asyncio.gather(*streams)
+    async def lose_a_frame() -> None:
+        await asyncio.sleep(1.0)  # every stream under way, on both ranks
+        await asyncio.to_thread(ray_local.get, rank0.__ray_call__.remote(skip_a_frame), timeout=60)
 
-    results = asyncio.run(scenario())
+    results = _streams_while(base_url, 4, lose_a_frame)
     after = _status(base_url)
     print(f"\nlost output frame on rank 0: streams {results}; channel {after['output_channel']['ranks']}")
     assert after["output_channel"]["ranks"]["0"]["lost"] == lost_before + 1
