@@ -100,7 +100,8 @@ class DPServer:
             inbox = group.channel.open(request_id, rank, generation)
             status = "error"
             try:
-                first = await self._submit(group, rank, actor, inbox, request_id, prompt, sampling, messages)
+                first = await self._submit(group, rank, generation, actor, inbox, request_id, prompt, sampling,
+                                           messages)  # fmt: skip
                 if "error" in first:
                     raise from_reply(first)
                 if not sent_first:  # the caller reads prompt_tokens from it, whichever attempt made it
@@ -147,8 +148,9 @@ class DPServer:
                 group.served[rank] += 1
                 self.metrics.request_done(rank, status)
 
-    async def _submit(self, group: RankGroupSupervisor, rank: int, actor: Any, inbox: asyncio.Queue,
-                      request_id: str, prompt: Any, sampling: dict[str, Any], messages: list | None) -> dict:  # fmt: skip
+    async def _submit(self, group: RankGroupSupervisor, rank: int, generation: int, actor: Any,
+                      inbox: asyncio.Queue, request_id: str, prompt: Any, sampling: dict[str, Any],
+                      messages: list | None) -> dict:  # fmt: skip
         """Start the request on `rank`; its reply: `prompt_tokens`, or an error reply. Over the request
         channel when the rank has one (the reply is the first chunk in `inbox`), else a Ray call."""
         serving = self.config.serving
@@ -159,7 +161,7 @@ class DPServer:
         try:
             first = await asyncio.wait_for(inbox.get(), serving.submit_ack_timeout_s)
         except TimeoutError:
-            group.channel.abort(rank, group.generation, request_id)
+            group.channel.abort(rank, generation, request_id)
             raise RequestError(f"DP rank {rank} did not take the request within serving.submit_ack_timeout_s "
                                f"({serving.submit_ack_timeout_s:g} s); retry it", 503) from None  # fmt: skip
         if isinstance(first, BaseException):  # the rank's output channel broke

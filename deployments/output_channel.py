@@ -78,6 +78,10 @@ class OutputChannel:
         self.addresses: dict[int, str] = {}
         self.senders: dict[int, Any] = {}  # rank -> RequestSender, once its request socket is open
         self.submits: dict[int, list[int]] = {}  # rank -> [requests sent over its socket, over Ray]
+        # Per rank: requests sent over its socket whose first chunk has not come yet, and how many
+        # request frames the rank last said were lost (its stats' `request_channel.lost`).
+        self.unacknowledged: dict[int, set[str]] = {}
+        self.request_frames_lost: dict[int, int] = {}
         self.dropped: dict[int, dict[str, int]] = {}
         self.lost: dict[int, int] = {}
         self.timed_out = 0
@@ -94,7 +98,9 @@ class OutputChannel:
         return inbox
 
     def close(self, request_id: str) -> None:
-        self.inboxes.pop(request_id, None)
+        entry = self.inboxes.pop(request_id, None)
+        if entry is not None:
+            self.unacknowledged.get(entry[0], set()).discard(request_id)
         timer = self.deadlines.pop(request_id, None)
         if timer is not None:
             timer.cancel()
@@ -117,6 +123,8 @@ class OutputChannel:
             request_id, prompt, sampling, messages, stream_interval_ms
         )
         self.submits.setdefault(rank, [0, 0])[0 if sent else 1] += 1
+        if sent:
+            self.unacknowledged.setdefault(rank, set()).add(request_id)
         return sent
 
     def abort(self, rank: int, generation: int, request_id: str) -> None:
@@ -154,6 +162,8 @@ class OutputChannel:
         self.actors, self.generation, self.key = list(actors), generation, new_key()
         self.addresses, self.lost = {}, {r: 0 for r in range(len(actors))}
         self.submits = {r: [0, 0] for r in range(len(actors))}
+        self.unacknowledged = {r: set() for r in range(len(actors))}
+        self.request_frames_lost = {r: 0 for r in range(len(actors))}
         self.dropped = {r: {} for r in range(len(actors))}
         loop = asyncio.get_running_loop()
         self.pumps = [loop.create_task(self.pump(r, a, generation)) for r, a in enumerate(actors)]
@@ -219,10 +229,30 @@ class OutputChannel:
 
     def deliver(self, rank: int, generation: int, batch: list, stats: dict[str, Any]) -> None:
         self.on_stats(rank, generation, stats)
+        waiting = self.unacknowledged.get(rank, set())
         for request_id, chunk in batch:
             entry = self.inboxes.get(request_id)
             if entry is not None and entry[1] == generation:
                 entry[2].put_nowait(chunk)
+                waiting.discard(request_id)
+        lost = (stats.get("request_channel") or {}).get("lost", 0)
+        if (
+            generation == self.generation
+            and isinstance(lost, int)
+            and lost > self.request_frames_lost.get(rank, 0)
+        ):
+            self._request_frames_lost(rank, lost)
+
+    def _request_frames_lost(self, rank: int, lost: int) -> None:
+        """Rank `rank` says request frames were lost: any request it has not acknowledged may be one
+        of them, so each ends now with a clear error (and an abort, in case it did arrive)."""
+        self.request_frames_lost[rank] = lost
+        affected = sorted(self.unacknowledged.get(rank, set()))
+        logger.error("request frames to rank %d were lost (%d so far); ending its %d unacknowledged requests",
+                     rank, lost, len(affected))  # fmt: skip
+        for request_id in affected:
+            self._end(request_id, f"the request may not have reached DP rank {rank} (request frames were "
+                                  "lost); retry it", 503)  # fmt: skip
 
     async def _pump_zmq(self, rank: int, actor: Any, generation: int) -> None:
         """The rank pushes its batches to a PULL socket bound here (`DPRank.push_outputs`); the Ray
@@ -305,13 +335,14 @@ class OutputChannel:
     async def _open_requests(self, rank: int, actor: Any, generation: int, local: bool) -> None:
         """Have rank `rank` bind its request socket and connect to it (deployments/request_channel.py).
         If that fails the rank's requests stay Ray calls: slower, not broken."""
-        from deployments.request_channel import RequestSender
+        from deployments.request_channel import RequestSender, max_request_frame_bytes
 
         try:
-            ref = actor.open_requests.remote(local, self.key)
+            max_frame = max_request_frame_bytes(self.serving.max_body_bytes, self.serving.max_prompt_chars)
+            ref = actor.open_requests.remote(local, self.key, max_frame)
             address = await asyncio.wait_for(ref, self.serving.output_connect_timeout_s)
             if generation == self.generation:
-                self.senders[rank] = RequestSender(address, self.key)
+                self.senders[rank] = RequestSender(address, self.key, max_frame)
         except Exception as exc:
             logger.warning("rank %d's request channel did not open (%s: %s); its requests go through Ray",
                            rank, type(exc).__name__, exc)  # fmt: skip

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -34,6 +35,9 @@ from npu_runtime.platform import Platform, by_name, detect
 __all__ = ["DPRank", "RequestRejected", "free_port"]
 
 logger = logging.getLogger("dpserve.rank")
+
+# How many aborts of requests not (yet) held are remembered (a few seconds of aborts at any rate).
+EARLY_ABORTS_KEPT = 4096
 
 
 class DPRank:
@@ -66,6 +70,10 @@ class DPRank:
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"dpserve-tokenize-{rank}")
         self.eplb = RankEplb(rank, self.settings.eplb, self.eplb_call, self._engine_running)
         self.requests: RequestReceiver | None = None  # the ingress's request channel, once opened
+        # Aborts for requests this rank did not hold yet: a submit and its abort may travel different
+        # paths (the request socket, a Ray call), so the abort can come first; the submit is then
+        # dropped. Bounded: the oldest ids go first.
+        self._aborted_early: OrderedDict[str, None] = OrderedDict()
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def node_ip(self) -> str:
@@ -198,10 +206,14 @@ class DPRank:
         """Start a request whose chunks go to `push_outputs` (or `output_stream`); returns
         `prompt_tokens`, or for a request that cannot start an error reply as plain data
         (`request_errors.error_reply`: the request's own error with its status, or `rank_failed`)."""
+        if self._take_early_abort(request_id):
+            return error_reply(RequestError("the request was aborted before it started", 499))
         try:
             request_id, ids, params = await self._prepare(request_id, prompt, sampling, messages)
         except (RequestError, RankFailure) as exc:
             return error_reply(exc)
+        if self._take_early_abort(request_id):  # aborted while it was tokenized
+            return error_reply(RequestError("the request was aborted before it started", 499))
         self.outbox.start(request_id, self._chunks(request_id, ids, params, stream_interval_ms))
         return {"prompt_tokens": len(ids), "rank": self.rank}
 
@@ -209,6 +221,8 @@ class DPRank:
                              messages: list | None, stream_interval_ms: float) -> None:  # fmt: skip
         # The whole request (tokenizing included) is one outbox task, so an abort that follows on
         # the channel finds it at any stage.
+        if self._take_early_abort(request_id):
+            return
         self.outbox.start(
             request_id, self._request_chunks(request_id, prompt, sampling, messages, stream_interval_ms)
         )
@@ -225,14 +239,30 @@ class DPRank:
         finally:
             await chunks.aclose()
 
-    async def open_requests(self, local: bool, key: bytes) -> str:
+    async def open_requests(self, local: bool, key: bytes, max_frame_bytes: int) -> str:
         """Bind this rank's request socket (deployments/request_channel.py) for frames sealed with
-        `key`, on loopback when the ingress runs on this node (`local`), else on this node's address;
-        returns its address for the ingress to connect to."""
+        the group's `key` and at most `max_frame_bytes` long, on loopback when the ingress runs on
+        this node (`local`), else on this node's address; returns its address for the ingress."""
         if self.requests is not None:
             self.requests.close()
-        self.requests = RequestReceiver(key, self._submit_from_channel, self.outbox.cancel)
+        self.requests = RequestReceiver(key, self._submit_from_channel, self._abort_now, max_frame_bytes)
         return self.requests.bind("127.0.0.1" if local else self.node_ip())
+
+    def _abort_now(self, request_id: str) -> None:
+        if not self.outbox.cancel(request_id):
+            self._remember_early_abort(request_id)
+
+    def _remember_early_abort(self, request_id: str) -> None:
+        self._aborted_early[request_id] = None
+        while len(self._aborted_early) > EARLY_ABORTS_KEPT:
+            self._aborted_early.popitem(last=False)
+
+    def _take_early_abort(self, request_id: str | None) -> bool:
+        """Whether `request_id` was aborted before it started (and forget that)."""
+        if request_id is None or request_id not in self._aborted_early:
+            return False
+        del self._aborted_early[request_id]
+        return True
 
     async def output_stream(
         self,
@@ -260,8 +290,10 @@ class DPRank:
             raise classify(exc, self._engine_running()) from exc
 
     async def abort(self, request_id: str) -> None:
-        if not self.outbox.cancel(request_id) and self.engine is not None:
-            await self.engine.abort(request_id)  # a request from `generate`
+        if not self.outbox.cancel(request_id):
+            self._remember_early_abort(request_id)  # its submit may still be on the way
+            if self.engine is not None:
+                await self.engine.abort(request_id)  # a request from `generate`
 
     def get_stats(self) -> dict[str, Any]:
         self.stats.errored = self.engine is not None and self.engine.errored

@@ -20,6 +20,7 @@ would hand requests round-robin to whoever connected.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -36,32 +37,54 @@ SubmitSink = Callable[[str, Any, dict[str, Any], list | None, float], None]
 AbortSink = Callable[[str], None]
 
 
+def request_key(group_key: bytes) -> bytes:
+    """This direction's key, derived from the group's: an output frame replayed onto a request
+    socket (both are numbered from 0) does not verify."""
+    return hmac.digest(group_key, b"dpserve request channel", "sha256")
+
+
+def max_request_frame_bytes(max_body_bytes: int, max_prompt_chars: int) -> int:
+    """The largest request frame the ingress can need to send: a body the ingress accepted, or a
+    prompt of `max_prompt_chars` characters of up to 4 UTF-8 bytes, plus room for the rest."""
+    return max(max_body_bytes, 4 * max_prompt_chars) + (1 << 20)
+
+
 class RequestSender:
     """The ingress's PUSH socket to one rank's request PULL socket at `address`.
 
     Sends never wait: a frame the socket cannot take now (no completed connection, or its queue full)
     is refused (`False`), and the caller uses the rank's Ray call instead."""
 
-    def __init__(self, address: str, key: bytes) -> None:
+    def __init__(self, address: str, key: bytes, max_frame_bytes: int) -> None:
         import zmq
 
         self.address = address
+        self.max_frame_bytes = max_frame_bytes
         self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.PUSH)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.IMMEDIATE, 1)  # refuse, rather than queue for a peer not yet there
-        self._sock.connect(address)
-        self._again = zmq.Again
-        self._noblock = zmq.NOBLOCK
+        try:
+            self._sock = self._ctx.socket(zmq.PUSH)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.IMMEDIATE, 1)  # refuse, rather than queue for a peer not yet there
+            self._sock.connect(address)
+        except BaseException:
+            self._ctx.destroy(linger=0)  # a context with an open socket would block when collected
+            raise
         self._encode = msgspec.msgpack.Encoder().encode
-        self._auth = FrameAuth(key)
+        self._auth = FrameAuth(request_key(key))
         self._seq = 0
 
     def _send(self, message: list[Any]) -> bool:
-        frame = self._auth.seal(SEQ.pack(self._seq) + self._encode(message))
+        import zmq
+
         try:
-            self._sock.send(frame, flags=self._noblock, copy=False)
-        except self._again:
+            frame = self._auth.seal(SEQ.pack(self._seq) + self._encode(message))
+            if len(frame) > self.max_frame_bytes:  # the rank's socket would drop the connection
+                return False
+            self._sock.send(frame, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        except (TypeError, ValueError, OverflowError, zmq.ZMQError):  # not encodable, socket closed
+            logger.warning("a request frame could not be sent; using the Ray call", exc_info=True)
             return False
         self._seq += 1
         return True
@@ -84,8 +107,9 @@ class RequestReceiver:
     `dropped` (by reason); a gap in the numbers is counted in `lost` (those requests' ingress
     side ends them when their first chunk does not come)."""
 
-    def __init__(self, key: bytes, on_submit: SubmitSink, on_abort: AbortSink) -> None:
-        self.key = key
+    def __init__(self, key: bytes, on_submit: SubmitSink, on_abort: AbortSink, max_frame_bytes: int) -> None:
+        self.key = request_key(key)
+        self.max_frame_bytes = max_frame_bytes
         self.on_submit = on_submit
         self.on_abort = on_abort
         self.address: str | None = None
@@ -103,6 +127,9 @@ class RequestReceiver:
         self._ctx = zmq.asyncio.Context()
         sock = self._ctx.socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)
+        # A larger message drops its sender's connection before it is held in memory: a stranger
+        # cannot make the rank buffer gigabytes (frames are only checked once received).
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
         port = sock.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
         self._task = asyncio.get_running_loop().create_task(self._receive(sock))

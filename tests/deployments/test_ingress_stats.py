@@ -94,12 +94,13 @@ class _Rank:
         if request_socket:  # else like a rank whose request socket does not open: requests are Ray calls
             self.open_requests = _Method(self._open_requests)
 
-    async def _open_requests(self, local: bool, key: bytes) -> str:
+    async def _open_requests(self, local: bool, key: bytes, max_frame_bytes: int) -> str:
         """DPRank.open_requests with a real request socket that records what arrives."""
         self.receiver = RequestReceiver(
             key,
             lambda *args: self.requests.append(("submit", *args)),
             lambda rid: self.requests.append(("abort", rid)),
+            max_frame_bytes,
         )
         return self.receiver.bind("127.0.0.1")
 
@@ -474,3 +475,42 @@ def test_requests_and_aborts_go_over_the_ranks_request_socket_once_its_output_ch
     assert seen["submitted"] == rank.receiver.address
     assert channel.senders == {}  # closed with the pump
     rank.receiver.close()
+
+
+def test_lost_request_frames_end_the_ranks_unacknowledged_requests() -> None:
+    async def main() -> None:
+        rank = _Rank(0)
+        server = _server([rank], "zmq")
+        channel = server.channel
+        channel.start([rank], 1, [{}])
+        channel.stop()  # no pumps: this test delivers batches itself
+
+        class _Sender:
+            address = "tcp://127.0.0.1:1"
+
+            def submit(self, *_: Any) -> bool:
+                return True
+
+            def abort(self, _: str) -> bool:
+                return False  # so the abort shows up as the stand-in's Ray call
+
+            def close(self) -> None:
+                pass
+
+        channel.senders[0] = _Sender()
+        acked, waiting = channel.open("acked", 0, 1), channel.open("waiting", 0, 1)
+        assert channel.submit(0, "acked", "p", {}, None, 0.0) and channel.submit(
+            0, "waiting", "p", {}, None, 0.0
+        )
+        channel.deliver(0, 1, [("acked", {"prompt_tokens": 1, "rank": 0})], {"running": 1})
+        channel.deliver(0, 1, [], {"request_channel": {"address": "x", "dropped": {}, "lost": 1}})
+        err = waiting.get_nowait()
+        assert err["status"] == 503 and "may not have reached DP rank 0" in err["error"]
+        assert (
+            acked.get_nowait() == {"prompt_tokens": 1, "rank": 0} and acked.empty()
+        )  # acknowledged: untouched
+        assert rank.aborted == ["waiting"] and channel.request_frames_lost[0] == 1
+        channel.deliver(0, 1, [], {"request_channel": {"address": "x", "dropped": {}, "lost": 1}})
+        assert rank.aborted == ["waiting"]  # the same count again: nothing more
+
+    asyncio.run(main())
