@@ -306,7 +306,13 @@ class RankGroupSupervisor:
 
     def rank_states(self) -> list[dict[str, Any]]:
         return [
-            dict(self.stats[r], dispatched=self.dispatched[r], served=self.served[r], live=r in self.live)
+            dict(
+                self.stats[r],
+                dispatched=self.dispatched[r],
+                served=self.served[r],
+                live=r in self.live,
+                pid=self.start_info[r].get("pid") if r < len(self.start_info) else None,
+            )  # the rank actor's
             for r in range(len(self.actors))
         ]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -113,7 +114,7 @@ class DPRank:
         startup = time.perf_counter() - t0
         logger.info("DP rank %d ready in %.1f s", self.rank, startup)
         return {"rank": self.rank, "startup_s": startup, "max_model_len": self.max_model_len(),
-                "node_id": ray_node_id()}  # fmt: skip
+                "node_id": ray_node_id(), "pid": os.getpid()}  # fmt: skip
 
     def max_model_len(self) -> int:
         return self._max_model_len

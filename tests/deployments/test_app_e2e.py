@@ -314,11 +314,10 @@ def test_fuzzed_requests_never_5xx(base_url):
 @pytest.mark.skipif(os.geteuid() != 0, reason="lowering an engine's niceness needs root or CAP_SYS_NICE")
 def test_engines_run_ahead_of_rays_workers(base_url):
     """With engine_nice 0 (this module's app), engine cores at 0, their rank actors at Ray's 15."""
-    from ray._private.state import actors  # the GCS actor table: no dashboard needed
-
-    # This session's rank actors only (other engine groups may run on the same machine).
-    table = actors(actor_state_name="ALIVE").values()
-    ranks = {a["Pid"] for a in table if a["ActorClassName"].endswith("DPRank")}
+    # This app's rank actors only (other modules' engine groups may still be exiting, and other
+    # sessions may run engines on the same machine).
+    ranks = {r["pid"] for r in _status(base_url)["ranks"]}
+    assert len(ranks) == 2 and None not in ranks, ranks
     engines = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:

@@ -184,7 +184,7 @@ def test_background_thread_rebalances_and_state_answers(fake_ranks):
     ranks = fake_ranks()
     ctl = _controller(ranks)
     ray.get(ctl.start.remote())
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # liveness bounds, generous for a loaded 2-core box
     while ray.get(ctl.get_state.remote())["rebalances"] < 1:
         assert time.monotonic() < deadline, ray.get(ctl.get_state.remote())
         time.sleep(0.05)
@@ -197,7 +197,7 @@ def test_background_thread_rebalances_and_state_answers(fake_ranks):
     assert ray.get(ctl.get_state.remote())["cycles"] == cycles
     ray.get(ctl.start.remote())
     while ray.get(ctl.get_state.remote())["cycles"] <= cycles:
-        assert time.monotonic() < deadline + 20, "start() after stop() did not resume the cycles"
+        assert time.monotonic() < deadline + 60, "start() after stop() did not resume the cycles"
         time.sleep(0.05)
     ray.get(ctl.stop.remote())
 
