@@ -1,8 +1,9 @@
 """The ingress-to-rank direction of the ZMQ channel: new requests and aborts.
 
 Each rank binds a PULL socket (`RequestReceiver`, started by `DPRank.open_requests`); the ingress
-connects one PUSH socket per rank (`RequestSender`). A message is one frame, numbered and sealed with
-the group's key like the output frames (scheduler/frame_auth.py; `SEQ` before the msgpack payload):
+connects one PUSH socket per rank (`RequestSender`). A message is one frame, numbered and sealed like
+the output frames, with a key derived from the group's (`request_key`; scheduler/frame_auth.py; `SEQ`
+before the msgpack payload):
 
     ["submit", request_id, prompt, sampling, messages, stream_interval_ms]
     ["abort", request_id]
@@ -104,8 +105,8 @@ class RequestSender:
 class RequestReceiver:
     """A rank's request PULL socket: checks each frame (tag, number, shape) and hands submits and
     aborts to `on_submit` / `on_abort`. Frames that fail a check are dropped and counted in
-    `dropped` (by reason); a gap in the numbers is counted in `lost` (those requests' ingress
-    side ends them when their first chunk does not come)."""
+    `dropped` (by reason); a gap in the numbers is counted in `lost`, which the rank's stats carry
+    to the ingress (it then ends the requests the rank has not acknowledged)."""
 
     def __init__(self, key: bytes, on_submit: SubmitSink, on_abort: AbortSink, max_frame_bytes: int) -> None:
         self.key = request_key(key)
