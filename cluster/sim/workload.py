@@ -127,26 +127,26 @@ class Router:
             return int(self.rng.integers(self.num_ranks))
         if self.kind == "dpserve":
             return self._route_dpserve(t, waiting, running)
-        if self.kind == "least_loaded" or t >= self._next_publish:
-            self._view[:, 0] = waiting
-            self._view[:, 1] = running
-            if self.interval > 0:
-                self._next_publish = (math.floor(t / self.interval) + 1) * self.interval
+        self._refresh_view(t, waiting, running, always=self.kind == "least_loaded")
         score = 4 * self._view[:, 0] + self._view[:, 1]
         r = int(np.argmin(score))  # argmin returns the first minimum: ties go to the lowest rank
         self._view[r, 0] += 1
         return r
+
+    def _refresh_view(self, t: float, waiting: list[int], running: list[int], always: bool = False) -> None:
+        """Take the engines' counts as published at ``t`` (every ``stats_interval_s``, or ``always``)."""
+        if always or t >= self._next_publish:
+            self._view[:, 0] = waiting
+            self._view[:, 1] = running
+            if self.interval > 0:
+                self._next_publish = (math.floor(t / self.interval) + 1) * self.interval
 
     def _route_dpserve(self, t: float, waiting: list[int], running: list[int]) -> int:
         """dpserve's ingress, through the product's own rule (`deployments.router.pick_rank`): its exact
         count of requests dispatched and not finished per rank (here all of a rank's waiting and
         running requests), and the engines' running/waiting counts as of their last stats
         (refreshed every ``stats_interval_s``)."""
-        if t >= self._next_publish:
-            self._view[:, 0] = waiting
-            self._view[:, 1] = running
-            if self.interval > 0:
-                self._next_publish = (math.floor(t / self.interval) + 1) * self.interval
+        self._refresh_view(t, waiting, running)
         loads = {
             r: dp_router.RankLoad(dispatched=waiting[r] + running[r], running=int(self._view[r, 1]),
                                   waiting=int(self._view[r, 0]))
