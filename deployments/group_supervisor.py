@@ -311,8 +311,10 @@ class RankGroupSupervisor:
                 dispatched=self.dispatched[r],
                 served=self.served[r],
                 live=r in self.live,
+                # the rank actor's process and name (tests and operators find this group's ranks by them)
                 pid=self.start_info[r].get("pid") if r < len(self.start_info) else None,
-            )  # the rank actor's
+                actor_name=self.start_info[r].get("actor_name") if r < len(self.start_info) else None,
+            )
             for r in range(len(self.actors))
         ]
 

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from deployments.config import EngineSettings
-from deployments.rank_env import RankEnvironment, free_port, node_ip, ray_node_id
+from deployments.rank_env import RankEnvironment, actor_name, free_port, node_ip, ray_node_id
 from deployments.rank_eplb import RankEplb
 from deployments.rank_outbox import RankOutbox
 from deployments.rank_requests import prompt_token_ids, sampling_params
@@ -114,7 +114,7 @@ class DPRank:
         startup = time.perf_counter() - t0
         logger.info("DP rank %d ready in %.1f s", self.rank, startup)
         return {"rank": self.rank, "startup_s": startup, "max_model_len": self.max_model_len(),
-                "node_id": ray_node_id(), "pid": os.getpid()}  # fmt: skip
+                "node_id": ray_node_id(), "pid": os.getpid(), "actor_name": actor_name()}  # fmt: skip
 
     def max_model_len(self) -> int:
         return self._max_model_len

@@ -31,6 +31,13 @@ def ray_node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
+def actor_name() -> str | None:
+    """This actor's name (None for an unnamed actor, or outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None
+
+
 def node_ip() -> str:
     """Address other ranks use to reach this process (rank 0 hosts the DP handshake)."""
     ip = os.environ.get("VLLM_HOST_IP")

@@ -88,6 +88,20 @@ def tiny_app_args(tiny_model_dir: str, **sections: dict[str, Any] | None) -> dic
     return args
 
 
+def app_rank_actors(status: dict[str, Any]) -> list[Any]:
+    """The rank actors of the group that `status` (a `/dpserve/status` body) describes, by rank.
+
+    By the names in the status, not by generation: apps of other test modules may still hold
+    actors of the same generation while they shut down."""
+    import ray
+
+    from deployments.rank_group import RANK_NAMESPACE
+
+    names = [r["actor_name"] for r in status["ranks"]]
+    assert None not in names, names
+    return [ray.get_actor(n, namespace=RANK_NAMESPACE) for n in names]
+
+
 async def request_completion(
     client: httpx.AsyncClient,
     url: str,

@@ -26,7 +26,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import TINY_MODEL_NAME, request_completion, tiny_app_args
+from tests.helpers import TINY_MODEL_NAME, app_rank_actors, request_completion, tiny_app_args
 
 pytestmark = pytest.mark.slow
 
@@ -174,10 +174,8 @@ def test_a_lost_output_frame_ends_that_ranks_requests_with_a_clear_error(base_ur
     """Rank 0 skips one output frame number (as if a frame were lost on the way): the ingress sees
     the gap, ends rank 0's requests in flight with a 503 error naming the loss and aborts them there;
     rank 1's requests complete; nothing is re-formed and the group serves on."""
-    from deployments.rank_group import named_rank_actors
-
     before = _status(base_url)
-    rank0 = named_rank_actors(before["group_generation"])[0]
+    rank0 = app_rank_actors(before)[0]
     lost_before = before["output_channel"]["ranks"]["0"]["lost"]
 
     def skip_a_frame(rank: Any) -> int:
@@ -221,6 +219,16 @@ def _engine_core_pid(actor: Any) -> int:
     return cores[0].pid
 
 
+def _placement_group_id(actor: Any) -> str:
+    """The id (hex) of the placement group a rank actor runs in."""
+    import ray
+
+    def pg_id(self: Any) -> str:
+        return ray.util.get_current_placement_group().id.hex()
+
+    return ray.get(actor.__ray_call__.remote(pg_id), timeout=60)
+
+
 def _gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -229,15 +237,14 @@ def _gone(pid: int) -> bool:
 
 
 def test_frozen_engine_is_declared_hung_and_the_group_recovers(base_url, ray_local) -> None:
-    from deployments.rank_group import named_rank_actors
-
     ray = ray_local
     before = _status(base_url)
     generation = before["group_generation"]
-    old_ranks = named_rank_actors(generation)
+    old_names = [r["actor_name"] for r in before["ranks"]]
+    old_ranks = app_rank_actors(before)
     assert len(old_ranks) == 2
     frozen = _engine_core_pid(old_ranks[1])
-    groups_before = {i for i, g in ray.util.placement_group_table().items() if g["state"] != "REMOVED"}
+    old_group = _placement_group_id(old_ranks[0])
     timeline: dict[str, float] = {}
 
     async def scenario() -> tuple[list[str], list[str]]:
@@ -290,11 +297,12 @@ def test_frozen_engine_is_declared_hung_and_the_group_recovers(base_url, ray_loc
     assert set(report) <= {"ok", "clear_error"}, report  # nothing hung, truncated or lost
     assert late == ["ok", "ok"]
     # The old generation is gone: its actors (by name) and its placement group.
-    assert named_rank_actors(generation) == []
+    group_prefix = old_names[0].removesuffix("rank0")
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-    assert not [n for n in names if n.startswith(f"dpserve_g{generation}_")], names
-    live = {i for i, g in ray.util.placement_group_table().items() if g["state"] != "REMOVED"}
-    assert len(live - groups_before) == 1 and len(groups_before - live) == 1, (groups_before, live)
+    assert not [n for n in names if n.startswith(group_prefix)], (group_prefix, names)
+    assert ray.util.placement_group_table()[old_group]["state"] == "REMOVED"
+    new_group = _placement_group_id(app_rank_actors(after)[0])
+    assert new_group != old_group and ray.util.placement_group_table()[new_group]["state"] == "CREATED"
     r = httpx.post(f"{base_url}/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "after", "max_tokens": 4},
                    headers=AUTH, timeout=120)  # fmt: skip
     assert r.status_code == 200

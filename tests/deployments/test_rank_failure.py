@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import request_completion
+from tests.helpers import app_rank_actors, request_completion
 
 pytestmark = pytest.mark.slow
 
@@ -42,15 +42,14 @@ async def _request(client: httpx.AsyncClient, url: str, i: int, stream: bool) ->
 
 
 def test_rank_killed_under_load(base_url, ray_local):
-    from deployments.rank_group import named_rank_actors
-
     ray = ray_local
+    rank1 = app_rank_actors(httpx.get(f"{base_url}/dpserve/status", timeout=30).json())[1]
 
     async def scenario():
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
             first = [asyncio.create_task(_request(client, base_url, i, stream=i % 2 == 0)) for i in range(12)]
             await asyncio.sleep(1.0)
-            ray.kill(named_rank_actors(1)[1])
+            ray.kill(rank1)
             # Arrives while the group is broken or being re-formed: must wait and succeed, not fail.
             await asyncio.sleep(2.0)
             late = [asyncio.create_task(_request(client, base_url, 100 + i, stream=False)) for i in range(4)]

@@ -34,7 +34,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers import request_completion
+from tests.helpers import app_rank_actors, request_completion
 
 pytestmark = pytest.mark.slow
 
@@ -100,15 +100,15 @@ def _status(url: str) -> dict[str, Any]:
     return httpx.get(f"{url}/dpserve/status", timeout=10).json()
 
 
-def _eplb_actor(ray) -> Any:
-    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("_eplb")]
-    assert len(names) == 1, names
-    return ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+def _eplb_actor(ray, url: str) -> Any:
+    """This app's EPLB actor: named like its ranks (`<group prefix>eplb`)."""
+    name = _status(url)["ranks"][0]["actor_name"].removesuffix("rank0") + "eplb"
+    found = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == name]
+    assert len(found) == 1, (name, found)
+    return ray.get_actor(name, namespace=found[0]["namespace"])
 
 
 def test_eplb_actor_killed_serving_continues_and_it_resumes(served, ray_local):
-    from deployments.rank_group import named_rank_actors
-
     ray = ray_local
     url = served["url"]
     timeline: list[tuple[float, dict | None]] = []
@@ -129,7 +129,7 @@ def test_eplb_actor_killed_serving_continues_and_it_resumes(served, ray_local):
         before = (await asyncio.to_thread(_status, url))["eplb"]
         assert before.get("phase") and not before.get("restarted"), before
         t_kill = time.monotonic()
-        ray.kill(_eplb_actor(ray), no_restart=False)  # a crash: Ray restarts it (max_restarts)
+        ray.kill(_eplb_actor(ray, url), no_restart=False)  # a crash: Ray restarts it (max_restarts)
         back_at = decided_at = None
         deadline = t_kill + 150
         while time.monotonic() < deadline:
@@ -161,10 +161,10 @@ def test_eplb_actor_killed_serving_continues_and_it_resumes(served, ray_local):
     assert back_at is not None, timeline[-3:]
     assert decided_at is not None, state
     assert state["cycles"] > 0 and state["window_steps"] >= 0
-    full = ray.get(_eplb_actor(ray).get_state.remote())
+    full = ray.get(_eplb_actor(ray, url).get_state.remote())
     assert any(e["event"] == "resumed" for e in full["history"]), full["history"]
     # The resumed actor planned from what the ranks hold: both ranks agree with its placement.
-    ranks = named_rank_actors(1)
+    ranks = app_rank_actors(_status(url))
     # Between its cycles (phase "collecting", the same rebalance count before and after reading the
     # ranks) the actor's placement is the one both ranks hold; while a plan is in flight they may not.
     # A plan in flight commits only while the group steps: keep one small request going meanwhile.
@@ -172,9 +172,9 @@ def test_eplb_actor_killed_serving_continues_and_it_resumes(served, ray_local):
     while True:
         assert time.monotonic() < deadline, full["phase"]
         asyncio.run(_one_request(url))
-        full = ray.get(_eplb_actor(ray).get_state.remote())
+        full = ray.get(_eplb_actor(ray, url).get_state.remote())
         held = ray.get([a.eplb_call.remote("eplb_placement") for a in ranks])
-        after = ray.get(_eplb_actor(ray).get_state.remote())
+        after = ray.get(_eplb_actor(ray, url).get_state.remote())
         if full["phase"] == after["phase"] == "collecting" and full["rebalances"] == after["rebalances"]:
             break
         time.sleep(0.5)
