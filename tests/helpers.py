@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import httpx
@@ -86,6 +87,22 @@ def tiny_app_args(tiny_model_dir: str, **sections: dict[str, Any] | None) -> dic
     for name, section in sections.items():
         args[name] = None if section is None else (args.get(name) or {}) | section
     return args
+
+
+def serve_app(app_args: dict[str, Any]) -> Iterator[str]:
+    """Serve `app_args` as the app "dpserve" on a free loopback port; yields its URL. Serve is shut down
+    afterwards (not just the app: a later serve.start() with its own port would otherwise be ignored
+    and its requests sent to this port)."""
+    from ray import serve
+
+    from deployments.app import build_app
+    from deployments.rank import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(app_args), name="dpserve", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
 
 
 def app_rank_actors(status: dict[str, Any]) -> list[Any]:

@@ -10,7 +10,9 @@ One app start for the module; the tests run in file order:
    rank 1's complete, nothing is re-formed;
 4. one rank's engine frozen with SIGSTOP under load: declared hung within `serving.hang_timeout_s`
    (+ the stats poll), the group is re-formed, every request gets its tokens or a clear error, the
-   frozen engine process and the old generation's actors and placement group are gone.
+   frozen engine process and the old generation's actors and placement group are gone;
+5. one rank actor killed under load (balance and EPLB on): nothing hangs, nothing is lost, requests sent
+   while the group is broken wait for the re-formed group and succeed.
 """
 
 from __future__ import annotations
@@ -303,6 +305,39 @@ def test_frozen_engine_is_declared_hung_and_the_group_recovers(base_url, ray_loc
     assert ray.util.placement_group_table()[old_group]["state"] == "REMOVED"
     new_group = _placement_group_id(app_rank_actors(after)[0])
     assert new_group != old_group and ray.util.placement_group_table()[new_group]["state"] == "CREATED"
+    r = httpx.post(f"{base_url}/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "after", "max_tokens": 4},
+                   headers=AUTH, timeout=120)  # fmt: skip
+    assert r.status_code == 200
+
+
+def test_rank_killed_under_load_nothing_lost_and_the_group_re_forms(base_url, ray_local) -> None:
+    before = _status(base_url)
+    rank1 = app_rank_actors(before)[1]
+
+    def request(client: httpx.AsyncClient, i: int, stream: bool) -> Awaitable[str]:
+        return request_completion(client, base_url, i, 48, stream, prompt=f"request {i}", api_key=KEY,
+                                  stream_usage=False)  # fmt: skip
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+            first = [asyncio.create_task(request(client, i, stream=i % 2 == 0)) for i in range(12)]
+            await asyncio.sleep(1.0)
+            ray_local.kill(rank1)
+            # Arrives while the group is broken or being re-formed: must wait and succeed, not fail.
+            await asyncio.sleep(2.0)
+            late = [asyncio.create_task(request(client, 100 + i, stream=False)) for i in range(4)]
+            return await asyncio.gather(*first), await asyncio.gather(*late)
+
+    t0 = time.monotonic()
+    first, late = asyncio.run(scenario())
+    report = {k: (first + late).count(k) for k in sorted(set(first + late))}
+    print(f"\nrank actor killed: sent 16, {report}, {time.monotonic() - t0:.0f} s")
+    # None lost: each got its tokens or a clear error (nothing hung, truncated, miscounted or cut off).
+    assert set(report) <= {"ok", "clear_error"} and sum(report.values()) == 16, report
+    assert late == ["ok"] * 4  # requests that had not started went to the re-formed group
+    after = _status(base_url)
+    assert after["group_generation"] == before["group_generation"] + 1, after["group_generation"]
+    assert not after["recovering"] and after["live_ranks"] == [0, 1]
     r = httpx.post(f"{base_url}/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "after", "max_tokens": 4},
                    headers=AUTH, timeout=120)  # fmt: skip
     assert r.status_code == 200

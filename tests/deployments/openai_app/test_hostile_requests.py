@@ -1,5 +1,5 @@
 """Hostile requests beside a live stream, through the real serving app (2 DP ranks of the tiny model,
-balance on, as `dpserve serve` runs by default): each gets a 4xx with OpenAI's error body, the DP group
+EP and balance on: this folder's app): each gets a 4xx with OpenAI's error body, the DP group
 is never re-formed (its generation stays), and the streams beside them complete with every token.
 
 Each generated request is a valid one with at least one hostile change: sampling-parameter edge cases
@@ -21,23 +21,18 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import TINY_MODEL_NAME, tiny_app_args
+from tests.deployments.openai_app.shared_app import MAX_MODEL_LEN
+from tests.helpers import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.slow
 
 MODEL = TINY_MODEL_NAME
-MAX_MODEL_LEN = 512
 VOCAB = 2048  # the tiny model's vocabulary
 STREAM_TOKENS = 64
 # min_tokens from here on exceeds the room a chat request's prompt leaves: the base chat prompt takes 24
 # tokens, no hostile change makes a valid one shorter than 8.
 ROOM = MAX_MODEL_LEN - 8
 HUGE = [2**31, 2**32 + 1, 2**63, 2**64, 2**70, -(2**63), -(2**70)]
-
-
-@pytest.fixture(scope="module")
-def app_args(tiny_model_dir):
-    return tiny_app_args(tiny_model_dir, balance={"policy": "any_at_cap"})
 
 
 def _encode(body: dict[str, Any]) -> bytes:

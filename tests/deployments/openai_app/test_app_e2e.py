@@ -1,4 +1,5 @@
-"""End to end: the Serve app on loopback, 2 DP ranks (+EP) of the tiny model, the official openai client."""
+"""End to end: the Serve app on loopback, 2 DP ranks (+EP) of the tiny model (this folder's app), the
+official openai client."""
 
 import asyncio
 import json
@@ -9,21 +10,11 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import tiny_app_args
+from tests.deployments.openai_app.shared_app import MAX_MODEL_LEN, QUEUE_BOUND
 
 pytestmark = pytest.mark.slow
 
 MODEL = "dpserve-tiny-moe"
-MAX_MODEL_LEN = 512
-QUEUE_BOUND = 16  # admitted requests per rank before the ingress answers 429
-
-
-@pytest.fixture(scope="module")
-def app_args(tiny_model_dir):
-    """EP on, balance on, a small admission bound; engine_nice 0 for the niceness check below."""
-    return tiny_app_args(tiny_model_dir, engine={"enable_expert_parallel": True, "max_model_len": MAX_MODEL_LEN,
-                                                 "engine_nice": 0},
-                         balance={"policy": "any_at_cap"}, serving={"max_queued_per_rank": QUEUE_BOUND})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +304,7 @@ def test_fuzzed_requests_never_5xx(base_url):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="lowering an engine's niceness needs root or CAP_SYS_NICE")
 def test_engines_run_ahead_of_rays_workers(base_url):
-    """With engine_nice 0 (this module's app), engine cores at 0, their rank actors at Ray's 15."""
+    """With engine_nice 0 (this folder's app), engine cores at 0, their rank actors at Ray's 15."""
     # This app's rank actors only (other modules' engine groups may still be exiting, and other
     # sessions may run engines on the same machine).
     ranks = {r["pid"] for r in _status(base_url)["ranks"]}
