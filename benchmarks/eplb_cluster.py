@@ -9,11 +9,14 @@
 3. Interleaved rounds under back-to-back waves of the workload (4 requests per rank): EPLB off (vLLM's
    placement, pushed back as a plan) -> the EPLB actor's cycle (`EplbController.cycle`: pull the
    windows, plan with the configured policy, push, wait) -> EPLB on (the planned placement). Per
-   phase: the recorded load (per-rank max/mean under the placement in force) and the worker's decode
-   step times (`eplb_step_log`); per plan: the steps between its receipt and its end on both ranks.
-   Every wave's token ids are compared with the plain-model reference.
+   phase: the recorded load, per-rank max/mean both as measured (the recorder's per-physical-slot
+   counts, each rank's slots summed: what the ranks ran) and as implied by the logical counts under the
+   placement in force (a replicated expert's tokens split evenly), and the worker's decode step times
+   (`eplb_step_log`); per plan: the steps between its receipt and its end on both ranks. Every wave's
+   token ids are compared with the plain-model reference.
 
 Run: .venv/bin/python benchmarks/eplb_cluster.py  ->  benchmarks/results/eplb_cluster.{json,md}
+     ... --num-redundant 4 --out benchmarks/results/eplb_cluster_r4   (with redundant slots)
 CPU numbers are for relative comparison only (2 shared cores; see docs/design.md, "Measured facts").
 """
 
@@ -43,7 +46,7 @@ from benchmarks.eplb_online import (  # noqa: E402
 )
 from eplb.messages import PlanMessage  # noqa: E402
 from eplb.policies import rebalance  # noqa: E402
-from eplb.stats import count_moves, imbalance, rank_loads  # noqa: E402
+from eplb.stats import count_moves, imbalance, rank_loads, rank_sums  # noqa: E402
 from tests.helpers import PROMPTS, collect_stream, greedy  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -70,24 +73,35 @@ POLICIES = (
     ("swift, max_pair_moves 4, reassign off", "swift", {"max_pair_moves": 4, "reassign": False}, 4),
     ("deepseek", "deepseek", {}, 4),
 )
-# No redundant slots by default. With 4 (20 slots), the plans balance this workload by giving its hot
-# experts a replica on the other rank, and how a replicated expert's tokens split between its replicas
-# is the router's round robin by token index in the gathered batch (eplb.slots.LayerRouting), which the
-# recorder (logical ids) does not see. In decode each request has one token per step at a fixed batch
-# position, and both ranks hold the same prompts in the same order, so the two copies of a request
-# share a parity and take the same replica: the even split the policies assume need not happen, and
-# the per-rank load after a plan is then known only within `max_over_mean_bound`. Without redundant
-# slots the plan balances by swapping experts between the ranks, the per-rank load is exactly what
-# the recorder implies, and the configured policy with its default parameters reaches max/mean ~1.01.
+# No redundant slots by default. With some (`--num-redundant 4`: 20 slots), the plans balance this
+# workload by giving its hot experts a replica on the other rank, and how a replicated expert's tokens
+# split between its replicas is the router's round robin by token index in the gathered batch
+# (eplb.slots.LayerRouting). In decode each request has one token per step at a fixed batch position,
+# and both ranks hold the same prompts in the same order, so the two copies of a request share a
+# parity and take the same replica: the even split the policies assume need not happen. The recorder's
+# per-physical-slot counts measure the split, so `measured` is what the ranks ran, and the logical
+# estimate (`max_over_mean`, even split) lies within `max_over_mean_bound` of it. Without redundant
+# slots the two are equal, and the configured policy with its default parameters reaches ~1.01.
 DEFAULT_REDUNDANT = 0
 
 
+def _over_mean(rank_load: np.ndarray) -> float:
+    """Sum over layers of the most loaded rank's tokens over the sum of the mean rank's: rank_load
+    [layers, NUM_RANKS]. Every layer routes the same tokens (top-k each), so this is also the mean over
+    layers of each layer's max/mean."""
+    return float(rank_load.max(axis=1).sum() / rank_load.mean(axis=1).sum())
+
+
 def max_over_mean(load: np.ndarray, phy2log: np.ndarray) -> float:
-    """Per-rank expert-token max/mean: sum over layers of the most loaded rank's tokens over the sum of
-    the mean rank's. Every layer routes the same tokens (top-k each), so this is also the mean over
-    layers of each layer's max/mean. A logical expert's tokens are split evenly over its replicas."""
-    rl = rank_loads(load, phy2log, NUM_RANKS)
-    return float(rl.max(axis=1).sum() / rl.mean(axis=1).sum())
+    """Per-rank expert-token max/mean implied by the logical load [layers, E] under `phy2log`, a logical
+    expert's tokens split evenly over its replicas (what the policies assume and plan with)."""
+    return _over_mean(rank_loads(load, phy2log, NUM_RANKS))
+
+
+def measured_max_over_mean(slot_load: np.ndarray) -> float:
+    """Per-rank expert-token max/mean as the ranks ran it: slot_load [layers, E + R] the recorder's
+    per-physical-slot counts, each rank's block of slots summed (no split assumed)."""
+    return _over_mean(rank_sums(np.asarray(slot_load, dtype=np.float64), NUM_RANKS))
 
 
 def max_over_mean_bound(load: np.ndarray, phy2log: np.ndarray) -> float:
@@ -163,7 +177,7 @@ async def probe(actors: list[Any], prompts: list[str], sampling: dict) -> list[d
         # Under the all-gather MoE every rank routes the whole gathered batch: the ranks' counts agree.
         counts = [np.asarray(t["counts"], dtype=np.int64) for t in taken]
         rows.append({"prompt": p, "counts": counts[0].tolist(), "ranks_agree": bool((counts[0] == counts[1]).all()),
-                     "token_ids": [o["token_ids"] for o in outs]})  # fmt: skip
+                     "physical": taken[0]["physical"], "token_ids": [o["token_ids"] for o in outs]})  # fmt: skip
     return rows
 
 
@@ -177,10 +191,13 @@ async def wait_outcomes(actors: list[Any], plan_id: int, timeout_s: float = 120.
             raise TimeoutError(f"plan {plan_id} did not finish: {found}")
 
 
-async def window_load(actors: list[Any]) -> tuple[np.ndarray, int]:
-    """The ranks' load windows (one more sample each), averaged as the EPLB actor does, and steps."""
+async def window_load(actors: list[Any]) -> tuple[np.ndarray, np.ndarray, int]:
+    """The ranks' load windows (one more sample each), averaged as the EPLB actor does: logical load
+    [layers, E], per-physical-slot load [layers, E + R], and steps."""
     wins = await asyncio.gather(*[a.eplb_collect.remote() for a in actors])
-    return np.mean([np.asarray(w["load"]) for w in wins], axis=0), min(int(w["steps"]) for w in wins)
+    load = np.mean([np.asarray(w["load"]) for w in wins], axis=0)
+    slots = np.mean([np.asarray(w["slot_load"]) for w in wins], axis=0)
+    return load, slots, min(int(w["steps"]) for w in wins)
 
 
 async def fresh_window(actors: list[Any]) -> None:
@@ -190,14 +207,14 @@ async def fresh_window(actors: list[Any]) -> None:
 
 
 async def measure_phase(actors: list[Any], seconds: float, placement: np.ndarray) -> tuple[dict, np.ndarray]:
-    """A fresh window counted over `seconds` of traffic: ({t: (start, end), steps, load, max_over_mean
-    under `placement`}, load)."""
+    """A fresh window counted over `seconds` of traffic: ({t: (start, end), steps, load, slot_load,
+    max_over_mean under `placement`, measured_max_over_mean}, load)."""
     await fresh_window(actors)
     t0 = time.perf_counter()
     await asyncio.sleep(seconds)
-    load, steps = await window_load(actors)
-    phase = {"t": (t0, time.perf_counter()), "steps": steps, "load": load.tolist(),
-             "max_over_mean": max_over_mean(load, placement)}  # fmt: skip
+    load, slots, steps = await window_load(actors)
+    phase = {"t": (t0, time.perf_counter()), "steps": steps, "load": load.tolist(), "slot_load": slots.tolist(),
+             "max_over_mean": max_over_mean(load, placement), "measured_max_over_mean": measured_max_over_mean(slots)}  # fmt: skip
     return phase, load
 
 
@@ -229,25 +246,27 @@ async def run(args: argparse.Namespace) -> dict:
                  "params": settings.eplb.params, "window_steps": args.window_steps, "threshold": settings.eplb.threshold,
                  "distinct": args.distinct}  # fmt: skip
     try:
-        reference = dict(zip(CANDIDATES, await reference_outputs(actors, CANDIDATES, sampling), strict=True))
+        candidates = CANDIDATES[: args.candidates]
+        reference = dict(zip(candidates, await reference_outputs(actors, candidates, sampling), strict=True))
         await start_eplb(actors, settings)
         ctl = get_eplb_actor(actors)
         default = np.asarray(await actors[0].eplb_call.remote("eplb_placement"), dtype=np.int64)
         out["default_placement"] = default.tolist()
 
         t_probe = time.perf_counter()
-        rows = await probe(actors, CANDIDATES, sampling)
+        rows = await probe(actors, candidates, sampling)
         loads = [np.asarray(r["counts"], dtype=np.float64) for r in rows]
         chosen = select_workload(loads, default, args.distinct)
         # Each chosen prompt on every rank (wave position i runs on rank i % NUM_RANKS): both ranks
         # serve the same mix, and the group's load is the chosen prompts' summed load.
-        workload = [CANDIDATES[i] for i in chosen for _ in range(WORKLOAD_SIZE // args.distinct)]
+        workload = [candidates[i] for i in chosen for _ in range(WORKLOAD_SIZE // args.distinct)]
         out["probe"] = {
             "seconds": time.perf_counter() - t_probe,
             "candidates": [{"prompt": r["prompt"], "max_over_mean": max_over_mean(ld, default),
                             "per_layer": imbalance(ld, default, NUM_RANKS).tolist(),
                             "rank_share": (rank_loads(ld, default, NUM_RANKS) / ld.sum(axis=1, keepdims=True)).tolist(),
-                            "ranks_agree": r["ranks_agree"], "counts": r["counts"],
+                            "measured_max_over_mean": measured_max_over_mean(r["physical"]),
+                            "ranks_agree": r["ranks_agree"], "counts": r["counts"], "physical": r["physical"],
                             "identical_to_reference": all(t == reference[r["prompt"]] for t in r["token_ids"])}
                            for r, ld in zip(rows, loads, strict=True)],
             "workload": workload,
@@ -306,8 +325,12 @@ async def run(args: argparse.Namespace) -> dict:
             r["on"], on_load = await measure_phase(actors, args.phase_s, new)
             r["on"]["bound"] = max_over_mean_bound(on_load, new)
             r["reduction"] = reductions(r["off"]["max_over_mean"], r["on"]["max_over_mean"])
+            r["measured_reduction"] = reductions(
+                r["off"]["measured_max_over_mean"], r["on"]["measured_max_over_mean"]
+            )
             print(f"round {rnd}: max/mean {r['off']['max_over_mean']:.3f} -> {r['on']['max_over_mean']:.3f} "
-                  f"(planned {r['plan']['planned_max_over_mean']:.3f}), {r['plan']['moved_slots']} slots moved", flush=True)  # fmt: skip
+                  f"(planned {r['plan']['planned_max_over_mean']:.3f}; measured {r['off']['measured_max_over_mean']:.3f} -> "
+                  f"{r['on']['measured_max_over_mean']:.3f}), {r['plan']['moved_slots']} slots moved", flush=True)  # fmt: skip
             rounds.append(r)
         stop.set()
         await flow
@@ -386,6 +409,8 @@ def analyse(rounds: list[dict], logs: list[list[list[float]]], waves: list[dict]
             "round": k, "off": _stats(off), "on": _stats(on), "apply": _stats(app),
             "max_over_mean_off": r["off"]["max_over_mean"], "max_over_mean_on": r["on"]["max_over_mean"],
             "planned_max_over_mean": r["plan"]["planned_max_over_mean"], **r["reduction"],
+            "measured_off": r["off"]["measured_max_over_mean"], "measured_on": r["on"]["measured_max_over_mean"],
+            **{f"measured_{k}": v for k, v in r["measured_reduction"].items()},
             "steady_median_ms": steady_med, "worst_apply_ms": worst,
             "worst_over_steady_median": worst / steady_med, "steady_same_length_max_ms": ref,
             "worst_over_steady_same_length_max": worst / ref,
@@ -400,7 +425,8 @@ def analyse(rounds: list[dict], logs: list[list[list[float]]], waves: list[dict]
     summary = {k: med(k) for k in ("max_over_mean_off", "max_over_mean_on", "planned_max_over_mean", "of_max_over_mean",
                                    "of_excess", "worst_over_steady_median", "worst_over_steady_same_length_max",
                                    "on_over_off_median", "steady_median_ms", "worst_apply_ms", "max_over_mean_on_bound",
-                                   "apply_median_over_steady_median", "eplb_ms_median", "eplb_ms_max", "steady_windows_as_bad")}  # fmt: skip
+                                   "apply_median_over_steady_median", "eplb_ms_median", "eplb_ms_max", "steady_windows_as_bad",
+                                   "measured_off", "measured_on", "measured_of_max_over_mean", "measured_of_excess")}  # fmt: skip
     summary["off_median_ms"] = (
         float(np.median([p["off"]["median_ms"] for p in per_round])) if per_round else None
     )
@@ -459,7 +485,10 @@ def _md(res: dict) -> str:
               "stated two ways: of max/mean itself (1 - after/before) and of its excess over 1 "
               "(1 - (after - 1)/(before - 1)). `bound`: max/mean on if every expert with replicas on both ranks "
               "had sent all its tokens to the heavier rank (the recorder counts logical ids; the router splits a "
-              "replicated expert's tokens by token index), equal to `on` when no expert spans both ranks.", "",
+              "replicated expert's tokens by token index), equal to `on` when no expert spans both ranks."
+              + (" `measured`: max/mean from the recorder's per-physical-slot counts, each rank's slots summed: what "
+                 "the ranks ran, no split assumed (equal to the logical figure without redundant slots)."
+                 if "measured_off" in s else ""), "",
               "Step times: the worker's step log, full decode steps only (4 requests per rank, one token each), "
               "both ranks; steady = the round's EPLB-off and EPLB-on phases; the same-length reference is the max "
               "over as many consecutive steady steps as the plan's window has (rank 0, that round, median over "
@@ -478,6 +507,14 @@ def _md(res: dict) -> str:
                      f"{x['apply_median_over_steady_median']:.2f} | {x['worst_apply_ms']:.1f} | "
                      f"{x['worst_over_steady_median']:.2f} | {x['worst_over_steady_same_length_max']:.2f} | "
                      f"{x['steady_windows_as_bad'] * 100:.0f} % | {x['eplb_ms_max']:.1f} | {x['max_over_mean_on_bound']:.3f} |")  # fmt: skip
+    if pr and "measured_off" in pr[0]:
+        lines += ["", "Measured per-rank max/mean (per-physical-slot counts) against the logical estimate:", "",
+                  "| round | measured off | measured on | reduction of max/mean | of excess | logical on (even split) | bound |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for x in pr:
+            lines.append(f"| {x['round']} | {x['measured_off']:.3f} | {x['measured_on']:.3f} | "
+                         f"{x['measured_of_max_over_mean'] * 100:.1f} % | {x['measured_of_excess'] * 100:.1f} % | "
+                         f"{x['max_over_mean_on']:.3f} | {x['max_over_mean_on_bound']:.3f} |")  # fmt: skip
     skipped = [r for r in res["rounds_detail"] if "plan" not in r]
     if skipped:
         lines += ["", "Rounds without a plan: " + "; ".join(f"{r['round']}: {r['cycle']}" for r in skipped)]
@@ -487,6 +524,11 @@ def _md(res: dict) -> str:
               f"(bound {s['max_over_mean_on_bound']:.3f}) | | |",
               f"| reduction of max/mean | {s['of_max_over_mean'] * 100:.1f} % | >= 30 % | {'yes' if s['of_max_over_mean'] >= 0.3 else 'no'} |",
               f"| reduction of max/mean - 1 | {s['of_excess'] * 100:.1f} % | >= 30 % | {'yes' if s['of_excess'] >= 0.3 else 'no'} |",
+              *([f"| per-rank expert max/mean measured (slot counts), off -> on | {s['measured_off']:.3f} -> {s['measured_on']:.3f} | | |",
+                 f"| reduction of measured max/mean | {s['measured_of_max_over_mean'] * 100:.1f} % | >= 30 % | "
+                 f"{'yes' if s['measured_of_max_over_mean'] >= 0.3 else 'no'} |",
+                 f"| reduction of measured max/mean - 1 | {s['measured_of_excess'] * 100:.1f} % | >= 30 % | "
+                 f"{'yes' if s['measured_of_excess'] >= 0.3 else 'no'} |"] if "measured_off" in s else []),
               f"| greedy outputs identical to the plain model | {s['waves'] - s['waves_mismatched']}/{s['waves']} waves "
               f"({s['waves_overlapping_a_plan']} overlapping a plan) | all | {'yes' if not s['waves_mismatched'] else 'no'} |",
               f"| decode step, EPLB off / on (median ms) | {s['off_median_ms']:.1f} / {s['on_median_ms']:.1f} (on/off {s['on_over_off_median']:.3f}) | | |",
@@ -565,6 +607,12 @@ def main() -> None:
     ap.add_argument("--num-redundant", type=int, default=DEFAULT_REDUNDANT, help="redundant expert slots")
     ap.add_argument(
         "--distinct", type=int, default=4, choices=(1, 2, 4, 8), help="distinct prompts in a wave of 8"
+    )
+    ap.add_argument(
+        "--candidates",
+        type=int,
+        default=len(CANDIDATES),
+        help="probe only the first N candidates (smoke runs)",
     )
     ap.add_argument("--out", default=str(RESULTS / "eplb_cluster"), help="results path without suffix")
     ap.add_argument(

@@ -48,7 +48,7 @@ def hook_cost(repeats: int = 300) -> list[dict]:
     place = placement_from_phy2log(default_placement(1, 16, 2, NUM_REDUNDANT), 16)
     table = torch.full((16, NUM_REDUNDANT + 1), -1, dtype=torch.int64)
     table[:, : place.log2phy.shape[2]] = torch.from_numpy(place.log2phy[0])
-    rec = ExpertLoadRecorder(1, 16)
+    rec = ExpertLoadRecorder(1, 16, 16 + NUM_REDUNDANT)
     hook = LayerRouting(0, rec, table, torch.from_numpy(place.replica_count[0].copy()))
     rows = []
     for tokens in (1, 8, 32, 128, 512):

@@ -1,4 +1,4 @@
-"""Cost of the EPLB routing hook (record per-expert counts + map logical -> physical ids) per layer call.
+"""Cost of the EPLB routing hook (map logical -> physical ids + record per-expert and per-slot counts) per layer call.
 
 Pure torch, no engine: the hook the applier installs on every MoE router, on batches of 1, 64 and 512
 tokens with top-2 routing over 16 experts in 20 slots. Writes benchmarks/results/routing_hook.{json,md}.
@@ -32,7 +32,7 @@ def _hook(num_logical: int = 16, num_redundant: int = 4) -> LayerRouting:
     table = torch.full((num_logical, cap), -1, dtype=torch.int64)
     table[:, :cap] = torch.from_numpy(place.log2phy[0])
     rc = torch.from_numpy(place.replica_count[0].copy())
-    return LayerRouting(0, ExpertLoadRecorder(1, num_logical), table, rc)
+    return LayerRouting(0, ExpertLoadRecorder(1, num_logical, num_logical + num_redundant), table, rc)
 
 
 def main() -> None:

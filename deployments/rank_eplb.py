@@ -42,11 +42,14 @@ class RankEplb:
         self.engine_running = engine_running
         self.outcome_dir = outcome_dir
         self.misses: dict[int, float] = {}  # plan id -> since when it has had no file
-        self.window: Any = None  # eplb.load.LoadWindow once set up
+        self.window: Any = None  # eplb.load.LoadWindow once set up: logical counts [layers, E]
+        self.slot_window: Any = None  # LoadWindow of physical-slot counts [layers, E + R]
+        self.ep_size = 1  # EP ranks the slots are spread over (from the worker's status)
         self.steps = 0  # engine steps in the window so far
 
     async def setup(self) -> dict[str, Any]:
-        """Install physical slots and tables in the worker and start a LoadWindow."""
+        """Install physical slots and tables in the worker and start the LoadWindows (logical
+        counts for the planner, physical-slot counts for the per-rank load)."""
         from eplb.load import LoadWindow
 
         # Plan records also land in a per-rank file the worker (in the engine core, our child on this
@@ -58,21 +61,31 @@ class RankEplb:
         self.misses = {}
         placement = await self.call("eplb_placement")
         self.window = LoadWindow(len(placement), status["num_logical"], self.config.window_samples)
+        self.slot_window = LoadWindow(len(placement), status["num_physical"], self.config.window_samples)
+        self.ep_size = int(status.get("ep_size", 1))
         self.steps = 0
         return status
 
     async def collect(self) -> dict[str, Any]:
-        """Drain the worker's counts into the LoadWindow (one sample per call); returns
-        {"load": float [layers, E] window total, "steps": engine steps in the window so far,
-        "samples", "complete", "record_us_per_call"}."""
+        """Drain the worker's counts into the LoadWindows (one sample per call); returns
+        {"load": float [layers, E] window total per logical expert, "slot_load": float [layers, E + R]
+        per physical slot, "rank_load": float [layers, ep_size] per EP rank (the sum of the slots it
+        hosts: what each rank ran, however a replicated expert's tokens split), "steps": engine
+        steps in the window so far, "samples", "complete", "record_us_per_call"}."""
         import numpy as np
+
+        from eplb.stats import rank_sums
 
         taken = await self.call("eplb_take_load")
         self.window.add(np.asarray(taken["counts"], dtype=np.int64))
+        self.slot_window.add(np.asarray(taken["physical"], dtype=np.int64))
         self.steps += int(taken["steps"])
+        slot_load = self.slot_window.total()
         return {
             "rank": self.rank,
             "load": self.window.total().tolist(),
+            "slot_load": slot_load.tolist(),
+            "rank_load": rank_sums(slot_load, self.ep_size).tolist(),
             "steps": self.steps,
             "samples": self.window.steps_recorded,
             "complete": self.window.is_complete(),
@@ -117,6 +130,7 @@ class RankEplb:
     def reset_window(self) -> None:
         """Forget the window (after a committed rebalance: the next plan sees the new regime)."""
         self.window.reset()
+        self.slot_window.reset()
         self.steps = 0
 
     def remove_outcome_files(self) -> None:

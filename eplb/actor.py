@@ -33,7 +33,7 @@ import numpy as np
 from eplb.messages import PlanMessage
 from eplb.plan import PlanError, build_transfer_plan, validate_plan
 from eplb.policies import rebalance
-from eplb.stats import imbalance, rank_loads
+from eplb.stats import imbalance, rank_imbalance, rank_loads
 from npu_runtime import metric_names as names
 
 logger = logging.getLogger("dpserve.eplb.actor")
@@ -116,6 +116,7 @@ class EplbController:
             "last_error": None,
             "last_plan": None,
             "imbalance": None,
+            "measured_imbalance": None,
             "history": [],
         }
 
@@ -177,6 +178,11 @@ class EplbController:
             steps = min(int(w["steps"]) for w in windows)
             self.state["window_steps"] = steps
             self.state["record_us_per_call"] = max(float(w.get("record_us_per_call", 0.0)) for w in windows)
+            if all("rank_load" in w for w in windows):
+                # Per layer, max/mean of what the ranks ran over the window (physical-slot counts):
+                # unlike `imbalance`, it does not assume a replicated expert's tokens split evenly.
+                ran = np.mean([np.asarray(w["rank_load"], dtype=np.float64) for w in windows], axis=0)
+                self.state["measured_imbalance"] = rank_imbalance(ran).tolist()
             if steps < int(self.config["window_steps"]) or load.sum() <= 0:
                 return "collecting"
             return self._rebalance(load)

@@ -46,7 +46,8 @@ class EplbWorkerExtension:
         return dp_steps()
 
     def eplb_take_load(self) -> dict:
-        """Drain recorded counts: {"counts": [[...]] int [layers, E], "steps", "record_us_per_call"}."""
+        """Drain recorded counts: {"counts": [[...]] int [layers, E] per logical expert, "physical":
+        [[...]] int [layers, E + R] per physical slot, "steps", "calls", "record_us_per_call"}."""
         assert _STATE is not None, "eplb_setup first"
         return _STATE.slots.recorder.take()
 

@@ -1,7 +1,8 @@
 """Sliding window over per-step expert load (pure numpy; the collection hooks live elsewhere).
 
-Each `add` is one step's token counts per (layer, logical expert); `total` sums the last `window_steps`
-of them. Old steps fall out so the planner follows the current traffic, not the whole history.
+Each `add` is one step's token counts per (layer, logical expert), or per (layer, physical slot) in the
+rank's second window; `total` sums the last `window_steps` of them. Old steps fall out so the planner
+follows the current traffic, not the whole history.
 """
 
 from __future__ import annotations

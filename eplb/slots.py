@@ -7,8 +7,9 @@ Per MoE layer (i = ordinal among the model's MoE layers):
   (global) lives on EP rank s // spr at local row s % spr. The CPU kernel takes the slot count from
   dim 0 and, under EP, our plugin's expert_map patch maps physical ids to local rows through a
   static [E + R] table (-1 where the slot is on another rank).
-* Routing: the router's mapping step (npu_runtime.eplb_hooks) calls `LayerRouting`, which records
-  logical counts and maps token t's expert e to `log2phy[e, t % replica_count[e]]`. Both tables are
+* Routing: the router's mapping step (npu_runtime.eplb_hooks) calls `LayerRouting`, which maps
+  token t's expert e to `log2phy[e, t % replica_count[e]]` and records both ids (per logical expert
+  and per physical slot, eplb.recorder). Both tables are
   preallocated ([E, 1 + R] and [E]) and only ever updated in place, so compiled graphs see updates.
 * Initial placement: what vLLM loaded. EP rank q holds its linear block of experts
   [q*lne, (q+1)*lne) in its first lne slots, its extra slots replicate its own experts (no transfer
@@ -44,13 +45,15 @@ class LayerRouting:
 
     def __call__(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """topk_ids int [tokens, top_k] logical -> physical ids, same shape and dtype."""
-        self.recorder.record(self.index, topk_ids)
         ids = topk_ids.long()
         # Round-robin over replicas by token index: deterministic, and identical on every rank
         # because under the all-gather MoE every rank routes the same gathered batch.
         tok = torch.arange(ids.shape[0], dtype=torch.int64).unsqueeze(1)
         rep = tok % self.replica_count[ids]
-        return self.log2phy[ids, rep].to(topk_ids.dtype)
+        phys = self.log2phy[ids, rep]
+        # Recorded here, where the replica each token goes to is known (int64 already: no copy).
+        self.recorder.record(self.index, ids, phys)
+        return phys.to(topk_ids.dtype)
 
 
 @dataclass
@@ -108,7 +111,7 @@ class ModelSlots:
         self.spr = self.num_physical // self.ep_size
         self.cap = self.num_redundant + 1  # most replicas an expert can ever have
         self.bytes_per_expert = int(bytes_per_expert)
-        self.recorder = recorder or ExpertLoadRecorder(len(layers), self.num_logical)
+        self.recorder = recorder or ExpertLoadRecorder(len(layers), self.num_logical, self.num_physical)
 
     def weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 [spr, 2I, H], w2 [spr, H, I]) of `layer`, the live tensors."""
@@ -150,7 +153,7 @@ class ModelSlots:
         lne = num_logical // ep_size
         phy2log = linear_phy2log(len(runners), num_logical, ep_size, spr)
         cap = int(num_redundant) + 1
-        recorder = ExpertLoadRecorder(len(runners), num_logical)
+        recorder = ExpertLoadRecorder(len(runners), num_logical, num_physical)
         layers: list[SlotLayer] = []
         for i, runner in enumerate(runners):
             routed = runner.routed_experts

@@ -4,6 +4,8 @@ Shapes used throughout the EPLB package:
   load     float [layers, logical_experts]  tokens routed to each logical expert
   phy2log  int64 [layers, num_physical]     logical expert held by each physical slot;
                                             slot s lives on rank s // (num_physical // num_ranks)
+  slot_load num  [layers, num_physical]     tokens each physical slot served (the recorder's
+                                            physical counts, or `slot_loads` under an even split)
 
 These functions trust their inputs (no validation) because the planners call them in inner loops;
 `eplb.plan.validate_placement` is the checked entry point.
@@ -35,10 +37,38 @@ def slot_loads(load: np.ndarray, phy2log: np.ndarray) -> np.ndarray:
     return np.take_along_axis(per_replica, phy2log, axis=1)
 
 
+def rank_sums(slot_load: np.ndarray, num_ranks: int) -> np.ndarray:
+    """Load per rank from load per physical slot: slot_load [layers, num_physical] -> [layers,
+    num_ranks], the sum of each rank's contiguous block of slots (its dtype kept)."""
+    w = np.asarray(slot_load)
+    return w.reshape(w.shape[0], num_ranks, -1).sum(axis=2)
+
+
 def rank_loads(load: np.ndarray, phy2log: np.ndarray, num_ranks: int) -> np.ndarray:
     """Load per rank: float [layers, num_ranks]; ranks own contiguous blocks of physical slots."""
-    w = slot_loads(load, phy2log)
-    return w.reshape(w.shape[0], num_ranks, -1).sum(axis=2)
+    return rank_sums(slot_loads(load, phy2log), num_ranks)
+
+
+def logical_from_slots(slot_load: np.ndarray, phy2log: np.ndarray, num_logical: int) -> np.ndarray:
+    """Load per logical expert from load per physical slot under one placement: slot_load [layers,
+    num_physical], phy2log int [layers, num_physical] -> [layers, num_logical], each expert's
+    replicas summed (the recorder's logical counts, where the placement held for the whole count)."""
+    w = np.asarray(slot_load)
+    out = np.zeros((w.shape[0], num_logical), dtype=w.dtype)
+    np.add.at(out, (np.arange(w.shape[0])[:, None], np.asarray(phy2log, dtype=np.int64)), w)
+    return out
+
+
+def rank_imbalance(rank_load: np.ndarray) -> np.ndarray:
+    """Per-layer max / mean over ranks of rank_load [layers, num_ranks]: float [layers], 1.0 for a
+    layer with no load at all (perfectly balanced rather than NaN)."""
+    rl = np.asarray(rank_load, dtype=np.float64)
+    mean = rl.mean(axis=1)
+    mx = rl.max(axis=1)
+    out = np.ones_like(mean)
+    nz = mean > 0
+    out[nz] = mx[nz] / mean[nz]
+    return out
 
 
 def imbalance(load: np.ndarray, phy2log: np.ndarray, num_ranks: int) -> np.ndarray:
@@ -46,13 +76,7 @@ def imbalance(load: np.ndarray, phy2log: np.ndarray, num_ranks: int) -> np.ndarr
 
     A layer with no load at all counts as perfectly balanced (1.0) rather than NaN.
     """
-    rl = rank_loads(load, phy2log, num_ranks)
-    mean = rl.mean(axis=1)
-    mx = rl.max(axis=1)
-    out = np.ones_like(mean)
-    nz = mean > 0
-    out[nz] = mx[nz] / mean[nz]
-    return out
+    return rank_imbalance(rank_loads(load, phy2log, num_ranks))
 
 
 def count_moves(old_phy2log: np.ndarray, new_phy2log: np.ndarray) -> int:

@@ -12,7 +12,7 @@ from eplb.actor import eplb_actor_class
 from eplb.messages import PlanMessage
 from eplb.plan import build_transfer_plan, validate_plan
 from eplb.policies import default_placement
-from eplb.stats import rank_loads
+from eplb.stats import imbalance, rank_loads
 
 LAYERS, EXPERTS, RANKS, REDUNDANT = 3, 8, 2, 2
 
@@ -44,7 +44,9 @@ class FakeRank:
 
     def eplb_collect(self) -> dict:
         self.steps += 10
-        return {"rank": self.rank, "load": self.load.tolist(), "steps": self.steps, "complete": True}
+        # rank_load: what the rank's physical-slot counts give (here the even split of `load`).
+        return {"rank": self.rank, "load": self.load.tolist(), "steps": self.steps, "complete": True,
+                "rank_load": rank_loads(self.load, self.placement, RANKS).tolist()}  # fmt: skip
 
     def eplb_reset_window(self) -> None:
         self.resets += 1
@@ -134,6 +136,12 @@ def test_plans_when_window_completes_and_pushes_to_every_rank(fake_ranks):
     ctl = _controller(ranks)
     ray.get(ctl.initialize.remote())
     assert ray.get(ctl.cycle.remote()) == "collecting"  # 10 steps < window_steps 20
+    measured = ray.get(ctl.get_state.remote())["measured_imbalance"]  # from the ranks' rank_load
+    skewed = np.ones((LAYERS, EXPERTS))
+    skewed[:, 2:4] = 50.0  # FakeRank's load
+    assert np.allclose(
+        measured, imbalance(skewed, default_placement(LAYERS, EXPERTS, RANKS, REDUNDANT), RANKS)
+    )
     assert ray.get(ctl.cycle.remote()) == "committed"
     plans = ray.get([r.get_plans.remote() for r in ranks])
     assert len(plans[0]) == 1 and plans[0] == plans[1]  # the same plan to every rank

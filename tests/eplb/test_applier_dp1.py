@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from eplb.messages import PlanMessage
+from eplb.stats import logical_from_slots
 from tests.helpers import PROMPTS, greedy, random_placement
 
 pytestmark = pytest.mark.slow
@@ -55,6 +56,13 @@ def test_placements_keep_outputs_identical(llm):
     assert counts.shape == (4, 16) and load["steps"] > 0
     # Every routed token counted once per layer: top-2 of each token in every layer.
     assert (counts.sum(axis=1) == counts.sum(axis=1)[0]).all() and counts.sum() % 2 == 0
+    # Per physical slot, where the router sent each token: a logical expert's slots sum to its count
+    # (one placement in force since set-up), and the replicas (slots 16-19: experts 0-3) ran tokens.
+    physical = np.asarray(load["physical"])
+    placement = np.asarray(llm.collective_rpc("eplb_placement")[0])
+    assert physical.shape == (4, 20)
+    assert (logical_from_slots(physical, placement, 16) == counts).all()
+    assert physical[:, 16:].sum() > 0
     print(f"\nrecord cost: {load['record_us_per_call']:.1f} us per layer call over {load['calls']} calls")
 
     rng = np.random.default_rng(0)

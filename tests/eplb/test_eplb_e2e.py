@@ -22,6 +22,7 @@ from deployments.rank_group import (
     wait_group_idle,
 )
 from eplb.messages import PlanMessage
+from eplb.stats import logical_from_slots
 from tests.helpers import PROMPTS, collect_stream, generate_on_ranks, greedy, random_placement
 
 pytestmark = pytest.mark.slow
@@ -120,6 +121,14 @@ def test_rank_side_apply_keeps_outputs_identical(group):
         rng = np.random.default_rng(1)
         old = np.asarray(await actors[0].eplb_call.remote("eplb_placement"))
         assert (np.asarray(await actors[1].eplb_call.remote("eplb_placement")) == old).all()
+        # Per physical slot, where each rank's router sent the tokens (the placement in force since
+        # set-up): a logical expert's slots sum to its count, and the replicas (the last 2 of each
+        # rank's 10 slots) ran tokens. The ranks' takes may be a dummy step apart: each checked alone.
+        for taken in await asyncio.gather(*[a.eplb_call.remote("eplb_take_load") for a in actors]):
+            counts, physical = np.asarray(taken["counts"]), np.asarray(taken["physical"])
+            assert physical.shape == (4, 20) and counts.sum() > 0
+            assert (logical_from_slots(physical, old, 16) == counts).all()
+            assert physical[:, [8, 9, 18, 19]].sum() > 0
         for plan_id, blocking in ((1, False), (2, True), (3, False)):
             new = random_placement(rng, old.shape[0], 16, NUM_REDUNDANT)
             msg = PlanMessage(plan_id, old, new, 2, blocking=blocking).to_dict()

@@ -11,7 +11,15 @@ from eplb.plan import PlanError, validate_placement
 from eplb.policies import POLICIES, Placement, default_placement, placement_from_phy2log, rebalance
 from eplb.policies.deepseek import balanced_packing, rebalance_global, replicate_experts
 from eplb.policies.swift import SwiftParams, swift_batch, swift_layer
-from eplb.stats import count_moves, imbalance, rank_loads
+from eplb.stats import (
+    count_moves,
+    imbalance,
+    logical_from_slots,
+    rank_imbalance,
+    rank_loads,
+    rank_sums,
+    slot_loads,
+)
 
 
 def skewed(layers: int, experts: int, seed: int, lo: float = 0.3, hi: float = 1.0) -> np.ndarray:
@@ -282,3 +290,18 @@ def test_rank_loads_split_replicas_evenly() -> None:
     assert imbalance(load, np.array([[0, 0, 1, 1]]), 2).tolist() == [pytest.approx(6 / 4)]
     assert imbalance(np.zeros((1, 2)), np.array([[0, 1]]), 2).tolist() == [1.0]
     assert count_moves(np.array([[0, 1, 0, 1]]), np.array([[0, 1, 1, 0]])) == 2
+
+
+def test_slot_loads_measured_per_rank_and_back_to_logical() -> None:
+    """Measured per-slot counts (the recorder's physical counts) against the even-split estimate."""
+    phy2log = np.array([[0, 1, 0, 1], [1, 0, 0, 1]])  # 2 layers, 2 experts in 4 slots, 2 ranks
+    measured = np.array([[6, 2, 0, 0], [1, 1, 5, 1]])  # layer 0: expert 0's replica on rank 1 idle
+    assert rank_sums(measured, 2).tolist() == [[8, 0], [2, 6]]
+    assert rank_imbalance(rank_sums(measured, 2)).tolist() == [2.0, 1.5]
+    assert logical_from_slots(measured, phy2log, 2).tolist() == [[6, 2], [6, 2]]
+    # The even split of the same logical load balances layer 0 perfectly: what the measured counts
+    # show and the logical counts cannot.
+    even = slot_loads(logical_from_slots(measured, phy2log, 2), phy2log)
+    assert rank_sums(even, 2).tolist() == [[4.0, 4.0], [4.0, 4.0]]
+    assert (rank_sums(even, 2) == rank_loads(np.array([[6.0, 2.0]] * 2), phy2log, 2)).all()
+    assert rank_imbalance(np.zeros((1, 2))).tolist() == [1.0]

@@ -1,13 +1,15 @@
-"""Load recorder and the routing hook, without an engine (pure torch)."""
+"""Load recorder (logical and physical-slot counts) and the routing hook, without an engine (pure torch)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from eplb.policies import placement_from_phy2log
-from eplb.recorder import ExpertLoadRecorder, counts_array
+from eplb.recorder import ExpertLoadRecorder, counts_array, physical_array
 from eplb.slots import LayerRouting
+from eplb.stats import logical_from_slots, rank_sums
 
 
 def test_counts_per_layer_and_expert_and_take_resets():
@@ -28,9 +30,8 @@ def _routing(phy2log_row: list[int], num_logical: int, cap: int) -> LayerRouting
     place = placement_from_phy2log(np.asarray([phy2log_row]), num_logical)
     table = torch.full((num_logical, cap), -1, dtype=torch.int64)
     table[:, : place.log2phy.shape[2]] = torch.from_numpy(place.log2phy[0])
-    return LayerRouting(
-        0, ExpertLoadRecorder(1, num_logical), table, torch.from_numpy(place.replica_count[0].copy())
-    )
+    recorder = ExpertLoadRecorder(1, num_logical, len(phy2log_row))
+    return LayerRouting(0, recorder, table, torch.from_numpy(place.replica_count[0].copy()))
 
 
 def test_round_robin_over_replicas_by_token_index():
@@ -70,7 +71,71 @@ def test_hook_counts_every_call_and_spreads_tokens_over_replicas():
         assert (np.asarray(row)[phys] == ids.numpy()).all()
         expected += np.bincount(ids.numpy().ravel(), minlength=16)
         per_slot += np.bincount(phys.ravel(), minlength=len(row))
-    assert counts_array(hook.recorder.take()).tolist() == [expected.tolist()]
+    taken = hook.recorder.take()
+    assert counts_array(taken).tolist() == [expected.tolist()]
+    assert physical_array(taken).tolist() == [per_slot.tolist()]  # the recorder saw every slot's tokens
     for e in range(4):  # replica by token index parity: random ids split about evenly (fixed seed)
         assert per_slot[e] + per_slot[16 + e] == expected[e]
         assert abs(per_slot[e] - per_slot[16 + e]) <= 0.1 * expected[e], (e, per_slot[e], per_slot[16 + e])
+
+
+# Physical-slot counting: (placement row phy2log [P], logical ids [tokens, top_k], expected per-slot
+# counts [P]). The router picks replica t % replica_count[e] for token t (replicas in slot order).
+PHYSICAL_CASES = {
+    "no replicas: slot = expert": ([0, 1, 2, 3], [[0, 1], [1, 3]], [1, 2, 0, 1]),
+    "two replicas split evenly": ([0, 1, 2, 3, 0], [[0, 1], [0, 2], [0, 3], [0, 1]], [2, 2, 1, 1, 2]),
+    "three replicas, 5 tokens: 2/2/1": ([0, 1, 2, 3, 0, 2, 0], [[0]] * 5, [2, 0, 0, 0, 2, 0, 1]),
+    # The hot expert only at even batch positions (a decode batch whose requests keep their places):
+    # its tokens all take the first replica, which the logical counts cannot show.
+    "same parity: one replica takes all": (
+        [0, 1, 2, 3, 0],
+        [[0, 1], [2, 3], [0, 1], [2, 3]],
+        [2, 2, 2, 2, 0],
+    ),
+    "both choices replicated": ([0, 1, 2, 3, 0, 2], [[0, 2], [2, 0]], [1, 0, 1, 0, 1, 1]),
+    "empty batch": ([0, 1, 2, 3, 1], np.zeros((0, 2), dtype=np.int32), [0, 0, 0, 0, 0]),
+}
+
+
+@pytest.mark.parametrize("row, ids, expected", PHYSICAL_CASES.values(), ids=PHYSICAL_CASES.keys())
+def test_physical_counts_split_replicas_and_sum_to_the_logical_counts(row, ids, expected):
+    hook = _routing(row, num_logical=4, cap=len(row) - 3)
+    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int32))
+    phys = hook(ids_t)
+    taken = hook.recorder.take()
+    physical, logical = physical_array(taken), counts_array(taken)
+    assert physical.tolist() == [expected]
+    assert physical.tolist() == [np.bincount(phys.numpy().ravel(), minlength=len(row)).tolist()]
+    # Every token counted once in each: a logical expert's slots sum to its logical count.
+    assert (logical_from_slots(physical, np.asarray([row]), 4) == logical).all()
+    assert physical.sum() == logical.sum() == ids_t.numel()
+    assert physical_array(hook.recorder.take()).sum() == 0  # take() drained both
+
+
+def test_physical_counts_per_layer_and_rank_sums():
+    """Two layers, 4 experts in 6 slots on 2 ranks (3 slots each): a rank's load is the sum of its
+    slots, and a replica on the other rank moves tokens between the ranks."""
+    rec = ExpertLoadRecorder(num_layers=2, num_logical=4, num_physical=6)
+    rec.record(0, torch.tensor([[0, 1], [0, 1]]), torch.tensor([[0, 1], [3, 1]]))  # expert 0 in slots 0, 3
+    rec.record(1, torch.tensor([[2, 3]]), torch.tensor([[2, 5]]))
+    taken = rec.take()
+    physical = physical_array(taken)
+    assert physical.tolist() == [[1, 2, 0, 1, 0, 0], [0, 0, 1, 0, 0, 1]]
+    assert counts_array(taken).tolist() == [[2, 2, 0, 0], [0, 0, 1, 1]]
+    assert rank_sums(physical, 2).tolist() == [[3, 1], [1, 1]]
+    assert taken["steps"] == 1 and taken["calls"] == 2
+
+
+def test_physical_counting_is_optional_off_when_disabled_and_checks_sizes():
+    rec = ExpertLoadRecorder(num_layers=1, num_logical=4)  # no redundant slots: 4 physical
+    assert rec.physical.shape == (1, 4)
+    rec.record(0, torch.tensor([[0, 1]]))  # a caller that maps nothing counts logical ids only
+    assert physical_array(rec.take()).sum() == 0
+    rec.enabled = False
+    rec.record(0, torch.tensor([[0, 1]]), torch.tensor([[0, 1]]))
+    assert physical_array(rec.take()).sum() == 0
+    rec.enabled = True
+    with pytest.raises(RuntimeError):  # a slot beyond the recorder's: loud, not dropped
+        rec.record(0, torch.tensor([[0]]), torch.tensor([[4]]))
+    with pytest.raises(ValueError):
+        ExpertLoadRecorder(1, 4, 3)
