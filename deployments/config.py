@@ -233,6 +233,15 @@ class ServingSection(_Section):
     # a Ray call; deployments/request_channel.py). A request the rank has not acknowledged (tokenized
     # and queued) within this long gets a 503 and is aborted there.
     submit_ack_timeout_s: float = Field(60.0, gt=0)
+    # The longest output frame a rank sends with "zmq": the ingress's socket drops the connection of
+    # a sender whose message is longer (ZMQ_MAXMSGSIZE), so a stranger who reaches the port cannot
+    # make the ingress buffer gigabytes. No output is cut by it: a batch is every chunk the rank queued
+    # since its last send (an engine step's worth, kilobytes, unless the ingress stalled: then without
+    # bound), and the rank splits one that does not fit into several frames, down to a chunk of one
+    # character and one token (deployments/rank_outbox.py, `fitting_payloads`). 64 MiB holds about
+    # 800,000 one-token chunks (about 83 bytes each) in one frame; at least 1 MiB, which any chunk that
+    # cannot be split fits in (one token, an error message, `prompt_tokens`).
+    max_output_frame_bytes: int = Field(64 << 20, ge=1 << 20)
     # Request limits, checked in the ingress before anything reaches a rank. A body over
     # `max_body_bytes` is refused with 413 while it is read (8 MiB holds a 128k-token prompt as token
     # ids); a text prompt (or a chat's messages together) over `max_prompt_chars` is a 400 before it is

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from collections.abc import Callable
 from typing import Any
 
 from deployments.config import ServingSection
+from deployments.frame_sequence import SEQ as SEQ  # where the channel tests take it from
+from deployments.frame_sequence import FrameSequence, open_numbered
 from scheduler.frame_auth import FrameAuth, new_key
 
 logger = logging.getLogger("dpserve.app")
@@ -38,8 +39,6 @@ StatsSink = Callable[[int, int, dict[str, Any]], None]
 BrokenSink = Callable[[int, int, str], None]
 # (rank, reason) -> None: a frame on a rank's ZMQ channel was dropped.
 DropSink = Callable[[int, str], None]
-# A frame's sequence number, before its msgpack payload (inside the sealed part).
-SEQ = struct.Struct("<Q")
 
 
 class OutputChannelUnreachable(ConnectionError):
@@ -265,31 +264,34 @@ class OutputChannel:
         ctx = zmq.asyncio.Context()
         sock = ctx.socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)
+        # A larger message drops its sender's connection before it is held in memory; the rank
+        # splits its batches to fit (`RankOutbox.push`), so only a stranger's message is cut.
+        max_frame = self.serving.max_output_frame_bytes
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
         port = sock.bind_to_random_port(f"tcp://{host}")
         address = self.addresses[rank] = f"tcp://{host}:{port}"
         decode = msgspec.msgpack.Decoder().decode
         auth = FrameAuth(self.key)
-        pushing = actor.push_outputs.remote(address, self.key)
-        expected = 0  # the next frame's sequence number
+        pushing = actor.push_outputs.remote(address, self.key, max_frame)
+        sequence = FrameSequence()
 
         def take(message: Any) -> None:
-            nonlocal expected
             frame = message.bytes
-            payload = auth.open(frame)
-            if payload is None or len(payload) < SEQ.size:
+            opened = open_numbered(auth, frame)
+            if opened is None:
                 return self._drop(rank, "unauthenticated", len(frame))
-            (seq,) = SEQ.unpack_from(payload)
+            seq, payload = opened
             try:
-                batch, stats = decode(memoryview(payload)[SEQ.size :])
+                batch, stats = decode(payload)
                 if not isinstance(batch, list) or not isinstance(stats, dict):
                     raise TypeError("not a (batch, stats) pair")
             except (msgspec.DecodeError, ValueError, TypeError):
                 return self._drop(rank, "malformed", len(frame))
-            if seq < expected:  # a replay of a frame already taken
+            missing = sequence.take(seq)
+            if missing is None:  # a replay of a frame already taken
                 return self._drop(rank, "replayed", len(frame))
-            if seq > expected:
-                self._frames_lost(rank, generation, seq - expected)
-            expected = seq + 1
+            if missing:
+                self._frames_lost(rank, generation, missing)
             try:
                 self.deliver(rank, generation, batch, stats)
             except (ValueError, TypeError):  # authentic, yet not a list of (request id, chunk)

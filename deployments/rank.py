@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from deployments.config import EngineSettings
+from deployments.metrics import FrameDrops
 from deployments.rank_env import RankEnvironment, actor_name, free_port, node_ip, ray_node_id
 from deployments.rank_eplb import RankEplb
 from deployments.rank_outbox import RankOutbox
@@ -246,7 +247,8 @@ class DPRank:
         this node (`local`), else on this node's address; returns its address for the ingress."""
         if self.requests is not None:
             self.requests.close()
-        self.requests = RequestReceiver(key, self._submit_from_channel, self._abort_now, max_frame_bytes)
+        self.requests = RequestReceiver(key, self._submit_from_channel, self._abort_now, max_frame_bytes,
+                                        on_drop=FrameDrops("request"))  # fmt: skip
         return self.requests.bind("127.0.0.1" if local else self.node_ip())
 
     def _abort_now(self, request_id: str) -> None:
@@ -274,11 +276,12 @@ class DPRank:
         async for item in self.outbox.stream():
             yield item
 
-    async def push_outputs(self, address: str, key: bytes) -> None:
+    async def push_outputs(self, address: str, key: bytes, max_frame_bytes: int) -> None:
         """The same batches and stats as `output_stream`, pushed over ZMQ to the ingress's PULL
         socket at `address` (``tcp://host:port``; `RankOutbox.push`), sealed with the group's frame
-        `key`. Runs until cancelled; the ingress holds this call's ref, which fails when the rank dies."""
-        await self.outbox.push(address, key)
+        `key`, in frames of at most `max_frame_bytes`. Runs until cancelled; the ingress holds this
+        call's ref, which fails when the rank dies."""
+        await self.outbox.push(address, key, max_frame_bytes)
 
     async def _engine_outputs(self, ids: list[int], params, request_id: str):
         """vLLM's output stream. An error it raises is the request's own (a RequestError: vLLM's

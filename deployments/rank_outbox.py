@@ -10,16 +10,59 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from deployments.output_channel import SEQ
+from deployments.frame_sequence import seal_numbered
 from deployments.request_errors import RequestError, error_reply
 from scheduler.frame_auth import FrameAuth
 
 logger = logging.getLogger("dpserve.rank")
 
 Batch = list[tuple[str, dict[str, Any]]]
+TEXT_CHUNK_KEYS = frozenset({"text", "token_ids", "finish_reason"})
+
+
+def split_chunk(chunk: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A text chunk as two consecutive ones that carry the same text and token ids between them (the
+    ingress concatenates text and counts token ids; `finish_reason` stays on the second); None for any
+    other chunk (`prompt_tokens`, an error: small) or one of at most a character and a token."""
+    if chunk.keys() != TEXT_CHUNK_KEYS:
+        return None
+    text, ids = chunk["text"], chunk["token_ids"]
+    if len(text) <= 1 and len(ids) <= 1:
+        return None
+    t, i = len(text) // 2, len(ids) // 2
+    return ({"text": text[:t], "token_ids": ids[:i], "finish_reason": None},
+            {"text": text[t:], "token_ids": ids[i:], "finish_reason": chunk["finish_reason"]})  # fmt: skip
+
+
+def halves(batch: Batch) -> tuple[Batch, Batch] | None:
+    """`batch` as two batches that deliver the same chunks in the same order (a lone chunk split by
+    `split_chunk`), or None when it cannot be split."""
+    if len(batch) > 1:
+        mid = len(batch) // 2
+        return batch[:mid], batch[mid:]
+    if not batch:
+        return None
+    request_id, chunk = batch[0]
+    pieces = split_chunk(chunk)
+    return None if pieces is None else ([(request_id, pieces[0])], [(request_id, pieces[1])])
+
+
+def fitting_payloads(encode: Callable[[Any], bytes], batch: Batch, stats: dict[str, Any],
+                     max_bytes: int) -> Iterator[bytes]:  # fmt: skip
+    """`(batch, stats)` encoded as payloads of at most `max_bytes` each where it can be split that
+    far (every part carries `stats`); one payload, as usual, when it fits. A batch is every chunk
+    queued since the last send: an engine step's worth (kilobytes) normally, without bound after the
+    ingress stalled, so only the frames' size can be bounded."""
+    payload = encode((batch, stats))
+    parts = halves(batch) if len(payload) > max_bytes else None
+    if parts is None:  # fits, or cannot be split: one small chunk, far below the least bound allowed
+        yield payload
+        return
+    for part in parts:
+        yield from fitting_payloads(encode, part, stats, max_bytes)
 
 
 class RankOutbox:
@@ -79,10 +122,12 @@ class RankOutbox:
         while True:
             yield await self.next_batch(), self.get_stats()
 
-    async def push(self, address: str, key: bytes) -> None:
+    async def push(self, address: str, key: bytes, max_frame_bytes: int) -> None:
         """The same batches and stats, msgpack-encoded and pushed over ZMQ to the ingress's PULL
         socket at `address` (``tcp://host:port``), each frame numbered and sealed with the group's
-        `key` (deployments/output_channel.py checks both). Runs until cancelled.
+        `key` (deployments/output_channel.py checks both) and at most `max_frame_bytes` long (the
+        ingress's socket cuts longer ones: a batch that does not fit goes as several frames,
+        `fitting_payloads`). Runs until cancelled.
 
         Why not a Ray stream: each streamed item costs a serialisation in an executor thread plus
         core-worker RPCs on both sides, about half the rank actor's and much of the ingress's CPU at
@@ -101,18 +146,18 @@ class RankOutbox:
         sock.connect(address)
         encode = msgspec.msgpack.Encoder().encode
         auth = FrameAuth(key)
+        max_payload = max_frame_bytes - len(seal_numbered(auth, 0, b""))  # less the tag and the number
         self.seq = 0  # the next frame's number (an attribute: a fault test skips one to lose a frame)
 
-        def frame(batch: Batch) -> bytes:
-            sealed = auth.seal(SEQ.pack(self.seq) + encode((batch, self.get_stats())))
-            self.seq += 1
-            return sealed
+        async def send(batch: Batch) -> None:
+            for payload in fitting_payloads(encode, batch, self.get_stats(), max_payload):
+                sealed = seal_numbered(auth, self.seq, payload)
+                self.seq += 1
+                await sock.send(sealed, copy=False)
 
         try:
-            # An empty batch first: tells the ingress the channel works.
-            await sock.send(frame([]), copy=False)
+            await send([])  # an empty batch first: tells the ingress the channel works
             while True:
-                batch = await self.next_batch()
-                await sock.send(frame(batch), copy=False)
+                await send(await self.next_batch())
         finally:
             ctx.destroy(linger=0)

@@ -2,8 +2,8 @@
 
 Each rank binds a PULL socket (`RequestReceiver`, started by `DPRank.open_requests`); the ingress
 connects one PUSH socket per rank (`RequestSender`). A message is one frame, numbered and sealed like
-the output frames, with a key derived from the group's (`request_key`; scheduler/frame_auth.py; `SEQ`
-before the msgpack payload):
+the output frames (deployments/frame_sequence.py), with a key derived from the group's
+(`request_key`; scheduler/frame_auth.py):
 
     ["submit", request_id, prompt, sampling, messages, stream_interval_ms]
     ["abort", request_id]
@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from deployments.output_channel import SEQ
+from deployments.frame_sequence import FrameSequence, open_numbered, seal_numbered
 from scheduler.frame_auth import FrameAuth
 
 logger = logging.getLogger("dpserve.rank")
@@ -36,6 +36,8 @@ logger = logging.getLogger("dpserve.rank")
 # (request id, prompt, sampling, messages, stream_interval_ms) -> None
 SubmitSink = Callable[[str, Any, dict[str, Any], list | None, float], None]
 AbortSink = Callable[[str], None]
+# (reason) -> None: a frame was dropped (`RequestReceiver.dropped`'s reasons).
+DropSink = Callable[[str], None]
 
 
 def request_key(group_key: bytes) -> bytes:
@@ -78,7 +80,7 @@ class RequestSender:
         import zmq
 
         try:
-            frame = self._auth.seal(SEQ.pack(self._seq) + self._encode(message))
+            frame = seal_numbered(self._auth, self._seq, self._encode(message))
             if len(frame) > self.max_frame_bytes:  # the rank's socket would drop the connection
                 return False
             self._sock.send(frame, flags=zmq.NOBLOCK, copy=False)
@@ -105,18 +107,20 @@ class RequestSender:
 class RequestReceiver:
     """A rank's request PULL socket: checks each frame (tag, number, shape) and hands submits and
     aborts to `on_submit` / `on_abort`. Frames that fail a check are dropped and counted in
-    `dropped` (by reason); a gap in the numbers is counted in `lost`, which the rank's stats carry
-    to the ingress (it then ends the requests the rank has not acknowledged)."""
+    `dropped` (by reason; each also told to `on_drop`: the rank exports them as a metric); a gap in
+    the numbers is counted in `lost`, which the rank's stats carry to the ingress (it then ends the
+    requests the rank has not acknowledged)."""
 
-    def __init__(self, key: bytes, on_submit: SubmitSink, on_abort: AbortSink, max_frame_bytes: int) -> None:
+    def __init__(self, key: bytes, on_submit: SubmitSink, on_abort: AbortSink, max_frame_bytes: int,
+                 on_drop: DropSink | None = None) -> None:  # fmt: skip
         self.key = request_key(key)
         self.max_frame_bytes = max_frame_bytes
         self.on_submit = on_submit
         self.on_abort = on_abort
+        self.on_drop = on_drop
         self.address: str | None = None
         self.dropped: dict[str, int] = {}
-        self.lost = 0
-        self._expected = 0
+        self.sequence = FrameSequence()
         self._task: asyncio.Task | None = None
         self._ctx: Any = None
 
@@ -143,6 +147,11 @@ class RequestReceiver:
             self._ctx.destroy(linger=0)
             self._ctx = None
 
+    @property
+    def lost(self) -> int:
+        """Request frames that never arrived (gaps in the numbers)."""
+        return self.sequence.lost
+
     def stats(self) -> dict[str, Any]:
         return {"address": self.address, "dropped": dict(self.dropped), "lost": self.lost}
 
@@ -160,15 +169,17 @@ class RequestReceiver:
         n = self.dropped[reason] = self.dropped.get(reason, 0) + 1
         if n == 1 or n % 1000 == 0:
             logger.warning("dropped a %d-byte frame on the request channel (%s; %d so far)", size, reason, n)
+        if self.on_drop is not None:
+            self.on_drop(reason)
 
     def take(self, frame: bytes, auth: FrameAuth, decode: Callable[[Any], Any]) -> None:
         """Check one frame and act on it."""
-        payload = auth.open(frame)
-        if payload is None or len(payload) < SEQ.size:
+        opened = open_numbered(auth, frame)
+        if opened is None:
             return self._drop("unauthenticated", len(frame))
-        (seq,) = SEQ.unpack_from(payload)
+        seq, payload = opened
         try:
-            message = decode(memoryview(payload)[SEQ.size :])
+            message = decode(payload)
             op, request_id = message[0], message[1]
             if not isinstance(request_id, str):
                 raise TypeError("request id is not a string")
@@ -180,12 +191,11 @@ class RequestReceiver:
                 raise TypeError(f"unknown message {op!r}")
         except (msgspec.DecodeError, ValueError, TypeError, IndexError):
             return self._drop("malformed", len(frame))
-        if seq < self._expected:
+        missing = self.sequence.take(seq)
+        if missing is None:
             return self._drop("replayed", len(frame))
-        if seq > self._expected:
-            self.lost += seq - self._expected
-            logger.error("%d request frame(s) to this rank were lost", seq - self._expected)
-        self._expected = seq + 1
+        if missing:
+            logger.error("%d request frame(s) to this rank were lost", missing)
         if op == "submit":
             self.on_submit(request_id, prompt, sampling, messages, interval)
         else:

@@ -38,8 +38,9 @@ RANK_RUNNING = "dpserve_rank_running"  # gauge; rank
 RANK_WAITING = "dpserve_rank_waiting"  # gauge; rank
 TTFT_MS = "dpserve_ttft_ms"  # histogram
 TPOT_MS = "dpserve_tpot_ms"  # histogram
-# Both internal ZMQ channels: the ranks' output (channel=output, counted by the ingress) and the gate
-# (channel=gate, counted by the balance coordinator).
+# Every internal ZMQ channel: the ranks' output (channel=output, counted by the ingress), the
+# ingress's requests to each rank (channel=request, counted by that rank) and the gate (channel=gate,
+# counted by the balance coordinator).
 INTERNAL_FRAMES_DROPPED = "dpserve_internal_frames_dropped"  # counter; channel, reason
 
 # --- balance scheduling (prefill gate) --------------------------------------------------------
@@ -79,7 +80,8 @@ METRICS: dict[str, MetricSpec] = {
             INTERNAL_FRAMES_DROPPED,
             COUNTER,
             ("channel", "reason"),
-            "frames dropped on the internal ZMQ sockets: unauthenticated, malformed, replayed, invalid",
+            "frames dropped on the internal ZMQ sockets (channel=output|request|gate): unauthenticated, "
+            "malformed, replayed, invalid",
         ),
         MetricSpec(
             GATE_CLOSED_STEPS, COUNTER, (), "engine steps in which the prefill gate refused admission"

@@ -17,6 +17,7 @@ import deployments.group_supervisor as supervisor_module
 from deployments.config import DPServeConfig
 from deployments.group_supervisor import RankGroupSupervisor
 from deployments.output_channel import SEQ
+from deployments.rank_outbox import RankOutbox
 from deployments.request_channel import RequestReceiver
 from scheduler.frame_auth import FrameAuth, new_key
 
@@ -104,10 +105,11 @@ class _Rank:
         )
         return self.receiver.bind("127.0.0.1")
 
-    async def _push(self, address: str, key: bytes) -> None:
+    async def _push(self, address: str, key: bytes, max_frame_bytes: int) -> None:
         """DPRank.push_outputs' wire format over a real ZMQ socket (each batch numbered in order and
         sealed with `key`; raw bytes and `Frame`s are sent as they are); raises like a dead rank's
         call after `fail_after_s`."""
+        assert max_frame_bytes >= 1 << 20  # serving.max_output_frame_bytes
         import msgspec
         import zmq
         import zmq.asyncio
@@ -514,3 +516,49 @@ def test_lost_request_frames_end_the_ranks_unacknowledged_requests() -> None:
         assert rank.aborted == ["waiting"]  # the same count again: nothing more
 
     asyncio.run(main())
+
+
+def test_batches_over_the_frame_bound_arrive_whole_and_a_strangers_oversized_message_is_cut() -> None:
+    """The real `RankOutbox.push` into the ingress's socket with a 4 KiB bound: a 20 kB chunk arrives
+    in pieces, whole and in order, with nothing dropped or lost; a stranger's message over the bound
+    is cut by the socket (never counted), its small one before it is dropped and counted."""
+    import zmq
+
+    bound = 4096
+    rank = _Rank(0)
+    rank.outbox = RankOutbox(0, lambda: {"running": 1})
+    rank.push_outputs = _Method(rank.outbox.push)
+    server = _server([rank], "zmq")
+    channel = server.channel
+    channel.serving = channel.serving.model_copy(
+        update={"max_output_frame_bytes": bound}
+    )  # below the config's floor
+    text, ids = "é" * 10_000, list(range(3000))
+
+    async def main() -> list[dict[str, Any]]:
+        channel.actors, channel.generation = [rank], 1
+        inbox = channel.open("req-1", 0, 1)
+        pump = asyncio.create_task(channel.pump(0, rank, 1))
+        ctx = zmq.Context()
+        try:
+            await _until(lambda: 0 in channel.addresses, 10)
+            stranger = ctx.socket(zmq.PUSH)
+            stranger.connect(channel.addresses[0])
+            stranger.send(b"small junk")
+            stranger.send(b"\0" * (2 * bound))
+            await _until(lambda: channel.dropped.get(0), 10)
+            await asyncio.sleep(0.2)  # the oversized message has reached the socket too
+            rank.outbox.queue.put_nowait(("req-1", {"text": text, "token_ids": ids, "finish_reason": "stop"}))
+            chunks = [await asyncio.wait_for(inbox.get(), 10)]
+            while chunks[-1].get("finish_reason") is None:
+                chunks.append(await asyncio.wait_for(inbox.get(), 10))
+            return chunks
+        finally:
+            ctx.destroy(linger=0)
+            pump.cancel()
+
+    chunks = asyncio.run(main())
+    assert len(chunks) > 1 and rank.outbox.seq == 1 + len(chunks)  # the empty first frame, then one per piece
+    assert "".join(c["text"] for c in chunks) == text and [i for c in chunks for i in c["token_ids"]] == ids
+    assert channel.dropped[0] == {"unauthenticated": 1} and channel.lost.get(0, 0) == 0
+    assert server.recoveries_started == []

@@ -3,8 +3,9 @@ sockets: submits and aborts arrive in order and intact; forged, malformed and re
 frames sealed with the group key itself, as output frames are) are dropped and counted, a gap in the
 numbers is counted; oversized frames are refused by the sender and cut by the receiver's socket; a
 sender with no peer refuses instead of queueing. The rank's side (`DPRank.open_requests`): a request
-sent over the socket starts with its `prompt_tokens` chunk, and an abort that arrives before its
-submit (on another path) keeps the submit from starting."""
+sent over the socket starts with its `prompt_tokens` chunk, an abort that arrives before its submit
+(on another path) keeps the submit from starting, and the frames its socket drops are exported as
+`dpserve_internal_frames_dropped{channel="request"}`."""
 
 from __future__ import annotations
 
@@ -74,8 +75,8 @@ def test_submits_and_aborts_arrive_in_order_and_intact() -> None:
 
 def test_forged_malformed_replayed_and_lost_frames() -> None:
     async def main() -> None:
-        key, sink = new_key(), _Sink()
-        receiver = RequestReceiver(key, sink.submit, sink.abort, MAX_FRAME)
+        key, sink, drops = new_key(), _Sink(), []
+        receiver = RequestReceiver(key, sink.submit, sink.abort, MAX_FRAME, on_drop=drops.append)
         address = receiver.bind("127.0.0.1")
         auth, encode = FrameAuth(request_key(key)), msgspec.msgpack.encode
 
@@ -105,6 +106,7 @@ def test_forged_malformed_replayed_and_lost_frames() -> None:
             await asyncio.sleep(0.1)  # nothing else may arrive
             assert sink.events == [("abort", "a"), ("abort", "b")]
             assert receiver.dropped == {"unauthenticated": 3, "malformed": 4, "replayed": 1}
+            assert sorted(drops) == sorted(r for r, n in receiver.dropped.items() for _ in range(n))
             assert receiver.lost == 2
             assert receiver.stats() == {"address": address, "dropped": receiver.dropped, "lost": 2}
         finally:
@@ -218,3 +220,83 @@ def test_the_rank_serves_the_socket_and_an_early_abort_keeps_its_submit_from_sta
         ("r1", {"text": "t0", "token_ids": [0], "finish_reason": None}),
         ("r1", {"text": "t1", "token_ids": [1], "finish_reason": "length"}),
     ]
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.incs: list[tuple[int, dict[str, str]]] = []
+
+    def inc(self, value: int, tags: dict[str, str]) -> None:
+        self.incs.append((value, tags))
+
+
+def test_the_ranks_dropped_request_frames_are_exported_as_a_metric(monkeypatch) -> None:
+    import deployments.metrics as metrics_module
+    from deployments.rank import DPRank
+
+    counter = _Counter()
+    monkeypatch.setattr(metrics_module, "frames_dropped_counter", lambda: counter)
+    rank = DPRank({"data_parallel_size": 1}, 0, platform_name="cpu")
+
+    async def main() -> None:
+        address = await rank.open_requests(True, new_key(), MAX_FRAME)
+        ctx = zmq.Context()
+        try:
+            stranger = ctx.socket(zmq.PUSH)
+            stranger.connect(address)
+            stranger.send(b"garbage")
+            stranger.send(FrameAuth(new_key()).seal(SEQ.pack(0) + b"forged"))
+            await _until(lambda: len(counter.incs) == 2)
+        finally:
+            ctx.destroy(linger=0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        rank.shutdown()
+    assert counter.incs == [(1, {"channel": "request", "reason": "unauthenticated"})] * 2
+    assert rank.get_stats()["request_channel"]["dropped"] == {"unauthenticated": 2}
+
+
+def test_a_metric_that_cannot_be_recorded_is_given_up_once(monkeypatch, caplog) -> None:
+    import deployments.metrics as metrics_module
+
+    made: list[int] = []
+
+    def broken() -> Any:
+        made.append(1)
+        raise RuntimeError("no metrics agent")
+
+    monkeypatch.setattr(metrics_module, "frames_dropped_counter", broken)
+    drops = metrics_module.FrameDrops("request")
+    for _ in range(3):
+        drops("malformed")  # never raises into the channel
+    assert made == [1]
+    assert sum("cannot be exported" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_stream_interval_coalesces_tokens_after_the_first() -> None:
+    """`stream_interval_ms` (read once per request): 0 sends every token as its own chunk; a long
+    interval sends the first token at once and the rest with the final one."""
+    from deployments.rank import DPRank
+
+    rank = DPRank({"data_parallel_size": 1}, 0, platform_name="cpu")
+    rank.engine = _Engine()
+    params = type("P", (), {"max_tokens": 4})()
+
+    async def chunks(interval_ms: float) -> list:
+        return [c async for c in rank._chunks("r", [1], params, interval_ms)]
+
+    try:
+        every = asyncio.run(chunks(0.0))
+        coalesced = asyncio.run(chunks(60_000.0))
+    finally:
+        rank.engine = None
+        rank.shutdown()
+    assert every == [{"text": f"t{i}", "token_ids": [i], "finish_reason": "length" if i == 3 else None}
+                     for i in range(4)]  # fmt: skip
+    assert coalesced == [
+        {"text": "t0", "token_ids": [0], "finish_reason": None},
+        {"text": "t1t2t3", "token_ids": [1, 2, 3], "finish_reason": "length"},
+    ]
+    assert rank.stats.in_flight == 0
