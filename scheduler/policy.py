@@ -26,14 +26,22 @@ Policies
 A prefill step costs every rank the slowest rank's prefill (lockstep), so it is nearly as cheap with
 prefills on all ranks as on one. Holding merges prefills into fewer steps; each held step adds to the
 held requests' TTFT. A rank is *ready* when it has waiting requests and a free slot
-(``waiting > 0 and running < max_num_seqs``). With ``L`` live ranks, for step ``s``:
+(``waiting > 0 and running < max_num_seqs``). The group *queues* when more requests wait than there
+are free slots on all live ranks together (``sum(waiting) > sum(max(0, max_num_seqs - running))``):
+then requests wait for slots whatever the gate does, their TTFT is set by the queue, and more
+throughput shortens it, so the gate holds longer and fills the prefill step on every rank. With ``L``
+live ranks, the hold bound ``H`` and the quorum ``Q`` are
+
+    not queued: ``H = max_hold_steps``,                      ``Q = min(L, max(2, ceil(quorum * L)))``
+    queued:     ``H = max_hold_steps * queue_hold_factor``,  ``Q = L`` (every live rank ready)
+
+and for step ``s``:
 
 1. no rank ready                          -> closed (nothing to admit; a request arriving before the
                                              step is held under the same bound as any other);
-2. ``s % max_hold_steps == 0``            -> open (*hold bound*: a request that could be admitted waits
-                                             at most ``max_hold_steps - 1`` steps for the gate);
-3. ready ranks ``>= min(L, max(2, ceil(quorum * L)))``
-                                          -> open (the prefill step is shared widely enough to pay; at
+2. ``s % H == 0``                         -> open (*hold bound*: a request that could be admitted waits
+                                             at most ``H - 1`` steps for the gate);
+3. ready ranks ``>= Q``                   -> open (the prefill step is shared widely enough to pay; at
                                              least two ranks, since one rank alone is the unaligned
                                              prefill the gate exists to avoid, so 2 ranks need both);
 4. ``sum(running) < min_occupancy * sum(max_num_seqs)``
@@ -42,16 +50,23 @@ held requests' TTFT. A rank is *ready* when it has waiting requests and a free s
                                              holding only costs TTFT; it also lets an idle group start at once);
 5. otherwise                              -> closed.
 
+With a closed-loop client whose concurrency is at most the group's slots, requests in flight never
+outnumber the slots, so the group never queues and only the first row applies.
+
 Parameters: ``max_hold_steps`` (int >= 1, default 8) is the operator's TTFT budget in steps: with a
 decode step of ``d`` ms a held request waits at most ``(max_hold_steps - 1) * d`` ms once the snapshot
-shows its rank ready, and larger values move the policy along its own throughput/TTFT frontier. Counted
+shows its rank ready (``(H - 1) * d`` while the group queues), and larger values move the policy along
+its own throughput/TTFT frontier. Counted
 in the rank's own steps, the decision pipeline adds up to ``lead + 1`` steps: a decision is frozen
 ``lead`` steps ahead, from the counts of the ranks that have reported by then (one step older when a
-peer's report freezes it first), so a request can wait up to ``max_hold_steps + lead`` steps
+peer's report freezes it first), so a request can wait up to ``H + lead`` steps
 (checked on real engines by ``tests/scheduler/test_balance_e2e.py``). ``quorum`` (0 < q <= 1, default 0.5) is the
-fraction of live ranks that must be ready to open early. ``min_occupancy`` (0 <= m <= 1, default 0.9)
-is the saturation guard's threshold; 0 disables it. Below about 90 % of the slots running, requests do
-not queue for slots, so the group serves what arrives whether or not it holds. The rule reads only the snapshot and the step
+fraction of live ranks that must be ready to open early while the group does not queue.
+``queue_hold_factor`` (int >= 1, default 4) lengthens the hold bound while the group queues; 1 turns
+the queue extension off (the not-queued row then applies throughout, the rule before issue #17).
+``min_occupancy`` (0 <= m <= 1, default 0.9) is the saturation guard's threshold; 0 disables it.
+Below about 90 % of the slots running, requests do not queue for slots, so the group serves what
+arrives whether or not it holds. The rule reads only the snapshot and the step
 number, so every rank and the simulator get the same decision from the same counts.
 """
 
@@ -203,11 +218,13 @@ class Cadence:
 
 @dataclass(frozen=True)
 class BoundedHold:
-    """Hold prefills until a quorum of ranks is ready, at most ``max_hold_steps`` (module docstring)."""
+    """Hold prefills until a quorum of ranks is ready, at most ``max_hold_steps`` (``queue_hold_factor``
+    times that, and until every rank is ready, while the group queues for slots; module docstring)."""
 
     max_hold_steps: int = 8
     quorum: float = 0.5
     min_occupancy: float = 0.9
+    queue_hold_factor: int = 4
     name: ClassVar[str] = "bounded_hold"
 
     def __post_init__(self) -> None:
@@ -223,6 +240,9 @@ class BoundedHold:
         m = self.min_occupancy
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1:
             raise ValueError(f"bounded_hold: min_occupancy must be a number in [0, 1], got {m!r}")
+        f = self.queue_hold_factor
+        if isinstance(f, bool) or not isinstance(f, int) or f < 1:
+            raise ValueError(f"bounded_hold: queue_hold_factor must be an integer >= 1, got {f!r}")
 
     def decide(self, counts: Sequence[RankCounts], step: int) -> GateDecision:
         """Apply rules 1-5 of the module docstring to one snapshot."""
@@ -233,16 +253,26 @@ class BoundedHold:
             return GateDecision(
                 step=step, admit=False, reason="no rank has a waiting request and a free slot"
             )
-        if step % self.max_hold_steps == 0:
+        waiting = sum(c.waiting for c in counts)
+        free = sum(max(0, c.max_num_seqs - c.running) for c in counts)
+        queued = self.queue_hold_factor > 1 and waiting > free
+        if queued:
+            hold = self.max_hold_steps * self.queue_hold_factor
+            need = len(counts)
+            mode = f"; queue: {waiting} waiting > {free} free slots"
+        else:
+            hold = self.max_hold_steps
+            need = min(len(counts), max(2, math.ceil(self.quorum * len(counts))))
+            mode = ""
+        if step % hold == 0:
+            return GateDecision(
+                step=step, admit=True, reason=f"hold bound: step {step} on {hold}-step deadline{mode}"
+            )
+        if ready >= need:
             return GateDecision(
                 step=step,
                 admit=True,
-                reason=f"hold bound: step {step} on {self.max_hold_steps}-step deadline",
-            )
-        need = min(len(counts), max(2, math.ceil(self.quorum * len(counts))))
-        if ready >= need:
-            return GateDecision(
-                step=step, admit=True, reason=f"quorum: {ready}/{len(counts)} ranks ready (need {need})"
+                reason=f"quorum: {ready}/{len(counts)} ranks ready (need {need}){mode}",
             )
         running = sum(c.running for c in counts)
         slots = sum(c.max_num_seqs for c in counts)
@@ -255,7 +285,10 @@ class BoundedHold:
         return GateDecision(
             step=step,
             admit=False,
-            reason=f"holding: {ready}/{len(counts)} ranks ready (need {need}), {running}/{slots} slots running",
+            reason=(
+                f"holding: {ready}/{len(counts)} ranks ready (need {need}), {running}/{slots} slots running"
+                f"{mode}"
+            ),
         )
 
 
@@ -273,7 +306,7 @@ _PARAMS: dict[str, frozenset[str]] = {
     "any_at_cap": frozenset(),
     "max_minus_one": frozenset(),
     "cadence": frozenset({"interval"}),
-    "bounded_hold": frozenset({"max_hold_steps", "quorum", "min_occupancy"}),
+    "bounded_hold": frozenset({"max_hold_steps", "quorum", "min_occupancy", "queue_hold_factor"}),
 }
 
 

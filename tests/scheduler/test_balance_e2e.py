@@ -98,13 +98,16 @@ def test_bounded_hold_admits_within_the_hold_bound(group) -> None:
     """bounded_hold where the gate would otherwise stay closed: rank 1 runs two long requests (its
     slots full, nothing waiting), rank 0 has more requests than slots. The quorum (both ranks ready)
     is never reached and the group runs at least half its slots (min_occupancy 0.5), so only the
-    hold bound opens the gate: no request of rank 0 waits past it, read from rank 0's step trace."""
+    hold bound opens the gate: no request of rank 0 waits past it, read from rank 0's step trace.
+    Rank 0's surplus makes the group queue for slots, so queue_hold_factor 1 keeps the bound at
+    max_hold_steps (the queue extension is a pure rule, covered by tests/scheduler/test_policy.py)."""
     actors, coord = group
     hold, lead = 6, 1  # lead: the scheduler's default (BalanceConfig)
 
     async def go():
         await coord.set_policy.remote(
-            "bounded_hold", {"max_hold_steps": hold, "quorum": 1.0, "min_occupancy": 0.5}
+            "bounded_hold",
+            {"max_hold_steps": hold, "quorum": 1.0, "min_occupancy": 0.5, "queue_hold_factor": 1},
         )
         long = [
             asyncio.ensure_future(

@@ -140,6 +140,28 @@ HOLD_CASES = [
     # An idle group starts at once (guard), and a single-rank group is its own quorum.
     ({}, ((0, 3), (0, 0), (0, 0), (0, 0)), 3, True, "saturation guard"),
     ({"min_occupancy": 0.0}, ((3, 1),), 5, True, "quorum"),
+    # The queue extension: more waiting than free slots (2 > 1 here) stretches the bound to
+    # max_hold_steps * queue_hold_factor (8 * 4 = 32) ...
+    ({}, ((3, 2), FULL, FULL, FULL), 8, False, "holding"),
+    ({}, ((3, 2), FULL, FULL, FULL), 24, False, "holding"),
+    ({}, ((3, 2), FULL, FULL, FULL), 32, True, "hold bound"),
+    ({"max_hold_steps": 3}, ((3, 2), FULL, FULL, FULL), 6, False, "holding"),
+    ({"max_hold_steps": 3}, ((3, 2), FULL, FULL, FULL), 12, True, "hold bound"),
+    ({"queue_hold_factor": 2}, ((3, 2), FULL, FULL, FULL), 8, False, "holding"),
+    ({"queue_hold_factor": 2}, ((3, 2), FULL, FULL, FULL), 16, True, "hold bound"),
+    ({"queue_hold_factor": 1}, ((3, 2), FULL, FULL, FULL), 8, True, "hold bound"),  # extension off
+    # ... but as many waiting as free slots is no queue (1 = 1): the plain bound applies.
+    ({}, ((3, 1), FULL, FULL, FULL), 8, True, "hold bound"),
+    # A rank over its cap frees no slot for the others: 1 free slot, 1 waiting, no queue.
+    ({}, ((5, 0), (3, 1), FULL, FULL), 8, True, "hold bound"),
+    # While queued the quorum is every live rank: 3 of 4 ready (8 waiting > 3 free) holds, 4 opens;
+    # without the queue (3 waiting, 3 free) 3 of 4 is over the usual quorum of 2.
+    ({"min_occupancy": 0.0}, ((3, 2), (3, 2), (3, 2), (4, 2)), 1, False, "holding"),
+    ({"min_occupancy": 0.0}, ((3, 2), (3, 2), (3, 2), (3, 2)), 1, True, "quorum"),
+    ({"min_occupancy": 0.0}, ((3, 1), (3, 1), (3, 1), FULL), 1, True, "quorum"),
+    ({"min_occupancy": 0.0, "queue_hold_factor": 1}, ((3, 2), (3, 2), (3, 2), (4, 2)), 1, True, "quorum"),
+    # The saturation guard still opens a queued group with idle slots (a burst into a quiet group).
+    ({}, ((0, 20), FULL, FULL, FULL), 1, True, "saturation guard"),
 ]
 
 
@@ -165,6 +187,27 @@ def test_bounded_hold_never_holds_past_the_bound(hold: int) -> None:
     assert max(gaps) <= hold
 
 
+@pytest.mark.parametrize(("hold", "factor"), [(1, 4), (2, 4), (8, 4), (3, 2), (8, 1)])
+def test_bounded_hold_queue_bound(hold: int, factor: int) -> None:
+    # A queued snapshot (7 waiting, 1 free slot) held by the quorum: the gate opens exactly on the
+    # multiples of the stretched bound, so an admissible request waits at most hold * factor - 1 steps.
+    policy = make_policy("bounded_hold", max_hold_steps=hold, queue_hold_factor=factor)
+    snap = _counts((3, 2), BLOCKED, BLOCKED, (4, 1))
+    opens = [s for s in range(200) if policy.decide(snap, s).admit]
+    assert opens == list(range(0, 200, hold * factor))
+
+
+def test_bounded_hold_queue_reason_shows_the_counts() -> None:
+    decision = make_policy("bounded_hold").decide(_counts((3, 2), FULL, FULL, FULL), 5)
+    assert decision.admit is False
+    assert (
+        decision.reason
+        == "holding: 1/4 ranks ready (need 4), 15/16 slots running; queue: 2 waiting > 1 free slots"
+    )
+    opened = make_policy("bounded_hold").decide(_counts((3, 2), FULL, FULL, FULL), 64)
+    assert opened.reason == "hold bound: step 64 on 32-step deadline; queue: 2 waiting > 1 free slots"
+
+
 def test_bounded_hold_uses_each_ranks_own_cap() -> None:
     counts = [
         RankCounts(rank=0, running=8, waiting=1, max_num_seqs=16),  # ready under its own cap
@@ -188,6 +231,9 @@ def test_bounded_hold_uses_each_ranks_own_cap() -> None:
         {"quorum": "half"},
         {"min_occupancy": -0.1},
         {"min_occupancy": 1.1},
+        {"queue_hold_factor": 0},
+        {"queue_hold_factor": 2.0},
+        {"queue_hold_factor": True},
     ],
 )
 def test_bounded_hold_rejects_bad_params(params: dict) -> None:
@@ -196,5 +242,7 @@ def test_bounded_hold_rejects_bad_params(params: dict) -> None:
 
 
 def test_bounded_hold_rejects_unknown_param() -> None:
-    with pytest.raises(ValueError, match="accepted: max_hold_steps, min_occupancy, quorum"):
+    with pytest.raises(
+        ValueError, match="accepted: max_hold_steps, min_occupancy, queue_hold_factor, quorum"
+    ):
         make_policy("bounded_hold", interval=4)
