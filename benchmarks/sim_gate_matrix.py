@@ -12,7 +12,7 @@ Workloads (3500 in / 1500 out on average):
 
 Policies: `off`, `any_at_cap`, `cadence` at intervals 1-16 (with `any_at_cap` they trace today's
 frontier in the (TTFT increase, throughput gain) plane) and `bounded_hold` at its default and other hold
-bounds (its own frontier). A policy "beats the frontier" in a cell when no frontier point has both at
+bounds (its own frontier), and with ``queue_hold_factor`` 1 (no queue extension: the rule before #17). A policy "beats the frontier" in a cell when no frontier point has both at
 least its throughput gain and at most its mean-TTFT increase.
 
 Request counts: 4 x slots at 4 and 16 ranks, 2 x slots at 64 ranks; at 64 ranks only ``len20``,
@@ -49,6 +49,8 @@ POLICIES: list[tuple[str, str, dict[str, Any]]] = [
     *[(f"cadence{i}", "cadence", {"interval": i}) for i in (1, 2, 4, 8, 16)],
     ("bounded_hold", "bounded_hold", {}),
     *[(f"bounded_hold_h{h}", "bounded_hold", {"max_hold_steps": h}) for h in (4, 16, 32)],
+    # The rule without the queue extension (issue #17), for comparison.
+    ("bounded_hold_q1", "bounded_hold", {"queue_hold_factor": 1}),
 ]
 FRONTIER = {"off", "any_at_cap", *(f"cadence{i}" for i in (1, 2, 4, 8, 16))}
 CLOSED = {"seed": 0.0, "len10": 0.1, "len20": 0.2, "len30": 0.3}
@@ -189,7 +191,10 @@ def render(cells: dict[str, dict[str, Any]], wall: float) -> str:
     done = [c for c in cells.values() if c["ranks"] == 16 and c["workload"] == "len20"]
     worst = min((c["vs_off"][DEFAULT]["thpt"], k) for k, c in cells.items())
     beaten = [k for k, c in cells.items() if not c["beats_frontier"][DEFAULT]]
-    md.append("## Targets for the default (`bounded_hold`, max_hold_steps 8, quorum 0.5, min_occupancy 0.9)")
+    md.append(
+        "## Targets for the default (`bounded_hold`, max_hold_steps 8, quorum 0.5, min_occupancy 0.9,"
+        " queue_hold_factor 4)"
+    )
     md.append("")
     if done:
         d = done[0]["vs_off"][DEFAULT]
