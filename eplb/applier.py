@@ -9,6 +9,7 @@ between steps. The work is in the modules by concern:
 * eplb.exchange: the data paths that move expert rows (inline pieces, staging thread, blocking);
 * eplb.outcomes: plan records and the per-plan files the rank actor reads;
 * eplb.steplog, eplb.threads: step times and per-thread CPU for benchmarks/eplb_online.py.
+* eplb.ascend: the same on vllm-ascend (its MoE layers, load and step), picked when the worker runs it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ class EplbWorkerExtension:
         also write plan records there (see OutcomeLog.set_dir; status["outcome_dir"])."""
         global _STATE
         if _STATE is None:
-            _STATE = EplbWorkerState.from_worker(self, num_redundant, layers_per_step)
+            from eplb.ascend.worker import is_ascend_worker
+
+            if is_ascend_worker(self):  # vllm-ascend's MoE layers and step (eplb.ascend)
+                from eplb.ascend.worker import state_from_worker
+
+                _STATE = state_from_worker(self, num_redundant, layers_per_step)
+            else:
+                _STATE = EplbWorkerState.from_worker(self, num_redundant, layers_per_step)
         if outcome_dir is not None:
             _STATE.outcomes.set_dir(outcome_dir)
         return self.eplb_status()
@@ -41,8 +49,11 @@ class EplbWorkerExtension:
     def eplb_dp_steps(self) -> int:
         """DP steps this worker has taken part in, dummy batches included (available before
         eplb_setup: the rank group waits for it to stop moving before calling setup)."""
+        from eplb.ascend.worker import install_step_sync, is_ascend_worker
         from npu_runtime.eplb_hooks import dp_steps
 
+        if is_ascend_worker(self):  # its runner's DP all-reduce counts the steps once wrapped
+            install_step_sync(self.model_runner)
         return dp_steps()
 
     def eplb_take_load(self) -> dict:

@@ -68,7 +68,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import RequestQueue, create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from npu_runtime import vllm_patches
+from npu_runtime import ascend_patches, ascend_scheduler, vllm_patches
 from scheduler.gate_report import BalanceConfig, StepKey
 from scheduler.gate_transport import ZmqGateClient, coordinator_actor
 from scheduler.step_trace import StepTrace
@@ -235,6 +235,12 @@ class BalanceSchedulerMixin:
         # the plugin); a vLLM whose symbols do not fit refuses the scheduler here, before any step.
         vllm_patches.require("balance")
         vllm_patches.install(["balance"])
+        # On Ascend the class must derive from the Scheduler vllm-ascend's patches bound (its DP loop
+        # calls balance_gather on it): refused here, before any step, when it does not.
+        expected = ascend_scheduler.expected_in_force()
+        if expected is not None:
+            ascend_patches.require("ascend_balance")
+        ascend_scheduler.check_scheduler_class(type(self), expected)
         super().__init__(*args, **kwargs)
         self.balance_config = BalanceConfig.from_additional_config(self.vllm_config.additional_config)
         parallel = self.vllm_config.parallel_config
@@ -362,10 +368,18 @@ class BalanceAutoScheduler:
     finds nothing to run: measured on a real CPU engine with async scheduling forced on, 16
     ``schedule()`` calls (8 empty batches) for 8 tokens of two requests instead of 9
     (the gate scenario of ``tests/scheduler/test_balance_async_loop.py``).
+
+    On Ascend, vllm-ascend's platform patches rebind vLLM's ``Scheduler`` to its own balance
+    scheduler; the class built here derives from the one bound at engine start
+    (``npu_runtime.ascend_scheduler.class_in_force``), not the one bound when this module was imported.
     """
 
     def __new__(cls, *args: Any, vllm_config: Any, **kwargs: Any) -> BalanceSchedulerMixin:  # type: ignore[misc]
-        target = BalanceAsyncScheduler if vllm_config.scheduler_config.async_scheduling else BalanceScheduler
+        async_scheduling = bool(vllm_config.scheduler_config.async_scheduling)
+        static = BalanceAsyncScheduler if async_scheduling else BalanceScheduler
+        # Resolved now, from the classes bound at engine start (after vllm-ascend's patches rebound
+        # vLLM's Scheduler, where it runs): npu_runtime.ascend_scheduler.
+        target = ascend_scheduler.class_in_force(BalanceSchedulerMixin, static, async_scheduling)
         return target(*args, vllm_config=vllm_config, **kwargs)
 
 

@@ -20,6 +20,9 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+# vllm-ascend's sources for the Ascend adapter's tests (fixtures vllm_ascend_root, vllm_ascend_on_path).
+from tests.ascend_src import vllm_ascend_on_path, vllm_ascend_root  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir():
