@@ -68,7 +68,7 @@ class SlotLoadRecorder:
     def fold(self, layer: int) -> None:
         """Move `layer`'s device counts to the host under the placement in force (call before a
         commit changes it: the counts belong to the old placement)."""
-        loc = self.local[layer].cpu().numpy()
+        loc = self.local[layer].cpu().numpy().copy()  # on a CPU device .cpu() would share the memory
         self.local[layer].zero_()
         row = np.zeros((1, self.num_physical), dtype=np.int64)
         lo = self.ep_rank * self.spr
