@@ -3,6 +3,7 @@
 #   make test    install (if needed) and run the test suite
 #   make test-vllm023   the engine-level tests on vLLM 0.23 (the vLLM vllm-ascend 0.23 runs), in .venv-vllm023
 #   make test-fast   the tests that start no engine and no cluster (the edit-test loop; < 2 min)
+#   make vllm-ascend-src   fetch vllm-ascend's sdist into ~/.cache/dpserve (the Ascend adapter's tests read it)
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.dpserve-installed
 # pip pulls CUDA builds of these next to the CPU torch; they fail to load and break transformers.
 CUDA_LEFTOVERS := torchvision torchaudio torchcodec triton
 
-.PHONY: serve test test-fast install model lint clean test-vllm023
+.PHONY: serve test test-fast install model lint clean test-vllm023 vllm-ascend-src
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -58,6 +59,10 @@ $(STAMP023): pyproject.toml .ci/vllm_cpu_deps.py
 
 test-vllm023: $(STAMP023) model
 	$(BIN023)/python -m pytest --durations=5 $(VLLM023_TESTS)
+
+# vllm-ascend 0.23.0.post1's sources for the Ascend adapter's tests (the test fixture does the same).
+vllm-ascend-src: install
+	$(BIN)/python .ci/vllm_ascend_sdist.py
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

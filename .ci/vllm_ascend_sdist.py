@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -62,8 +63,12 @@ def fetch(cache: Path | None = None) -> Path:
     tmp = cache / f".{NAME}.partial-{os.getpid()}"
     with tarfile.open(tarball) as tar:
         tar.extractall(tmp, filter="data")
-    os.replace(tmp / NAME, root)  # atomic: a concurrent run sees a whole tree or none
-    tmp.rmdir()
+    try:
+        os.replace(tmp / NAME, root)  # atomic: a concurrent run sees a whole tree or none
+    except OSError:  # another run unpacked it first
+        if not (root / "vllm_ascend" / "__init__.py").is_file():
+            raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

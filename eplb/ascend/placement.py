@@ -135,3 +135,29 @@ def phy2log_from_expert_maps(global_expert_map: np.ndarray, spr: int) -> np.ndar
             f"slots {np.flatnonzero(row < 0).tolist()} hold no expert in vllm-ascend's expert map"
         )
     return row
+
+
+def moe_shape(hf_config: Any) -> tuple[int, int]:
+    """(routed experts E, an upper bound on the MoE layers vllm-ascend numbers) of a model's Hugging
+    Face config: its decoder layers plus its MTP layers (`num_nextn_predict_layers`), which vllm-ascend
+    numbers after the main model's."""
+    cfg = getattr(hf_config, "text_config", None) or hf_config
+    for name in ("n_routed_experts", "num_experts", "num_local_experts"):
+        experts = getattr(cfg, name, None)
+        if experts:
+            break
+    else:
+        raise ValueError("the model config names no routed experts (n_routed_experts / num_experts)")
+    layers = int(cfg.num_hidden_layers) + int(getattr(cfg, "num_nextn_predict_layers", 0) or 0)
+    return int(experts), layers
+
+
+def startup_additional_config(
+    path: str | Path, hf_config: Any, ep_size: int, num_redundant: int
+) -> dict[str, Any]:
+    """Write the start-up expert map of a model (its config `hf_config`) over `ep_size` EP ranks with
+    `num_redundant` redundant slots to `path`, and return the `additional_config` entry naming it.
+    Every rank of the group writes and passes the same file (the placement is a function of these)."""
+    experts, layers = moe_shape(hf_config)
+    write_expert_map(path, startup_phy2log(layers, experts, ep_size, num_redundant), ep_size)
+    return eplb_additional_config(path)

@@ -16,8 +16,10 @@ from eplb.ascend.placement import (
     distinct_per_rank,
     eplb_additional_config,
     expert_map_file,
+    moe_shape,
     phy2log_from_expert_maps,
     rank_log2phy,
+    startup_additional_config,
     startup_phy2log,
     write_expert_map,
 )
@@ -114,3 +116,17 @@ def test_log2phy_rows_route_to_slots_holding_the_expert() -> None:
     for ep_rank in range(4):
         got = rank_log2phy(table, rc, ep_rank).tolist()
         assert [int(row[s]) for s in got] == [0, 1, 2, 3]
+
+
+def test_start_up_config_from_a_model_config(vllm_ascend_eplb: SimpleNamespace, tmp_path: Path) -> None:
+    deepseek = SimpleNamespace(n_routed_experts=16, num_hidden_layers=3, num_nextn_predict_layers=1)
+    qwen = SimpleNamespace(text_config=SimpleNamespace(num_experts=8, num_hidden_layers=2))
+    assert moe_shape(deepseek) == (16, 4) and moe_shape(qwen) == (8, 2)
+    with pytest.raises(ValueError, match="routed experts"):
+        moe_shape(SimpleNamespace(num_hidden_layers=2))
+    extra = startup_additional_config(tmp_path / "map.json", deepseek, ep_size=4, num_redundant=4)
+    cfg = vllm_ascend_eplb.EplbConfig(extra["eplb_config"])
+    # The MTP layer (id 4 = the file's count) takes layer 0's devices, as vllm-ascend reads it.
+    assert vllm_ascend_eplb.utils.expert_file_to_tensor(cfg.expert_map_path, 4) == (None, 20)
+    placement, physical = vllm_ascend_eplb.utils.expert_file_to_tensor(cfg.expert_map_path, 3)
+    assert physical == 20 and placement.tolist() == startup_phy2log(1, 16, 4, 4)[0].reshape(4, 5).tolist()
