@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 import time
 import uuid
 from collections import OrderedDict
@@ -100,6 +101,8 @@ class DPRank:
         kwargs = self.settings.engine_args(self.rank, dp_address, dp_rpc_port, self.platform)
         # A feature whose vLLM patches do not fit this vLLM refuses here, before any engine process.
         vllm_patches.require_for_engine(kwargs, self.platform.name)
+        if self.platform.name == "npu":
+            kwargs = self._ascend_engine_args(kwargs)
         self.stats.vllm_patches = vllm_patches.summary()
         engine_args = AsyncEngineArgs(**kwargs)
         self.engine = AsyncLLM.from_engine_args(
@@ -116,6 +119,20 @@ class DPRank:
         logger.info("DP rank %d ready in %.1f s", self.rank, startup)
         return {"rank": self.rank, "startup_s": startup, "max_model_len": self.max_model_len(),
                 "node_id": ray_node_id(), "pid": os.getpid(), "actor_name": actor_name()}  # fmt: skip
+
+    def _ascend_engine_args(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """On Ascend: refuse features whose vllm-ascend symbols do not fit (npu_runtime.ascend_patches);
+        with EPLB on, the start-up expert map vllm-ascend allocates the redundant slots from, written
+        on this rank's node (eplb.ascend.startup)."""
+        from npu_runtime import ascend_patches
+
+        ascend_patches.require_for_engine(kwargs)
+        if not self.settings.eplb_enabled:
+            return kwargs
+        from eplb.ascend.startup import with_startup_slots
+
+        path = os.path.join(tempfile.gettempdir(), f"dpserve-expert-map-{os.getpid()}-r{self.rank}.json")
+        return with_startup_slots(kwargs, self.settings.eplb.num_redundant, path)
 
     def max_model_len(self) -> int:
         return self._max_model_len

@@ -356,6 +356,21 @@ def require(*features: str, root: Path | None = None) -> None:
         )
 
 
+def features_for_engine(engine_args: dict[str, Any]) -> list[str]:
+    """The Ascend features a rank's engine arguments (`AsyncEngineArgs` keywords) need."""
+    needed = []
+    if str(engine_args.get("worker_extension_cls") or "").startswith("eplb."):
+        needed.append("ascend_eplb")
+    if str(engine_args.get("scheduler_cls") or "").startswith("scheduler.balance_scheduler."):
+        needed.append("ascend_balance")
+    return needed
+
+
+def require_for_engine(engine_args: dict[str, Any]) -> None:
+    """Refuse (AscendPatchError) an Ascend engine whose features this vllm-ascend cannot carry."""
+    require(*features_for_engine(engine_args))
+
+
 def report() -> dict[str, Any]:
     """Every symbol's state in this process, for operators (empty when vllm-ascend is absent)."""
     if source_root() is None:

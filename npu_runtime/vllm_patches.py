@@ -242,7 +242,9 @@ def features_for_engine(engine_args: dict[str, Any], platform: str) -> list[str]
         needed.append("cpu_dp")
     if platform == "cpu" and engine_args.get("enable_expert_parallel"):
         needed.append("cpu_ep")
-    if str(engine_args.get("worker_extension_cls") or "").startswith("eplb."):
+    if str(engine_args.get("worker_extension_cls") or "").startswith("eplb.") and platform != "npu":
+        # On Ascend the EPLB worker state runs through vllm-ascend's layers and runner, not these
+        # vLLM symbols; npu_runtime.ascend_patches checks the ones it uses.
         needed.append("eplb")
     if str(engine_args.get("scheduler_cls") or "").startswith("scheduler.balance_scheduler."):
         needed.append("balance")
