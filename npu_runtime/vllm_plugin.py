@@ -3,7 +3,8 @@
 vLLM loads general plugins in every process it starts (API server, engine cores, workers), before
 models are built. The plugin sets the engine core's priority and applies dpserve's vLLM patches
 (all of them, with their checks, are in npu_runtime.vllm_patches): the CPU data/expert-parallel
-gaps on CPU only, the EPLB and balance-scheduler hooks everywhere.
+gaps on CPU only, the balance-scheduler hooks everywhere, the EPLB hooks everywhere but on Ascend
+(where eplb.ascend hooks vllm-ascend's layers and runner instead).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def register() -> None:
 
     # EPLB and balance patches are inert until an applier or a balance scheduler uses them, and
     # must be in place before any model is built (a compiled graph traces the patched router).
-    features = ["eplb", "balance"]
+    # On Ascend the EPLB path runs through vllm-ascend's MoE layers and runner (eplb.ascend), not the
+    # vLLM symbols of the eplb feature; the balance scheduler's lockstep hook applies there too.
+    features = ["balance"] if current_platform.device_type == "npu" else ["eplb", "balance"]
     if current_platform.is_cpu():
         features[:0] = ["cpu_dp", "cpu_ep"]
     vllm_patches.install(features)

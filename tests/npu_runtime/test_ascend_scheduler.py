@@ -88,3 +88,20 @@ def test_expected_scheduler_follows_vllms_platform() -> None:
     assert asch.expected_in_force(ascend_platform) == BALANCE_SCHEDULER
     assert asch.expected_in_force(cpu_platform) is None
     assert asch.expected_in_force() is None  # this process: vLLM's CPU platform
+
+
+def test_on_ascend_the_balance_scheduler_refuses_before_building_anything(
+    ascend_patched: types.ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from npu_runtime import ascend_patches
+
+    monkeypatch.setattr(asch, "expected_in_force", lambda platform=None: BALANCE_SCHEDULER)
+    # vllm-ascend's symbols are checked first: not installed in this environment, so refused.
+    monkeypatch.setattr(ascend_patches, "_STATE", ascend_patches._State())
+    monkeypatch.setattr(ascend_patches, "source_root", lambda: None)
+    with pytest.raises(ascend_patches.AscendPatchError, match="balance scheduler on Ascend"):
+        BalanceScheduler(vllm_config=None)
+    # With them fitting, a class resolved before vllm-ascend's patch is refused by its base.
+    monkeypatch.setattr(ascend_patches, "require", lambda *features, root=None: None)
+    with pytest.raises(asch.SchedulerMismatch, match="resolved before"):
+        BalanceScheduler(vllm_config=None)

@@ -41,3 +41,24 @@ def test_engine_core_takes_the_niceness_and_others_keep_theirs() -> None:
 def test_without_privilege_the_engine_keeps_its_niceness() -> None:
     base = os.getpriority(os.PRIO_PROCESS, 0)
     assert _niceness_in("EngineCore_DP0", "-10") == base
+
+
+@pytest.mark.parametrize(
+    ("device_type", "is_cpu", "features"),
+    [("cpu", True, ["cpu_dp", "cpu_ep", "eplb", "balance"]), ("cuda", False, ["eplb", "balance"]),
+     ("npu", False, ["balance"])],  # Ascend: EPLB goes through vllm-ascend's layers (eplb.ascend)
+)  # fmt: skip
+def test_plugin_installs_the_platforms_features(monkeypatch: pytest.MonkeyPatch, device_type: str, is_cpu: bool,
+                                                features: list[str]) -> None:  # fmt: skip
+    import vllm.platforms
+
+    from npu_runtime import vllm_patches
+    from npu_runtime.vllm_plugin import register
+
+    platform = type("StandInPlatform", (), {"device_type": device_type, "is_cpu": lambda self: is_cpu})()
+    monkeypatch.setattr(vllm.platforms, "current_platform", platform, raising=False)
+    installed: list[list[str]] = []
+    monkeypatch.setattr(vllm_patches, "install", lambda f: installed.append(list(f)) or [])
+    monkeypatch.delenv("DPSERVE_DISABLE_PLUGIN", raising=False)
+    register()
+    assert installed == [features]
