@@ -17,6 +17,7 @@ the EPLB actor averages the ranks' windows, which keeps the proportions the plan
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -26,6 +27,8 @@ import torch
 from eplb.ascend.placement import phy2log_from_expert_maps, rank_log2phy
 from eplb.slots import WEIGHTS, LayerRouting, ModelSlots, SlotLayer, layer_tables
 from eplb.stats import logical_from_slots
+
+logger = logging.getLogger("dpserve.eplb.ascend")
 
 
 class SlotLoadRecorder:
@@ -46,7 +49,12 @@ class SlotLoadRecorder:
         self.counts = np.zeros((self.num_layers, self.num_logical), dtype=np.int64)
         self.physical = np.zeros((self.num_layers, self.num_physical), dtype=np.int64)
         self.enabled = True
-        self.steps = 0  # forward passes seen by layer 0 since the last take()
+        self.error: str | None = None  # why recording stopped, if it did
+        # Steps since the last take(): counted here at layer 0's call, or, with `external_steps`, by
+        # `step()` (eplb.ascend.worker hooks it to the worker's step end: inside a captured ACL graph
+        # this Python runs at capture only, while the device-side add_ replays every step).
+        self.steps = 0
+        self.external_steps = False
         self.record_ns = 0
         self.calls = 0
 
@@ -56,14 +64,23 @@ class SlotLoadRecorder:
         if not self.enabled:
             return
         t0 = time.perf_counter_ns()
-        if layer == 0:
+        if layer == 0 and not self.external_steps:
             self.steps += 1
         tokens = expert_tokens.reshape(-1)[: self.spr].to(torch.int64)
+        if tokens.numel() != self.spr:  # never break the forward over a count: stop, and say why
+            self.enabled = False
+            self.error = f"layer {layer}: expert_tokens has {expert_tokens.numel()} entries, {self.spr} slots"
+            logger.error("EPLB load recording stopped: %s", self.error)
+            return
         if int(group_list_type) != 1:
             tokens = torch.diff(tokens, prepend=tokens.new_zeros(1))
         self.local[layer].add_(tokens)  # stays on the device: no host sync per layer call
         self.calls += 1
         self.record_ns += time.perf_counter_ns() - t0
+
+    def step(self) -> None:
+        """One engine step ended (with `external_steps`)."""
+        self.steps += 1
 
     def fold(self, layer: int) -> None:
         """Move `layer`'s device counts to the host under the placement in force (call before a

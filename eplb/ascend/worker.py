@@ -139,6 +139,8 @@ def state_from_worker(worker: Any, num_redundant: int, layers_per_step: int = 1)
         )
     steplog = StepLog()
     steplog.install(worker)
+    slots.recorder.external_steps = True  # steps from the worker's step ends (graph replays included)
+    steplog.on_end.append(slots.recorder.step)
     dp_size = int(parallel.data_parallel_size)
     state = EplbWorkerState(
         slots, dp_size, BatchedExchanger(slots, group, group_ranks), layers_per_step, steplog

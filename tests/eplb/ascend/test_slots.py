@@ -103,6 +103,15 @@ def test_load_comes_from_expert_tokens_under_the_placement_in_force(rank0) -> No
     counts = slots.recorder.take()["counts"][1]
     assert counts[4] == 7 and counts[3] == 7  # 7 tokens for expert 4 before, 7 for expert 3 after
 
+    # Steps from the worker's step ends; a result that does not fit stops recording, not the forward.
+    slots.recorder.external_steps = True
+    layers[0].forward()
+    slots.recorder.step()
+    assert slots.recorder.take()["steps"] == 1
+    layers[0].quant_method.next_tokens = torch.tensor([1, 2])
+    assert layers[0].forward().expert_tokens.tolist() == [1, 2]
+    assert not slots.recorder.enabled and "2 entries, 5 slots" in slots.recorder.error
+
 
 def test_layers_that_do_not_fit_are_refused(rank0) -> None:
     layers, _ = rank0
