@@ -101,9 +101,12 @@ class DPRank:
         kwargs = self.settings.engine_args(self.rank, dp_address, dp_rpc_port, self.platform)
         # A feature whose vLLM patches do not fit this vLLM refuses here, before any engine process.
         vllm_patches.require_for_engine(kwargs, self.platform.name)
-        if self.platform.name == "npu":
-            kwargs = self._ascend_engine_args(kwargs)
         self.stats.vllm_patches = vllm_patches.summary()
+        if self.platform.name == "npu":
+            from npu_runtime import ascend_patches
+
+            self.stats.vllm_patches += f"; {ascend_patches.summary()}"
+            kwargs = self._ascend_engine_args(kwargs)
         engine_args = AsyncEngineArgs(**kwargs)
         self.engine = AsyncLLM.from_engine_args(
             engine_args,

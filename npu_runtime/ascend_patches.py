@@ -9,7 +9,8 @@ Two ways to read a symbol, because most of vllm-ascend imports `torch_npu` at mo
 
 * by import (`inspect.signature`), where the module loads (on an Ascend node: all of them);
 * by source (`ast` over the module's file, found from the `vllm_ascend` package's location, which
-  loads without NPU libraries), where it does not. Instance attributes (`self.log2phy = ...`) are
+  loads without NPU libraries), where it does not, and always for `vllm_ascend.patch.*` (importing
+  one applies vllm-ascend's patches in the checking process). Instance attributes (`self.log2phy = ...`) are
   always read from the source: a class does not carry them before an instance exists.
 
 Nothing here applies a patch: the adapter touches vllm-ascend per instance (eplb.ascend) or by
@@ -299,7 +300,8 @@ def check_symbol(sym: AscendSymbol, root: Path | None = None, by_import: bool = 
     if root is None:
         return AscendCheck(sym, "vllm_ascend is not importable", "none")
     way = "source"
-    if by_import:
+    # Importing one of vllm-ascend's patch modules applies its patches (and its package's): read those.
+    if by_import and not sym.module.startswith("vllm_ascend.patch."):
         problem, imported = check_import(sym)
         if imported:
             way = "import"
@@ -369,6 +371,16 @@ def features_for_engine(engine_args: dict[str, Any]) -> list[str]:
 def require_for_engine(engine_args: dict[str, Any]) -> None:
     """Refuse (AscendPatchError) an Ascend engine whose features this vllm-ascend cannot carry."""
     require(*features_for_engine(engine_args))
+
+
+def summary() -> str:
+    """One line for `dpserve status`: vllm-ascend's version and the refused Ascend features, if any."""
+    rep = report()
+    if rep["vllm_ascend"] is None:
+        return "vllm-ascend not installed"
+    if not rep["refused"]:
+        return f"vllm-ascend {rep['vllm_ascend']}: all {len(rep['symbols'])} symbols fit"
+    return f"vllm-ascend {rep['vllm_ascend']}: refused {', '.join(rep['refused'])}"
 
 
 def report() -> dict[str, Any]:

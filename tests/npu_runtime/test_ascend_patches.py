@@ -15,6 +15,7 @@ from npu_runtime import ascend_patches as ap
 def test_report_without_vllm_ascend_is_empty() -> None:
     # Before any test puts the sdist on the path: this environment (vLLM 0.32 on CPU) has no vllm-ascend installed: nothing to report or refuse.
     assert ap.report() == {"vllm_ascend": None, "refused": [], "symbols": []}
+    assert ap.summary() == "vllm-ascend not installed"
 
 
 def test_every_symbol_fits_by_source(vllm_ascend_root: Path) -> None:
@@ -33,6 +34,7 @@ def test_modules_that_load_without_npu_are_checked_by_import(vllm_ascend_on_path
     assert {"vllm_ascend.ascend_config", "vllm_ascend.eplb.core.eplb_utils",
             "vllm_ascend.eplb.adaptor.vllm_adaptor"} <= by_import  # fmt: skip
     assert "vllm_ascend.worker.worker" not in by_import
+    assert ap.BALANCE_MODULE not in by_import  # a patch module is read, never imported by a check
 
 
 def _tree_with(tmp_path: Path, root: Path, module: str, old: str, new: str) -> Path:
