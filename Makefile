@@ -44,7 +44,8 @@ VENV023 := .venv-vllm023
 BIN023 := $(VENV023)/bin
 STAMP023 := $(VENV023)/.dpserve-installed
 VLLM023_TESTS := tests/npu_runtime/test_vllm_versions.py tests/scheduler/test_balance_scheduler.py \
-	"tests/deployments/test_dp_engine.py::test_dp2_matches_dp1[dp2]"
+	"tests/deployments/test_dp_engine.py::test_dp2_matches_dp1[dp2]" \
+	tests/npu_runtime/test_ascend_scheduler.py tests/npu_runtime/test_ascend_patches.py tests/eplb/ascend
 
 $(STAMP023): pyproject.toml .ci/vllm_cpu_deps.py
 	rm -rf $(VENV023)
