@@ -8,7 +8,8 @@ Per MoE layer (i = ordinal among the model's MoE layers):
   dim 0 and, under EP, our plugin's expert_map patch maps physical ids to local rows through a
   static [E + R] table (-1 where the slot is on another rank).
 * Routing: the router's mapping step (npu_runtime.eplb_hooks) calls `LayerRouting`, which maps
-  token t's expert e to `log2phy[e, t % replica_count[e]]` and records both ids (per logical expert
+  the j-th choice of expert e in the batch to `log2phy[e, j % replica_count[e]]`
+  (`occurrence_index`) and records both ids (per logical expert
   and per physical slot, eplb.recorder). Both tables are
   preallocated ([E, 1 + R] and [E]) and only ever updated in place, so compiled graphs see updates.
 * Initial placement: what vLLM loaded. EP rank q holds its linear block of experts
@@ -30,6 +31,25 @@ from eplb.recorder import ExpertLoadRecorder
 WEIGHTS = ("w13_weight", "w2_weight")
 
 
+def occurrence_index(ids: torch.Tensor, num_logical: int) -> torch.Tensor:
+    """For each routed choice, how many earlier choices in the batch (row-major) picked the same
+    expert: int64, the shape of `ids` [tokens, top_k] (logical ids < num_logical).
+
+    Replica `occurrence % replica_count` splits each expert's tokens of one batch evenly over its
+    replicas (within one token), whatever their batch positions: a decode batch keeps each request at
+    its position, so a choice by position would send a request to the same replica every step. It
+    depends on the batch alone, so every rank routing the same gathered batch (the all-gather MoE)
+    picks the same replica.
+    """
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_logical)
+    first = torch.cumsum(counts, 0) - counts  # where each expert's run starts in `order`
+    occurrence = torch.empty_like(flat)
+    occurrence[order] = torch.arange(flat.numel(), dtype=flat.dtype) - first[flat[order]]
+    return occurrence.view_as(ids)
+
+
 class LayerRouting:
     """Callable installed as `router._dpserve_route` for one MoE layer.
 
@@ -46,10 +66,7 @@ class LayerRouting:
     def __call__(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """topk_ids int [tokens, top_k] logical -> physical ids, same shape and dtype."""
         ids = topk_ids.long()
-        # Round-robin over replicas by token index: deterministic, and identical on every rank
-        # because under the all-gather MoE every rank routes the same gathered batch.
-        tok = torch.arange(ids.shape[0], dtype=torch.int64).unsqueeze(1)
-        rep = tok % self.replica_count[ids]
+        rep = occurrence_index(ids, self.replica_count.shape[0]) % self.replica_count[ids]
         phys = self.log2phy[ids, rep]
         # Recorded here, where the replica each token goes to is known (int64 already: no copy).
         self.recorder.record(self.index, ids, phys)
