@@ -75,14 +75,13 @@ POLICIES = (
 )
 # No redundant slots by default. With some (`--num-redundant 4`: 20 slots), the plans balance this
 # workload by giving its hot experts a replica on the other rank, and how a replicated expert's tokens
-# split between its replicas is the router's round robin by token index in the gathered batch
-# (eplb.slots.LayerRouting). In decode each request has one token per step at a fixed batch position,
-# and both ranks hold the same prompts in the same order, so the two copies of a request share a
-# parity and take the same replica: the even split the policies assume need not happen. The recorder's
-# per-physical-slot counts measure the split, so `measured` is what the ranks ran, and the logical
-# estimate (`max_over_mean`, even split) lies within `max_over_mean_bound` of it. Without redundant
+# split between its replicas is the router's (eplb.slots.LayerRouting: the j-th choice of an expert in
+# the gathered batch takes replica j mod its replica count). The recorder's per-physical-slot counts
+# measure the split, so `measured` is what the ranks ran, and the logical estimate (`max_over_mean`,
+# even split) lies within `max_over_mean_bound` of it. Without redundant
 # slots the two are equal, and the configured policy with its default parameters reaches ~1.01.
 DEFAULT_REDUNDANT = 0
+REPLICA_CHOICE = "occurrence"  # eplb.slots.occurrence_index
 
 
 def _over_mean(rank_load: np.ndarray) -> float:
@@ -244,7 +243,7 @@ async def run(args: argparse.Namespace) -> dict:
     out: dict = {"startup_s": [i["startup_s"] for i in infos], "max_tokens": args.max_tokens, "rounds": args.rounds,
                  "phase_s": args.phase_s, "num_redundant": args.num_redundant, "policy": settings.eplb.policy,
                  "params": settings.eplb.params, "window_steps": args.window_steps, "threshold": settings.eplb.threshold,
-                 "distinct": args.distinct}  # fmt: skip
+                 "distinct": args.distinct, "replica_choice": REPLICA_CHOICE}  # fmt: skip
     try:
         candidates = CANDIDATES[: args.candidates]
         reference = dict(zip(candidates, await reference_outputs(actors, candidates, sampling), strict=True))
@@ -484,8 +483,8 @@ def _md(res: dict) -> str:
               "recorded logical counts, a replicated expert's tokens split evenly over its replicas. Reduction "
               "stated two ways: of max/mean itself (1 - after/before) and of its excess over 1 "
               "(1 - (after - 1)/(before - 1)). `bound`: max/mean on if every expert with replicas on both ranks "
-              "had sent all its tokens to the heavier rank (the recorder counts logical ids; the router splits a "
-              "replicated expert's tokens by token index), equal to `on` when no expert spans both ranks."
+              "had sent all its tokens to the heavier rank (the logical counts cannot show how the router split a "
+              "replicated expert's tokens), equal to `on` when no expert spans both ranks."
               + (" `measured`: max/mean from the recorder's per-physical-slot counts, each rank's slots summed: what "
                  "the ranks ran, no split assumed (equal to the logical figure without redundant slots)."
                  if "measured_off" in s else ""), "",
@@ -554,12 +553,15 @@ def _md(res: dict) -> str:
             lines.append(
                 f"| {x['round']} | {rank} | {t:.1f} | {step:.1f} | {tok} | {reqs} | {state} | {stall:.2f} |"
             )
-    lines += ["", *READINGS.get(res["num_redundant"], [])]
+    # Runs before the router's replica choice was recorded chose by the token's batch position.
+    choice = res.get("replica_choice", "position") if res["num_redundant"] else None
+    lines += ["", *READINGS.get((res["num_redundant"], choice), [])]
     return "\n".join(lines) + "\n"
 
 
-# Hand-written readings of the committed runs, by redundant slots (benchmarks/results/eplb_cluster.json: 0,
-# eplb_cluster_r4.json: 4); rewrite one with a new run.
+# Hand-written readings of the committed runs, by redundant slots and the router's replica choice
+# (benchmarks/results/eplb_cluster.json: 0; eplb_cluster_r4_by_position.json: 4, by batch position;
+# eplb_cluster_r4.json: 4, by occurrence); rewrite one with a new run.
 READING = [
     "## Reading", "",
     "- Workload. A word repeated six times makes the random tiny model repeat a short cycle of tokens, so "
@@ -594,7 +596,7 @@ READING = [
     "it needs a quiet machine.",
 ]  # fmt: skip
 
-READING_R4 = [
+READING_R4_BY_POSITION = [
     "## Reading", "",
     "- Same workload as the run without redundant slots (`eplb_cluster.md`): 'fox', 'light', 'slot', 'scatter', "
     "1.525 in the probe, 1.535-1.541 in the six EPLB-off phases. There measured and logical max/mean agree: "
@@ -617,7 +619,7 @@ READING_R4 = [
     "same-length steady max (51 % of random steady windows as bad); EPLB work inside a step 0.22 ms median, "
     "2.7 ms at most.",
 ]  # fmt: skip
-READINGS = {0: READING, 4: READING_R4}
+READINGS = {(0, None): READING, (4, "position"): READING_R4_BY_POSITION}
 
 
 def main() -> None:
