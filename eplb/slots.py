@@ -66,8 +66,11 @@ class LayerRouting:
     def __call__(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """topk_ids int [tokens, top_k] logical -> physical ids, same shape and dtype."""
         ids = topk_ids.long()
-        rep = occurrence_index(ids, self.replica_count.shape[0]) % self.replica_count[ids]
-        phys = self.log2phy[ids, rep]
+        if self.log2phy.shape[1] == 1:  # no redundant slots: one replica each, nothing to choose
+            phys = self.log2phy[ids, 0]
+        else:
+            rep = occurrence_index(ids, self.replica_count.shape[0]) % self.replica_count[ids]
+            phys = self.log2phy[ids, rep]
         # Recorded here, where the replica each token goes to is known (int64 already: no copy).
         self.recorder.record(self.index, ids, phys)
         return phys.to(topk_ids.dtype)
