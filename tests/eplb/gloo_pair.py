@@ -1,10 +1,12 @@
 """Two processes joined by real gloo, each with an applier state over encoded expert weights (no
-vLLM worker): shared by the staging tests (tests/eplb/test_staging_gloo.py, test_applier_inline.py)."""
+vLLM worker): shared by the staging tests (tests/eplb/test_staging_gloo.py, test_applier_inline.py,
+tests/eplb/ascend/test_transfer_gloo.py)."""
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from types import SimpleNamespace
@@ -16,6 +18,10 @@ import torch.multiprocessing as mp
 
 from eplb.agreement import EplbWorkerState
 from eplb.exchange import Exchanger
+from eplb.messages import TRANSFER_DEFAULTS
+from eplb.pending import PendingPlan
+from eplb.plan import build_transfer_plan
+from eplb.policies import default_placement
 from eplb.slots import ModelSlots, SlotLayer
 
 E, R, LAYERS, RANKS = 16, 4, 3, 2
@@ -66,6 +72,47 @@ def assert_holds(state: EplbWorkerState, placement: np.ndarray, rank: int) -> No
         rc = state.slots.layers[layer].routing.replica_count
         assert rc.tolist() == np.bincount(placement[layer], minlength=E).tolist()
     assert (state.slots.phy2log == placement).all()
+
+
+def stage_in_thread(state: EplbWorkerState, p: PendingPlan) -> None:
+    """Stage `p` as the applier does off the step: its exchanger's transfer on a thread."""
+    t = threading.Thread(target=state.exchanger.transfer, args=(p,), name="eplb-stage")
+    t.start()
+    t.join(60)
+
+
+def apply_random_plans(
+    rank: int,
+    port: int,
+    seed: int,
+    opts: dict,
+    stage: Callable[[EplbWorkerState, PendingPlan], None] = stage_in_thread,
+    exchanger: Callable[[EplbWorkerState, object], object] | None = None,
+) -> None:
+    """In one process of the pair: join, then two random plans from the default placement, each
+    staged by `stage(state, plan)`, committed layer by layer and checked slot by slot.
+
+    `opts` update the transfer defaults (paced off); `exchanger(state, group)`, if given, replaces
+    the state's exchanger."""
+    group = join(rank, port)
+    rng = np.random.default_rng(seed)
+    old = default_placement(LAYERS, E, RANKS, R)
+    state = worker_state(rank, old, group)
+    if exchanger is not None:
+        state.exchanger = exchanger(state, group)
+    for plan_id in (1, 2):
+        new = random_placement(rng)
+        plan = build_transfer_plan(old, new, RANKS, E)
+        p = PendingPlan(plan_id, plan, blocking=False, opts=dict(TRANSFER_DEFAULTS, paced=False, **opts))
+        stage(state, p)
+        assert p.ready and not p.failed, p.failed
+        assert p.remote_bytes > 0
+        for layer in plan.layers():
+            state._commit_layer(p, layer)
+        assert_holds(state, new, rank)
+        old = new
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _free_port() -> int:
