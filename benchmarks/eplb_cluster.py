@@ -619,7 +619,32 @@ READING_R4_BY_POSITION = [
     "same-length steady max (51 % of random steady windows as bad); EPLB work inside a step 0.22 ms median, "
     "2.7 ms at most.",
 ]  # fmt: skip
-READINGS = {(0, None): READING, (4, "position"): READING_R4_BY_POSITION}
+READING_R4 = [
+    "## Reading", "",
+    "- Same workload as the runs without redundant slots (`eplb_cluster.md`) and with the positional replica "
+    "choice (`eplb_cluster_r4_by_position.md`): 'fox', 'slot', 'light', 'scatter', 1.530 in the probe, "
+    "1.533-1.541 in the six EPLB-off phases. The box was quieter than for the earlier runs (no other "
+    "benchmark or suite beside it; one 4 s unit test ran during it): the whole run took 173 s.",
+    "- Balance with 4 redundant slots (not met: 26.6 % against >= 30 %). The configured policy (`swift`, "
+    "default parameters) changes 15-18 of the 80 slots per plan and gives hot experts a replica on the other "
+    "rank. The recorder's per-slot counts say the ranks ran 1.537 -> 1.127 (26.6 % less max/mean, 76.4 % "
+    "less excess; every round 25.7-26.9 %), now below the even-split estimate (1.156) because each batch "
+    "splits an expert's tokens over its replicas exactly, where the positional choice of the earlier run left "
+    "1.236 (19.6 %). What keeps it above 1.02-1.03 is the plan: default swift plans 1.154-1.185 with 4 "
+    "redundant slots; offline on the first round's load `swift, max_pair_moves 4, reassign off` plans 1.003 "
+    "and `deepseek` 1.011 (74 moves), which the occurrence split should now deliver; not run here.",
+    "- Outputs (met): all 64 waves token-identical to the plain model, 6 of them overlapping a plan, and all "
+    "84 probe outputs.",
+    "- Decode step: 24.5 ms with EPLB off against 24.6 ms on (on/off 1.007): no gain measurable at this size.",
+    "- Worst step during apply: 0.99x the same-length steady max (median over rounds; per round 0.80-1.33x; "
+    "<= 1.10 met in this run) and 1.39x the steady median; 51 % of random steady windows of the same length "
+    "are as bad; EPLB work inside a step 0.31 ms median, 4.1 ms at most.",
+]  # fmt: skip
+READINGS = {
+    (0, None): READING,
+    (4, "position"): READING_R4_BY_POSITION,
+    (4, "occurrence"): READING_R4,
+}
 
 
 def main() -> None:
