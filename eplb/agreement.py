@@ -46,6 +46,21 @@ from eplb.threads import BackgroundQueue, tune_staging_thread
 logger = logging.getLogger("dpserve.eplb.applier")
 
 
+def ep_transfer_group(ep_size: int, backend: str) -> tuple[Any, list[int]]:
+    """The process group expert transfers use: vLLM's EP ranks over `backend`, or (None, []) without
+    EP. A collective over the default group: every worker calls it at the same time (set-up, idle)."""
+    if ep_size <= 1:
+        return None, []
+    import torch.distributed as dist
+    from vllm.distributed.parallel_state import get_ep_group
+
+    ranks = list(get_ep_group().ranks)
+    group = dist.new_group(
+        ranks=ranks, backend=backend, timeout=timedelta(seconds=TRANSFER_DEFAULTS["timeout_s"])
+    )
+    return group, ranks
+
+
 class EplbWorkerState:
     """All EPLB state of one worker process: its slots, exchange, agreement and outcome records.
 
@@ -97,16 +112,7 @@ class EplbWorkerState:
                 "model is built; it did not run in this worker (DPSERVE_DISABLE_PLUGIN=1?)"
             )
         slots = ModelSlots.from_model(worker, num_redundant)
-        group, group_ranks = None, []
-        if slots.ep_size > 1:
-            import torch.distributed as dist
-            from vllm.distributed.parallel_state import get_ep_group
-
-            # Collective over the default group: every worker calls setup at the same time (idle).
-            group_ranks = list(get_ep_group().ranks)
-            group = dist.new_group(
-                ranks=group_ranks, backend="gloo", timeout=timedelta(seconds=TRANSFER_DEFAULTS["timeout_s"])
-            )
+        group, group_ranks = ep_transfer_group(slots.ep_size, "gloo")
         steplog = StepLog()
         steplog.install(worker)
         dp_size = int(worker.vllm_config.parallel_config.data_parallel_size)

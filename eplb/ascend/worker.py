@@ -22,7 +22,6 @@ and `state_from_worker` refuses to start when one does not fit.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -103,15 +102,13 @@ def state_from_worker(worker: Any, num_redundant: int, layers_per_step: int = 1)
     """EplbWorkerState over an NPUWorker: slots from vllm-ascend's layers, the load hook, a transfer
     group over the EP ranks (HCCL), step timing and the step sync. A collective: every worker of the
     group calls it at the same time, with the group idle."""
-    from vllm.distributed.parallel_state import get_ep_group
     from vllm_ascend.ascend_config import get_ascend_config
     from vllm_ascend.eplb.adaptor.vllm_adaptor import EPLB_EXPERT_WEIGHT_NAMES
     from vllm_ascend.quantization.quant_type import QuantType
 
-    from eplb.agreement import EplbWorkerState
+    from eplb.agreement import EplbWorkerState, ep_transfer_group
     from eplb.ascend.slots import AscendModelSlots, install_load_hook
     from eplb.ascend.transfer import BatchedExchanger
-    from eplb.messages import TRANSFER_DEFAULTS
     from eplb.steplog import StepLog
     from npu_runtime import ascend_patches
 
@@ -129,14 +126,7 @@ def state_from_worker(worker: Any, num_redundant: int, layers_per_step: int = 1)
                            f"{slots.num_redundant} redundant slots from its expert map")  # fmt: skip
     for i, m in enumerate(layers):
         install_load_hook(m, i, slots.recorder)
-    group, group_ranks = None, []
-    if slots.ep_size > 1:
-        import torch.distributed as dist
-
-        group_ranks = list(get_ep_group().ranks)
-        group = dist.new_group(
-            ranks=group_ranks, backend="hccl", timeout=timedelta(seconds=TRANSFER_DEFAULTS["timeout_s"])
-        )
+    group, group_ranks = ep_transfer_group(slots.ep_size, "hccl")
     steplog = StepLog()
     steplog.install(worker)
     slots.recorder.external_steps = True  # steps from the worker's step ends (graph replays included)
