@@ -27,7 +27,6 @@ from collections.abc import Callable
 from typing import Any
 
 from deployments.config import ServingSection
-from deployments.frame_sequence import SEQ as SEQ  # where the channel tests take it from
 from deployments.frame_sequence import FrameSequence, open_numbered
 from scheduler.frame_auth import FrameAuth, new_key
 

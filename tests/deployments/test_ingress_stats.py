@@ -15,8 +15,8 @@ import pytest
 
 import deployments.group_supervisor as supervisor_module
 from deployments.config import DPServeConfig
+from deployments.frame_sequence import SEQ
 from deployments.group_supervisor import RankGroupSupervisor
-from deployments.output_channel import SEQ
 from deployments.rank_outbox import RankOutbox
 from deployments.request_channel import RequestReceiver
 from scheduler.frame_auth import FrameAuth, new_key

@@ -104,7 +104,7 @@ def test_forged_and_malformed_frames_on_every_socket_are_dropped_and_counted(bas
     import msgspec
     import zmq
 
-    from deployments.output_channel import SEQ
+    from deployments.frame_sequence import SEQ
     from scheduler.frame_auth import FrameAuth, new_key
     from scheduler.gate_report import GateReport
 

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from deployments.output_channel import SEQ
+from deployments.frame_sequence import SEQ
 from deployments.request_channel import RequestReceiver, RequestSender, request_key
 from scheduler.frame_auth import FrameAuth, new_key
 
