@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import httpx
 import numpy as np
+import psutil
 
 PROMPTS = [
     "Hello world, the model",
@@ -117,6 +119,22 @@ def app_rank_actors(status: dict[str, Any]) -> list[Any]:
     names = [r["actor_name"] for r in status["ranks"]]
     assert None not in names, names
     return [ray.get_actor(n, namespace=RANK_NAMESPACE) for n in names]
+
+
+def engine_core_pid(rank_actor: Any) -> tuple[int, int]:
+    """(the rank actor's pid, the pid of the engine-core process its vLLM client launched).
+
+    From the client's process list, not from the process title: vLLM sets the title
+    (VLLM::EngineCore_DP<r>) with setproctitle, which not every environment shows in /proc."""
+    import ray
+
+    def pids(self: Any) -> tuple[int, list[int]]:
+        return os.getpid(), [p.pid for p in self.engine.engine_core.resources.engine_manager.processes]
+
+    actor_pid, cores = ray.get(rank_actor.__ray_call__.remote(pids), timeout=60)
+    children = [p.pid for p in psutil.Process(actor_pid).children(recursive=True)]
+    assert len(cores) == 1 and cores[0] in children, (actor_pid, cores, children)
+    return actor_pid, cores[0]
 
 
 async def request_completion(

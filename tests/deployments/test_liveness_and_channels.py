@@ -28,7 +28,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import TINY_MODEL_NAME, app_rank_actors, request_completion, tiny_app_args
+from tests.helpers import TINY_MODEL_NAME, app_rank_actors, engine_core_pid, request_completion, tiny_app_args
 
 pytestmark = pytest.mark.slow
 
@@ -205,22 +205,6 @@ def test_a_lost_output_frame_ends_that_ranks_requests_with_a_clear_error(base_ur
     assert r.status_code == 200
 
 
-def _engine_core_pid(actor: Any) -> int:
-    """The pid of the engine-core process under a rank actor (vLLM titles it VLLM::EngineCore_DP<r>)."""
-    import ray
-
-    actor_pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
-    deadline = time.monotonic() + 30  # the title is set once the spawned process runs vLLM's code
-    while True:
-        children = psutil.Process(actor_pid).children(recursive=True)
-        cores = [p for p in children if "EngineCore" in " ".join(p.cmdline()[:1])]
-        if len(cores) == 1 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert len(cores) == 1, [(p.pid, p.cmdline()) for p in children]
-    return cores[0].pid
-
-
 def _placement_group_id(actor: Any) -> str:
     """The id (hex) of the placement group a rank actor runs in."""
     import ray
@@ -245,7 +229,7 @@ def test_frozen_engine_is_declared_hung_and_the_group_recovers(base_url, ray_loc
     old_names = [r["actor_name"] for r in before["ranks"]]
     old_ranks = app_rank_actors(before)
     assert len(old_ranks) == 2
-    frozen = _engine_core_pid(old_ranks[1])
+    _, frozen = engine_core_pid(old_ranks[1])
     old_group = _placement_group_id(old_ranks[0])
     timeline: dict[str, float] = {}
 

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from tests.deployments.openai_app.shared_app import MAX_MODEL_LEN, QUEUE_BOUND
+from tests.helpers import app_rank_actors, engine_core_pid
 
 pytestmark = pytest.mark.slow
 
@@ -307,18 +308,8 @@ def test_engines_run_ahead_of_rays_workers(base_url):
     """With engine_nice 0 (this folder's app), engine cores at 0, their rank actors at Ray's 15."""
     # This app's rank actors only (other modules' engine groups may still be exiting, and other
     # sessions may run engines on the same machine).
-    ranks = {r["pid"] for r in _status(base_url)["ranks"]}
-    assert len(ranks) == 2 and None not in ranks, ranks
-    engines = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[0].decode()
-            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if cmd.startswith("VLLM::EngineCore") and ppid in ranks:
-            engines[int(pid)] = ppid
-    assert len(engines) == 2, engines
-    for pid, rank_pid in engines.items():
+    pairs = [engine_core_pid(actor) for actor in app_rank_actors(_status(base_url))]
+    assert len(pairs) == 2, pairs
+    for rank_pid, pid in pairs:
         assert os.getpriority(os.PRIO_PROCESS, pid) == 0
         assert os.getpriority(os.PRIO_PROCESS, rank_pid) == 15
