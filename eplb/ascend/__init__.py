@@ -6,6 +6,8 @@ exchanger's Posted pieces, the step-sync participant of npu_runtime.eplb_hooks),
 * eplb.ascend.placement: pure tables: the start-up placement, vllm-ascend's expert map file, each
   rank's `log2phy` row, slot loads to logical loads;
 * eplb.ascend.startup: the engine arguments that make vllm-ascend allocate those slots at start-up;
+* eplb.ascend.dispatch: which token dispatcher vllm-ascend picks, and the refusal of redundant slots
+  where it can pick AllGather (whose masking and per-rank replica choice are wrong for replicas);
 * eplb.ascend.slots: `AscendModelSlots` over vllm-ascend's MoE layers (weights and `log2phy` updated
   in place) and `SlotLoadRecorder` (load from `FusedExpertsResult.expert_tokens`);
 * eplb.ascend.transfer: expert rows between EP ranks as batched p2p ops (HCCL on NPUs);

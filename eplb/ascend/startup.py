@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from eplb.ascend.placement import startup_additional_config
+from eplb.ascend.dispatch import refuse_allgather_with_redundant, top_k_of
+from eplb.ascend.placement import moe_shape, startup_additional_config
 
 
 def ep_size_of(engine_args: dict[str, Any]) -> int:
@@ -21,11 +22,14 @@ def ep_size_of(engine_args: dict[str, Any]) -> int:
 
 
 def with_startup_slots(engine_args: dict[str, Any], num_redundant: int, path: str | Path,
-                       hf_config: Any = None) -> dict[str, Any]:  # fmt: skip
+                       hf_config: Any = None, device: str | None = None) -> dict[str, Any]:  # fmt: skip
     """`engine_args` with the `eplb_config` that makes vllm-ascend allocate `num_redundant` redundant
     slots (its dynamic EPLB off); writes the expert map to `path`. `hf_config`: the model's config
-    (read from `engine_args["model"]` when None). Raises ValueError without expert parallelism
-    (vllm-ascend allocates slots only under EP) or when the arguments already set an `eplb_config`."""
+    (read from `engine_args["model"]` when None); `device`: the chip type vllm-ascend was built for
+    (read from the installed vllm-ascend when None). Raises ValueError without expert parallelism
+    (vllm-ascend allocates slots only under EP) or when the arguments already set an `eplb_config`,
+    and AscendPatchError when redundant slots would run through vllm-ascend's AllGather dispatch
+    (eplb.ascend.dispatch), before any file is written."""
     ep_size = ep_size_of(engine_args)
     if ep_size == 1:
         raise ValueError("EPLB on Ascend needs expert parallelism over more than one rank "
@@ -39,5 +43,7 @@ def with_startup_slots(engine_args: dict[str, Any], num_redundant: int, path: st
         hf_config = AutoConfig.from_pretrained(
             engine_args["model"], trust_remote_code=bool(engine_args.get("trust_remote_code"))
         )
+    experts, _ = moe_shape(hf_config)
+    refuse_allgather_with_redundant(engine_args, int(num_redundant), experts, top_k_of(hf_config), device)
     additional.update(startup_additional_config(path, hf_config, ep_size, int(num_redundant)))
     return {**engine_args, "additional_config": additional}
