@@ -73,3 +73,56 @@ class LoadWindow:
         self._next = 0
         self._count = 0
         self._adds_since_resum = 0
+
+
+def decay_factor(dt_s: float, half_life_s: float) -> float:
+    """Weight left on load seen ``dt_s`` seconds ago when weights halve every ``half_life_s`` seconds:
+    0.5 ** (dt_s / half_life_s), in (0, 1]. Raises ValueError for a half-life <= 0 or a negative dt."""
+    if not half_life_s > 0:
+        raise ValueError(f"half_life_s must be > 0, got {half_life_s}")
+    if dt_s < 0:
+        raise ValueError(f"dt_s must be >= 0, got {dt_s}")
+    return 0.5 ** (dt_s / half_life_s)
+
+
+class DecayingLoad:
+    """Recency-weighted load: float64 [num_layers, num_logical], each recorded count weighted by
+    0.5 ** (its age in seconds / half_life_s).
+
+    A sliding window weighs its whole span equally, so under drifting expert popularity the planner
+    sees load that is on average half a window old; a half-life decouples that age from how often a
+    plan is made, and no plan needs to reset it (the logical load does not depend on the placement).
+    """
+
+    def __init__(self, num_layers: int, num_logical: int, half_life_s: float) -> None:
+        if num_layers < 1 or num_logical < 1:
+            raise ValueError(
+                f"DecayingLoad needs positive sizes, got layers={num_layers} logical={num_logical}"
+            )
+        decay_factor(0.0, half_life_s)  # validates the half-life
+        self.half_life_s = float(half_life_s)
+        self._sum = np.zeros((num_layers, num_logical), dtype=np.float64)
+
+    def add(self, step_counts: np.ndarray) -> None:
+        """Record counts seen now: int or float [num_layers, num_logical], finite and >= 0."""
+        arr = np.asarray(step_counts)
+        if arr.shape != self._sum.shape:
+            raise ValueError(f"step counts have shape {arr.shape}, expected {self._sum.shape}")
+        if arr.dtype.kind not in "iuf":
+            raise ValueError(f"step counts must be numeric, got dtype {arr.dtype}")
+        arr = arr.astype(np.float64)
+        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+            raise ValueError("step counts must be finite and non-negative")
+        self._sum += arr
+
+    def advance(self, dt_s: float) -> None:
+        """Let ``dt_s`` seconds pass: everything recorded so far weighs decay_factor(dt_s) less."""
+        self._sum *= decay_factor(dt_s, self.half_life_s)
+
+    def total(self) -> np.ndarray:
+        """The weighted load: float64 [num_layers, num_logical] (a copy)."""
+        return self._sum.copy()
+
+    def reset(self) -> None:
+        """Forget everything recorded."""
+        self._sum[...] = 0.0

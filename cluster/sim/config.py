@@ -133,6 +133,15 @@ class EplbConfig:
     # costs are `TransferConfig`'s (see `cluster.sim.transfer`).
     mode: str = "async"
     params: dict[str, Any] = field(default_factory=dict)  # passed to eplb.policies.rebalance
+    # async: real layers moved per step, one after another on the side stream (the product's
+    # `eplb.layers_per_step`); a plan takes effect sooner, each such step carries more transfer.
+    layers_per_step: int = 1
+    # async: each layer's new placement takes effect once that layer has moved (the product and
+    # SwiftBalancer commit layer by layer); false holds every layer until the last one has moved.
+    commit_per_layer: bool = True
+    # null: plan on the load seen since the last plan; a number: on all load seen, weighted by
+    # 0.5 ** (age in seconds / window_half_life_s) (eplb.load.DecayingLoad), never reset by a plan.
+    window_half_life_s: float | None = None
 
 
 @dataclass
@@ -249,6 +258,11 @@ class SimConfig:
             raise ValueError(f"router.kind {self.router.kind!r} unknown")
         if self.eplb.mode not in ("async", "sync"):
             raise ValueError("eplb.mode must be 'async' or 'sync'")
+        if self.eplb.interval_steps < 1 or self.eplb.layers_per_step < 1:
+            raise ValueError("eplb.interval_steps and eplb.layers_per_step must be >= 1")
+        hl = self.eplb.window_half_life_s
+        if hl is not None and not (isinstance(hl, (int, float)) and hl > 0):
+            raise ValueError("eplb.window_half_life_s must be null or > 0")
         if not 0.0 <= e.layer_correlation <= 1.0:
             raise ValueError("experts.layer_correlation must be in [0, 1]")
         if not 0.0 <= e.depth_skew <= 1.0:

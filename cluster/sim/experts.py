@@ -15,6 +15,11 @@ slots_per_rank]`` with rank r owning slots ``r * S .. (r + 1) * S - 1``, start-u
 `eplb.policies.default_placement`, plans from `eplb.policies.rebalance`, transfer ops from
 `eplb.plan.build_transfer_plan`. A token for an expert with k replicas is split evenly over them
 (vLLM picks replicas by token position, so the split is even in expectation).
+
+Driving, as the product does it: a plan every ``eplb.interval_steps`` steps on the load since the last
+plan, or on a recency-weighted load (``eplb.window_half_life_s``, `eplb.load.DecayingLoad`); an
+asynchronous plan moves ``eplb.layers_per_step`` real layers per step, and each simulated layer's new
+placement takes effect once all the real layers it stands for have moved.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.sim.config import EplbConfig, ExpertConfig, ModelConfig, TransferConfig
-from cluster.sim.transfer import LayerTransfer, async_step_cost_s, layer_transfer, sync_stall_s
+from cluster.sim.transfer import LayerTransfer, async_layers_cost_s, layer_transfer, sync_stall_s
+from eplb.load import DecayingLoad
 from eplb.plan import build_transfer_plan
 from eplb.policies import default_placement
 from eplb.stats import imbalance
@@ -91,7 +97,8 @@ class Transfer:
     """An accepted re-placement on its way to the ranks."""
 
     phy2log: np.ndarray  # the new placement, in force once the transfer ends
-    layers: list[LayerTransfer]  # real layers still to move, in order (async: one per step)
+    layers: list[LayerTransfer]  # real layers still to move, in order (async: layers_per_step per step)
+    owners: list[int]  # the simulated layer each entry of `layers` belongs to
 
 
 class ExpertModel:
@@ -140,7 +147,9 @@ class ExpertModel:
                 )
         self.phy2log = default_placement(self.L, self.E, num_ranks, self.num_redundant)
         self._refresh_split()
-        self.window = np.zeros((self.L, self.E))
+        self.window = np.zeros((self.L, self.E))  # load since the last plan
+        hl = eplb.window_half_life_s
+        self.decayed = DecayingLoad(self.L, self.E, float(hl)) if hl is not None else None
         self.transfer: Transfer | None = None
         self.tcfg = transfer if transfer is not None else TransferConfig()
         self.rebalances = 0  # accepted plans
@@ -175,7 +184,10 @@ class ExpertModel:
         self._probs = self._softmax(self.logits)
 
     def drift(self, dt: float) -> None:
-        """Advance the log-popularities by ``dt`` seconds of an Ornstein-Uhlenbeck process."""
+        """Advance the log-popularities by ``dt`` seconds of an Ornstein-Uhlenbeck process (and age the
+        recency-weighted load by as much)."""
+        if self.decayed is not None and dt > 0:
+            self.decayed.advance(dt)
         if self.trace is not None or dt <= 0 or self.sigma == 0 or math.isinf(self.tau):
             return
         a = math.exp(-dt / self.tau)
@@ -194,7 +206,10 @@ class ExpertModel:
         if total_tokens == 0:
             return np.zeros((self.L, self.E))
         loads = self.rng.poisson(total_tokens * self.top_k * self._probs).astype(np.float64)
-        self.window += loads
+        if self.decayed is not None:
+            self.decayed.add(loads)
+        else:
+            self.window += loads
         return loads
 
     def rank_loads(self, loads: np.ndarray, phy2log: np.ndarray | None = None) -> np.ndarray:
@@ -222,7 +237,10 @@ class ExpertModel:
             or self.transfer is not None
         ):
             return
-        load, self.window = self.window, np.zeros((self.L, self.E))
+        if self.decayed is not None:
+            load = self.decayed.total()  # the logical load does not depend on the placement: no reset
+        else:
+            load, self.window = self.window, np.zeros((self.L, self.E))
         if load.sum() == 0:
             return
         try:
@@ -260,15 +278,17 @@ class ExpertModel:
                 "popularity_after": float(imbalance(self._probs, new, self.R).mean()),
             }
         )
-        # Each simulated layer stands for its share of the real layers; async moves one changed real
-        # layer per step (unchanged layers cost nothing and take no step).
-        layers = [
-            x
-            for x, n in zip(per_layer, self.real_layers, strict=True)
-            if x.moved_slots
-            for _ in range(int(n))
+        # Each simulated layer stands for its share of the real layers; async moves layers_per_step
+        # changed real layers per step (unchanged layers cost nothing and take no step).
+        moving = [
+            (layer, x, int(n)) for layer, (x, n) in enumerate(zip(per_layer, self.real_layers, strict=True))
         ]
-        self.transfer = Transfer(phy2log=new, layers=layers)
+        moving = [(layer, x, n) for layer, x, n in moving if x.moved_slots]
+        self.transfer = Transfer(
+            phy2log=new,
+            layers=[x for _, x, n in moving for _ in range(n)],
+            owners=[layer for layer, _, n in moving for _ in range(n)],
+        )
 
     def transfer_step(self, step_s: float = 0.0, a2a_link_s: float = 0.0) -> float:
         """Seconds of weight transfer that this step carries; applies the placement when done.
@@ -283,9 +303,18 @@ class ExpertModel:
             self.sync_stalls.append(cost)
             self.transfer.layers = []
         else:
-            x = self.transfer.layers.pop(0)
-            cost = async_step_cost_s(x, step_s, a2a_link_s, self.tcfg)
-            self.async_layer_costs.append(cost)
+            k = min(self.eplb.layers_per_step, len(self.transfer.layers))
+            xs, self.transfer.layers = self.transfer.layers[:k], self.transfer.layers[k:]
+            done, self.transfer.owners = self.transfer.owners[:k], self.transfer.owners[k:]
+            cost = async_layers_cost_s(xs, step_s, a2a_link_s, self.tcfg)
+            self.async_layer_costs += [cost / k] * k  # per moved layer: what the seed's 1-2 ms compares with
+            if self.eplb.commit_per_layer:
+                finished = set(done) - set(self.transfer.owners[:1])
+                if finished:
+                    self.phy2log = self.phy2log.copy()
+                    for layer in finished:
+                        self.phy2log[layer] = self.transfer.phy2log[layer]
+                    self._refresh_split()
         if not self.transfer.layers:
             self.phy2log = self.transfer.phy2log
             self._refresh_split()

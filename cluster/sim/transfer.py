@@ -15,8 +15,9 @@ has sent least). For the busiest rank r of that layer:
 Stop-the-world (``sync``): every layer moves while the engines wait; the stall is
 sum over layers of (layer_s + copy_s), carried by one step.
 
-Asynchronous (``async``, SwiftBalancer / dpserve): one layer per step; its ops run on a side stream
-launched before the forward and waited for after it, so the step only sees
+Asynchronous (``async``, SwiftBalancer / dpserve): ``layers_per_step`` layers per step (1 by default);
+their ops run one after another on a side stream launched before the forward and waited for after
+it, so the step only sees (sums over the step's layers)
 
     async_sync_s + copy_s + contention + max(0, layer_s - step_s)
 
@@ -112,8 +113,17 @@ def async_step_cost_s(x: LayerTransfer, step_s: float, a2a_s: float, t: Transfer
 
     step_s: the step's time without the transfer; a2a_s: its all-to-all time (both seconds).
     """
-    if x.moved_slots == 0:
+    return async_layers_cost_s([x], step_s, a2a_s, t)
+
+
+def async_layers_cost_s(xs: list[LayerTransfer], step_s: float, a2a_s: float, t: TransferConfig) -> float:
+    """Seconds the asynchronous moves of several layers add to the one step carrying them (the
+    product's ``layers_per_step``): their ops run one after another on the side stream, so their
+    durations, link times and copies add up, and each layer pays its own synchronisation.
+    """
+    xs = [x for x in xs if x.moved_slots]
+    if not xs:
         return 0.0
     share = min(1.0, a2a_s / step_s) if step_s > 0 else 1.0
-    exposed = max(0.0, x.layer_s - step_s)
-    return t.async_sync_s + x.copy_s + x.link_s * share + exposed
+    exposed = max(0.0, sum(x.layer_s for x in xs) - step_s)
+    return sum(t.async_sync_s + x.copy_s + x.link_s * share for x in xs) + exposed
