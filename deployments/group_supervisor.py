@@ -139,9 +139,15 @@ class RankGroupSupervisor:
         self.ready.set()
 
     async def stop(self) -> None:
-        """Stop polling and pumping, and stop the ranks (their engines exit with them)."""
+        """Stop polling, pumping and a re-formation under way, and stop the ranks (their engines exit
+        with them). A re-formation is cancelled and awaited first: a start it has under way removes
+        what it made (start_rank_group's clean-up), and none finishes after this returns, which would
+        leave a group nobody stops (Serve replacing a replica stuck in recovery runs this)."""
         if self._poller is not None:
             self._poller.cancel()
+        if self._recovery is not None and not self._recovery.done():
+            self._recovery.cancel()
+            await asyncio.gather(self._recovery, return_exceptions=True)
         self.channel.stop()
         if self.actors:
             await self._stop_group(self.actors, self.pg)
