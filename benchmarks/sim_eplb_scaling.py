@@ -1,22 +1,31 @@
 """EPLB scaling study on the simulator: EP 8-128 x policy x redundant slots x async/stop-the-world x
-re-plan interval, DeepSeek-V3 (`ray_configs/sim-deepseek-v3.yaml` costs, `cluster.sim.transfer` for
-moving experts).
+re-plan interval, over several seeds, DeepSeek-V3 (`ray_configs/sim-deepseek-v3.yaml` costs,
+`cluster.sim.transfer` for moving experts).
 
 Every EP size runs the same per-rank workload: max_num_seqs 32 per rank and a client concurrency of
 32 x EP (every slot filled; the calibrated config's 128 would leave 2 requests per rank at EP 64),
 2 x concurrency requests of 3500 +- 50 % input and --output-len +- 50 % output tokens (at +- 10 % the
 request waves stay in lock step and a run's throughput flips between two regimes, 290 s vs 340 s at
-EP 8, whatever the EPLB setting; at +- 50 % three seeds agree within 0.5 %). Expert load:
-the synthetic model with --layer-correlation and --depth-skew (assumptions, stated in the report).
-An "oracle" row per EP (no skew at all, no EPLB) bounds what any placement can gain.
+EP 8, whatever the EPLB setting). Expert load: the synthetic model with --layer-correlation and
+--depth-skew and a drift time of 120 s (assumptions, stated in the report). An "oracle" row per EP
+(no skew at all, no EPLB) bounds what any placement can gain.
 
-Reported per run: MoE max/mean (steady decode steps, i.e. no prefill and at least half the slots
-decoding; realised per step, and under the popularity without sampling noise), steady decode step
-time, mean TPOT, output throughput, slot moves per plan (all 58 layers), async cost per moved layer,
-stop-the-world stall, worst step carrying a transfer vs the steady decode step. A diagnosis section
-reruns the issue's command (EP 64, concurrency 128) and follows each plan from window to steps.
+Sections:
+- grid: per EP, no EPLB, oracle, {deepseek, swift} x {0, 1} redundant slot per rank x {async at
+  intervals 25 and 250 steps, stop-the-world at 250}; async moves LAYERS_PER_STEP layers per step and
+  commits each layer once it has moved;
+- candidates (EP 32, 64): the previous study's driving (swift, 1 redundant/rank, interval 250, one
+  layer per step, placement in force once every layer moved) with one change at a time, then all;
+- drift: EP 64, no EPLB vs that old driving vs the new one, over drift times 30 s .. none.
+Every cell runs for each of --seeds; the report gives medians and the spread (min..max) over seeds of
+each cell's throughput gain over no EPLB of the same seed. Reported per run: MoE max/mean (steady
+decode steps: no prefill, at least half the slots decoding, no transfer; realised per step and under
+the popularity without sampling noise), steady decode step, mean TPOT, output throughput, moves per
+plan (all 58 layers), async cost per moved layer, stop-the-world stall, worst step carrying a
+transfer. A diagnosis section reruns the issue's command (EP 64, concurrency 128, seed 0).
 
-    nice -n 10 .venv/bin/python benchmarks/sim_eplb_scaling.py [--out-dir benchmarks/results] [--quick]
+    flock /tmp/dpserve-heavy.lock nice -n 19 .venv/bin/python benchmarks/sim_eplb_scaling.py \
+        [--out-dir benchmarks/results] [--seeds 0 1 2] [--jobs 2] [--quick]
 """
 
 from __future__ import annotations
@@ -24,8 +33,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +50,51 @@ CONFIG = ROOT / "ray_configs" / "sim-deepseek-v3.yaml"
 EP_SIZES = [8, 16, 32, 64, 128]
 POLICIES = ["deepseek", "swift"]
 REDUNDANT_PER_RANK = [0, 1]
-MODES = ["async", "sync"]
-INTERVALS = [250, 1000]
+INTERVALS = [25, 250]  # async re-plan intervals (steps)
+SYNC_INTERVAL = 250  # stop-the-world: a stall per plan, so only the long interval
+LAYERS_PER_STEP = 8  # async: real layers moved per step (a plan lands in 8 steps instead of 58)
+SEEDS = [0, 1, 2]
+CANDIDATE_EPS = [32, 64]
+DRIFT_EP = 64
+DRIFT_TIMES = [30.0, 120.0, 600.0, 1800.0, math.inf]
+# The previous study's driving: re-plan every 250 steps on the load since the last plan, one layer per
+# step, the new placement in force only once all 58 layers moved.
+OLD_DRIVING = {
+    "policy": "swift",
+    "k": 1,
+    "interval": 250,
+    "lps": 1,
+    "extra": ("eplb.commit_per_layer=false",),
+}
+NEW_DRIVING = {"policy": "swift", "k": 1, "interval": 25, "lps": LAYERS_PER_STEP, "extra": ()}
+# One change to the old driving at a time (label -> changed fields), then all the driving changes.
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "old driving": {},
+    "commit per layer": {"extra": ()},
+    f"{LAYERS_PER_STEP} layers per step": {"lps": LAYERS_PER_STEP},
+    "interval 25": {"interval": 25},
+    "half-life 10 s window": {"extra": (*OLD_DRIVING["extra"], "eplb.window_half_life_s=10")},
+    "swift max_pair_moves 4, reassign off": {
+        "extra": (*OLD_DRIVING["extra"], "eplb.params.max_pair_moves=4", "eplb.params.reassign=false")
+    },
+    "2 redundant/rank": {"k": 2},
+    "new driving (interval 25, 8 layers/step, per-layer commit)": NEW_DRIVING,
+    "new driving + half-life 10 s window": {**NEW_DRIVING, "extra": ("eplb.window_half_life_s=10",)},
+}
+METRICS = [
+    "moe_imbalance",
+    "moe_imbalance_expected",
+    "steady_decode_step_ms",
+    "mean_tpot_ms",
+    "output_tok_s",
+    "mean_step_s",
+    "plans",
+    "moves_per_plan",
+    "async_layer_ms_mean",
+    "async_layer_ms_max",
+    "sync_stall_ms_max",
+    "worst_transfer_step_ms",
+]
 
 
 def study_config(
@@ -54,7 +108,8 @@ def study_config(
     layer_correlation: float,
     depth_skew: float,
     seed: int,
-    extra: list[str] | None = None,
+    layers_per_step: int = LAYERS_PER_STEP,
+    extra: list[str] | tuple[str, ...] | None = None,
 ) -> SimConfig:
     """The simulator config of one study cell (the calibrated config plus the study's overrides)."""
     conc = 32 * ep
@@ -71,6 +126,7 @@ def study_config(
         f"eplb.policy={policy}",
         f"eplb.mode={mode}",
         f"eplb.interval_steps={interval}",
+        f"eplb.layers_per_step={layers_per_step}",
         f"seed={seed}",
         *(extra or []),
     ]
@@ -96,6 +152,7 @@ def summarise(r: SimResult, cfg: SimConfig) -> dict[str, Any]:
         "mean_tpot_ms": m["mean_tpot_ms"],
         "output_tok_s": m["output_tok_s"],
         "duration_s": m["duration_s"],
+        "mean_step_s": m["duration_s"] / max(r.steps, 1),
         "plans": len(r.eplb_plan_moves),
         "moves_per_plan": float(np.mean(r.eplb_plan_moves)) if r.eplb_plan_moves else 0.0,
         "async_layer_ms_mean": float(np.mean(r.eplb_async_layer_s) * 1e3) if r.eplb_async_layer_s else 0.0,
@@ -111,55 +168,187 @@ def summarise(r: SimResult, cfg: SimConfig) -> dict[str, Any]:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def run_grid(
+# A run is (ep, policy, redundant per rank, mode, interval, layers per step, extra overrides): cells
+# of different sections that are the same run share it.
+Spec = tuple[int, str, int, str, int, int, tuple[str, ...]]
+
+
+def spec(ep: int, policy: str, k: int = 0, mode: str = "async", interval: int = 250,
+         lps: int = LAYERS_PER_STEP, extra: tuple[str, ...] = ()) -> Spec:  # fmt: skip
+    """A run's identity."""
+    return (ep, policy, k, mode, interval, lps, tuple(extra))
+
+
+def drift_extra(tau: float) -> tuple[str, ...]:
+    """Overrides for drift time tau (none for the config's 120 s, so those runs are shared)."""
+    if tau == 120.0:
+        return ()
+    return ("experts.drift_timescale_s=" + (".inf" if math.isinf(tau) else f"{tau:g}"),)
+
+
+def none_of(s: Spec) -> Spec:
+    """The no-EPLB run a cell is compared with: same EP, seed and drift time."""
+    return spec(s[0], "none", extra=tuple(x for x in s[6] if x.startswith("experts.drift_timescale_s")))
+
+
+def driving(ep: int, d: dict[str, Any], extra: tuple[str, ...] = ()) -> Spec:
+    """The swift run of a driving (OLD_DRIVING-like dict) at EP `ep`."""
+    return spec(ep, d["policy"], d["k"], "async", d["interval"], d["lps"], (*d["extra"], *extra))
+
+
+def sections(eps: list[int], intervals: list[int], candidate_eps: list[int], drift_times: list[float],
+             drift_ep: int = DRIFT_EP) -> dict[str, list[tuple[str, Spec]]]:  # fmt: skip
+    """Every section's (label, run) cells."""
+    grid: list[tuple[str, Spec]] = []
+    for ep in eps:
+        grid += [("none", spec(ep, "none")), ("oracle", spec(ep, "none", extra=("experts.skew_sigma=0.0",)))]
+        for p in POLICIES:
+            for k in REDUNDANT_PER_RANK:
+                grid += [(p, spec(ep, p, k, "async", i)) for i in intervals]
+                grid.append((p, spec(ep, p, k, "sync", intervals[-1])))
+    cand = [(label, driving(ep, {**OLD_DRIVING, **change})) for ep in candidate_eps
+            for label, change in CANDIDATES.items()]  # fmt: skip
+    drift: list[tuple[str, Spec]] = []
+    for tau in drift_times:
+        x = drift_extra(tau)
+        drift += [("none", spec(drift_ep, "none", extra=x)), ("old driving", driving(drift_ep, OLD_DRIVING, x)),
+                  ("new driving", driving(drift_ep, NEW_DRIVING, x))]  # fmt: skip
+    return {"grid": grid, "candidates": cand, "drift": drift}
+
+
+def _run(task: tuple[Spec, int, dict[str, Any], bool]) -> dict[str, Any]:
+    s, seed, common, progress = task
+    ep, policy, k, mode, interval, lps, extra = s
+    cfg = study_config(ep, policy, k, mode, interval, layers_per_step=lps, extra=extra, seed=seed, **common)
+    t0 = time.perf_counter()
+    row = {"spec": list(s), "seed": seed, **summarise(simulate(cfg, "off", record_rank_time=False), cfg)}
+    if progress:
+        print(f"{s} seed {seed}: imb {row['moe_imbalance']:.2f} step {row['steady_decode_step_ms']:.1f} ms "
+              f"{row['output_tok_s']:.0f} tok/s ({time.perf_counter() - t0:.1f} s)", flush=True)  # fmt: skip
+    return row
+
+
+def run_all(
+    secs: dict[str, list[tuple[str, Spec]]],
+    seeds: list[int],
+    common: dict[str, Any],
+    jobs: int = 1,
+    progress: bool = False,
+) -> dict[tuple[Spec, int], dict[str, Any]]:
+    """Each distinct run (and its no-EPLB reference) once per seed; results do not depend on `jobs`."""
+    specs: list[Spec] = []
+    for cells in secs.values():
+        for _, s in cells:
+            for x in (none_of(s), s):
+                if x not in specs:
+                    specs.append(x)
+    tasks = [(s, seed, common, progress) for s in specs for seed in seeds]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as ex:
+            rows = list(ex.map(_run, tasks, chunksize=1))
+    else:
+        rows = [_run(t) for t in tasks]
+    return {(t[0], t[1]): r for t, r in zip(tasks, rows, strict=True)}
+
+
+def aggregate(s: Spec, seeds: list[int], res: dict[tuple[Spec, int], dict[str, Any]]) -> dict[str, Any]:
+    """A cell over seeds: the median of each metric, and its throughput gain over no EPLB per seed."""
+    rows = [res[(s, seed)] for seed in seeds]
+    base = [res[(none_of(s), seed)] for seed in seeds]
+    gains = [r["output_tok_s"] / b["output_tok_s"] - 1 for r, b in zip(rows, base, strict=True)]
+    dec = [b["steady_decode_step_ms"] - r["steady_decode_step_ms"] for r, b in zip(rows, base, strict=True)]
+    ep, policy, k, mode, interval, lps, extra = s
+    out: dict[str, Any] = {
+        "ep": ep,
+        "policy": policy,
+        "redundant_per_rank": k,
+        "mode": mode if policy != "none" else "-",
+        "interval": interval if policy != "none" else None,
+        "layers_per_step": lps if policy != "none" and mode == "async" else None,
+        "extra": list(extra),
+    }
+    out.update({m: round(float(np.median([r[m] for r in rows])), 4) for m in METRICS})
+    windows = [r["plan_window_after"] for r in rows if r["plan_window_after"] is not None]
+    out["plan_window_after"] = round(float(np.median(windows)), 4) if windows else None
+    out.update(
+        {
+            "gain_median": round(float(np.median(gains)), 4),
+            "gain_min": round(min(gains), 4),
+            "gain_max": round(max(gains), 4),
+            "gains": [round(g, 4) for g in gains],
+            "decode_gain_ms_median": round(float(np.median(dec)), 3),
+        }
+    )
+    return out
+
+
+def headline(grid: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per EP: the best async EPLB cell (median gain over seeds) against no EPLB and the oracle."""
+    text, per_ep = [], {}
+    for ep in sorted({c["ep"] for c in grid}):
+        at = [c for c in grid if c["ep"] == ep]
+        none = next(c for c in at if c["label"] == "none")
+        oracle = next(c for c in at if c["label"] == "oracle")
+        best = max((c for c in at if c["policy"] in POLICIES and c["mode"] == "async"),
+                   key=lambda c: c["gain_median"])  # fmt: skip
+        sync = [c for c in at if c["mode"] == "sync" and c["plans"]]
+        per_ep[ep] = {
+            "best": {k: best[k] for k in ("policy", "redundant_per_rank", "interval", "layers_per_step")},
+            "none_tok_s": none["output_tok_s"],
+            "best_tok_s": best["output_tok_s"],
+            "gain_median": best["gain_median"],
+            "gain_range": [best["gain_min"], best["gain_max"]],
+            "seeds_gaining": sum(g > 0 for g in best["gains"]),
+            "oracle_gain_median": oracle["gain_median"],
+            "decode_gain_ms": best["decode_gain_ms_median"],
+            "oracle_decode_gain_ms": oracle["decode_gain_ms_median"],
+            "imbalance": [none["moe_imbalance"], best["moe_imbalance"], oracle["moe_imbalance"]],
+            "async_layer_ms_mean": best["async_layer_ms_mean"],
+            "async_layer_ms_max": best["async_layer_ms_max"],
+            "sync_stall_ms": [
+                min((c["sync_stall_ms_max"] for c in sync), default=0.0),
+                max((c["sync_stall_ms_max"] for c in sync), default=0.0),
+            ],  # fmt: skip
+            "mean_step_s": none["mean_step_s"],
+        }
+        h = per_ep[ep]
+        text.append(
+            f"EP {ep}: best async EPLB ({best['policy']}, {best['redundant_per_rank']} redundant/rank, interval "
+            f"{best['interval']} = {best['interval'] * h['mean_step_s']:.0f} s) {h['best_tok_s']:.0f} vs "
+            f"{h['none_tok_s']:.0f} output tok/s without EPLB: {100 * h['gain_median']:+.1f} % (seeds "
+            f"{100 * h['gain_range'][0]:+.1f} .. {100 * h['gain_range'][1]:+.1f} %, {h['seeds_gaining']}/"
+            f"{len(best['gains'])} gain; oracle {100 * h['oracle_gain_median']:+.1f} %); steady decode step "
+            f"{h['decode_gain_ms']:+.2f} ms (oracle {h['oracle_decode_gain_ms']:+.2f}); max/mean "
+            f"{h['imbalance'][0]:.2f} -> {h['imbalance'][1]:.2f} (oracle {h['imbalance'][2]:.2f}); async cost "
+            f"per moved layer {h['async_layer_ms_mean']:.2f} ms (max {h['async_layer_ms_max']:.2f}); "
+            f"stop-the-world stalls {h['sync_stall_ms'][0]:.0f}-{h['sync_stall_ms'][1]:.0f} ms"
+        )
+    return {"per_ep": per_ep, "text": text}
+
+
+def study(
     eps: list[int],
     intervals: list[int],
     *,
-    output_len: int,
-    layer_correlation: float,
-    depth_skew: float,
-    seed: int,
+    seeds: list[int],
+    candidate_eps: list[int],
+    drift_times: list[float],
+    drift_ep: int = DRIFT_EP,
+    jobs: int = 1,
     progress: bool = False,
-) -> list[dict[str, Any]]:
-    """Every cell of the grid, plus a no-EPLB and an oracle (skew 0) row per EP size."""
-    rows = []
-    common = {
-        "output_len": output_len,
-        "layer_correlation": layer_correlation,
-        "depth_skew": depth_skew,
-        "seed": seed,
-    }
-    for ep in eps:
-        cells: list[tuple[str, int, str, int, list[str]]] = [
-            ("none", 0, "async", intervals[0], []),
-            ("oracle", 0, "async", intervals[0], ["experts.skew_sigma=0.0"]),
-        ]
-        cells += [
-            (p, k, m, i, []) for p in POLICIES for k in REDUNDANT_PER_RANK for m in MODES for i in intervals
-        ]
-        for policy, k, mode, interval, extra in cells:
-            cfg = study_config(
-                ep, "none" if policy == "oracle" else policy, k, mode, interval, extra=extra, **common
-            )
-            t0 = time.perf_counter()
-            r = simulate(cfg, "off", record_rank_time=False)
-            row = {
-                "ep": ep,
-                "policy": policy,
-                "redundant_per_rank": k,
-                "mode": mode if policy not in ("none", "oracle") else "-",
-                "interval": interval if policy not in ("none", "oracle") else None,
-                **summarise(r, cfg),
-            }
-            rows.append(row)
-            if progress:
-                print(
-                    f"EP {ep:3d} {policy:8s} r{k} {row['mode']:5s} i{interval}: imb {row['moe_imbalance']:.2f} "
-                    f"step {row['steady_decode_step_ms']:.1f} ms, {row['output_tok_s']:.0f} tok/s "
-                    f"({time.perf_counter() - t0:.1f} s)",
-                    flush=True,
-                )
-    return rows
+    **common: Any,
+) -> dict[str, Any]:
+    """Run every section over `seeds`; returns {"rows": per run and seed, section: aggregated cells}."""
+    secs = sections(eps, intervals, candidate_eps, drift_times, drift_ep)
+    res = run_all(secs, seeds, common, jobs, progress)
+    out: dict[str, Any] = {"rows": list(res.values())}
+    for name, cells in secs.items():
+        out[name] = [{"label": label, **aggregate(s, seeds, res)} for label, s in cells]
+    for c, (_, s) in zip(out["drift"], secs["drift"], strict=True):
+        # Seconds; None for no drift (JSON has no infinity).
+        tau = next((x.split("=")[1] for x in s[6] if "drift_timescale" in x), "120")
+        c["drift_s"] = None if tau == ".inf" else float(tau)
+    return out
 
 
 def diagnose(seed: int) -> dict[str, Any]:
@@ -200,16 +389,40 @@ def diagnose(seed: int) -> dict[str, Any]:
     return out
 
 
-def _fmt(x: Any, spec: str = "{:.2f}") -> str:
-    return "-" if x is None else spec.format(x)
+def analysis(doc: dict[str, Any]) -> list[str]:
+    """The candidates section's reading, every figure from this run."""
+    cand, head = doc["candidates"], doc["headline"]["per_ep"]
+    lines = []
+    for ep in sorted({c["ep"] for c in cand}):
+        cs = {c["label"]: c for c in cand if c["ep"] == ep}
+        old = cs["old driving"]
+        step_s = head[ep]["mean_step_s"] if ep in head else old["mean_step_s"]
+        alone = "; ".join(f"{label} {_pct(c)}" for label, c in cs.items() if label != "old driving")
+        lines.append(
+            f"- EP {ep}: the old driving gains {_pct(old)}; its plans come every 250 steps x {step_s:.2f} s = "
+            f"{250 * step_s:.0f} s and, one layer per step, land {58 * step_s:.0f} s after they are made, "
+            f"against a 120 s drift time; each plan balances its own window (max/mean "
+            f"{old.get('plan_window_after') or float('nan'):.3f}) but steady decode steps see "
+            f"{old['moe_imbalance_expected']:.2f} under the popularity. One change at a time: {alone}."
+        )
+    return lines
+
+
+def _pct(c: dict[str, Any]) -> str:
+    """A cell's median throughput gain and its spread over seeds."""
+    return f"{100 * c['gain_median']:+.1f} % ({100 * c['gain_min']:+.1f} .. {100 * c['gain_max']:+.1f})"
+
+
+def _drift_label(tau: float | None) -> str:
+    return "no drift" if tau is None else f"{tau:g} s"
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    """The report: headline, diagnosis, and the full table."""
-    meta, rows, head = doc["meta"], doc["rows"], doc["headline"]
-    d = doc["diagnosis"]
+    """The report: headline, why EPLB gained little and what changed, drift, diagnosis, all cells."""
+    meta, head, d = doc["meta"], doc["headline"], doc["diagnosis"]
     issue, nodrift, full = d["issue_run"], d["no_drift"], d["full_concurrency"]
     p0 = issue["plans"][0] if issue["plans"] else {}
+    steps = ", ".join(f"EP {ep} {h['mean_step_s']:.2f} s" for ep, h in head["per_ep"].items())
     lines = [
         "# EPLB scaling study (simulator)",
         "",
@@ -219,150 +432,158 @@ def markdown(doc: dict[str, Any]) -> str:
         f"{meta['p2p_op_latency_ms']:.2f} ms fitted to SwiftBalancer's 16-expert stall). Workload per EP: 32 "
         f"requests per rank in flight, 2 x that many requests, 3500 / {meta['output_len']} tokens +-50 %. "
         f"Expert load: log-popularity std 0.6, drift time 120 s, layer correlation {meta['layer_correlation']}, "
-        f"depth skew {meta['depth_skew']} (assumptions, not fitted). One seed ({meta['seed']}); "
-        f"{meta['runs']} runs in {meta['wall_s']:.0f} s.",
+        f"depth skew {meta['depth_skew']} (assumptions, not fitted). Async EPLB moves "
+        f"{meta['layers_per_step']} layers per step and commits each layer once it has moved. Seeds "
+        f"{meta['seeds']}: every figure is the median over seeds, (a .. b) the spread of a gain over seeds, "
+        f"each seed against no EPLB of the same seed. {meta['runs']} runs in {meta['wall_s']:.0f} s. "
+        f"Mean step (prefill steps of ~1 s included, so an interval in steps is this many seconds per step): "
+        f"{steps}.",
         "",
         "## Headline",
         "",
+        *[f"- {h}" for h in head["text"]],
+        "",
+        "## Why EPLB recovered little of the oracle's headroom at EP 32/64, and what changed",
+        "",
+        "One change at a time to the previous study's driving (swift, 1 redundant slot per rank, re-plan "
+        "every 250 steps on the load since the last plan, one layer moved per step, the new placement in "
+        "force only once all 58 layers moved), then the driving changes together. imb = MoE max/mean on "
+        "steady decode steps, realised / under the popularity (no sampling noise).",
+        "",
+        "| variant | EP | gain vs no EPLB | imb | step ms | plans | moves/plan | async ms/layer |",
+        "|---|---:|---|---|---:|---:|---:|---|",
     ]
-    lines += [f"- {h}" for h in head["text"]]
+    for c in doc["candidates"]:
+        lines.append(
+            f"| {c['label']} | {c['ep']} | {_pct(c)} | {c['moe_imbalance']:.2f} / {c['moe_imbalance_expected']:.2f} | "
+            f"{c['steady_decode_step_ms']:.1f} | {c['plans']:.0f} | {c['moves_per_plan']:.0f} | "
+            f"{c['async_layer_ms_mean']:.2f} / {c['async_layer_ms_max']:.2f} |"
+        )
+    lines += ["", *doc.get("analysis", []), "", "## Drift time (an assumption, not fitted)", "",
+              f"EP {meta['drift_ep']}, the same seeds; old driving = the first row above, new = interval 25, "
+              f"{meta['layers_per_step']} layers per step, per-layer commit (swift, 1 redundant slot per rank).",
+              "", "| drift time | no EPLB tok/s | old driving | new driving | imb none / old / new |",
+              "|---|---:|---|---|---|"]  # fmt: skip
+    by_tau: dict[float | None, dict[str, dict[str, Any]]] = {}
+    for c in doc["drift"]:
+        by_tau.setdefault(c["drift_s"], {})[c["label"]] = c
+    for tau, cs in by_tau.items():
+        lines.append(
+            f"| {_drift_label(tau)} | {cs['none']['output_tok_s']:.0f} | {_pct(cs['old driving'])} | "
+            f"{_pct(cs['new driving'])} | {cs['none']['moe_imbalance']:.2f} / {cs['old driving']['moe_imbalance']:.2f}"
+            f" / {cs['new driving']['moe_imbalance']:.2f} |"
+        )
     lines += [
         "",
-        "## Diagnosis: why the issue's EP 64 run only went 2.43 -> 2.20",
+        "## The issue's EP 64 run (seed 0): why it only went 2.43 -> 2.20",
         "",
         f"Rerun (concurrency 128 over 64 ranks, so about 2 requests per rank; "
-        f"{issue['mean_tokens_per_step']:.0f} tokens per step): realised max/mean "
+        f"{issue['mean_tokens_per_step']:.0f} tokens per step; the config's interval of "
+        f"{meta['diag_interval']} steps, one layer per step): realised max/mean "
         f"{d['issue_run_no_eplb']['moe_imbalance_realised']:.2f} without EPLB, "
         f"{issue['moe_imbalance_realised']:.2f} with swift; under the popularity itself (no sampling noise) "
         f"{d['issue_run_no_eplb']['moe_imbalance_expected']:.2f} -> {issue['moe_imbalance_expected']:.2f}.",
         "",
-        f"1. Placement applied as planned: yes. Every plan's table is the one in force after its transfer. "
-        f"First plan: {p0.get('window_before', float('nan')):.2f} -> {p0.get('window_after', float('nan')):.3f} on "
-        f"its window (what the planner benchmark measures).",
+        f"1. Placement applied as planned: yes. First plan: {p0.get('window_before', float('nan')):.2f} -> "
+        f"{p0.get('window_after', float('nan')):.3f} on its window (what the planner benchmark measures).",
         f"2. Drift between plans: the window covers {meta['diag_interval']} steps x "
         f"{issue['mean_step_s'] * 1e3:.0f} ms = {meta['diag_interval'] * issue['mean_step_s']:.0f} s against a "
         f"120 s drift time. The same first plan is {p0.get('popularity_after', float('nan')):.2f} on the popularity "
-        f"in force when it is made and {p0.get('popularity_at_apply', float('nan')):.2f} when it takes effect. "
-        f"Without drift the plan holds: expected {nodrift['moe_imbalance_expected']:.2f} over the run "
+        f"in force when it is made and {p0.get('popularity_at_apply', float('nan')):.2f} when it has fully taken "
+        f"effect. Without drift the plan holds: expected {nodrift['moe_imbalance_expected']:.2f} over the run "
         f"({nodrift['plans'][0]['popularity_after']:.3f} right after the first plan), realised "
         f"{nodrift['moe_imbalance_realised']:.2f}.",
         f"3. Per-step sampling noise: at {issue['mean_tokens_per_step']:.0f} tokens per step an expert gets "
         f"about {issue['mean_tokens_per_step'] * 8 / 256:.0f} tokens, so even the drift-free, perfectly planned "
         f"run realises {nodrift['moe_imbalance_realised']:.2f}. With every slot filled (concurrency 2048, "
-        f"{full['mean_tokens_per_step']:.0f} tokens per step) realised and expected agree on busy steps; the "
-        f"run mean ({full['moe_imbalance_realised']:.2f}) is inflated by the drain at the end, which the study "
-        f"excludes (steady decode steps only).",
+        f"{full['mean_tokens_per_step']:.0f} tokens per step) the noise is small on busy steps; the run mean "
+        f"({full['moe_imbalance_realised']:.2f}) is inflated by the drain at the end, which the study excludes "
+        f"(steady decode steps only).",
         f"4. Why the decode step did not move: at 2 requests per rank the token-proportional MoE and "
         f"all-to-all time is a few ms of a {issue['mean_decode_only_step_ms']:.0f} ms step; the study therefore "
         f"fills every slot.",
         "",
-        "## All runs",
+        "## All grid cells (medians over seeds)",
         "",
         "imb = MoE max/mean on steady decode steps (realised / under the popularity); step = steady decode "
         "step; moves = slots per plan over 58 layers; async = ms added per moved layer (mean / max); "
         "stall = worst stop-the-world transfer; worst = worst step carrying a transfer (a step that also "
         "prefills takes about 1 s by itself at these prompt lengths, so for async read the async column).",
         "",
-        "| EP | policy | red./rank | mode | interval | imb | step ms | TPOT ms | out tok/s | plans | moves | "
-        "async ms | stall ms | worst ms |",
-        "|---:|---|---:|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| EP | policy | red./rank | mode | interval | gain vs no EPLB | imb | step ms | TPOT ms | out tok/s | "
+        "plans | moves | async ms | stall ms | worst ms |",
+        "|---:|---|---:|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
-    for r in rows:
+    for c in doc["grid"]:
+        gain = "-" if c["label"] == "none" else _pct(c)
         lines.append(
-            f"| {r['ep']} | {r['policy']} | {r['redundant_per_rank']} | {r['mode']} | {_fmt(r['interval'], '{}')} | "
-            f"{r['moe_imbalance']:.2f} / {r['moe_imbalance_expected']:.2f} | {r['steady_decode_step_ms']:.1f} | "
-            f"{r['mean_tpot_ms']:.1f} | {r['output_tok_s']:.0f} | {r['plans']} | {r['moves_per_plan']:.0f} | "
-            f"{r['async_layer_ms_mean']:.2f} / {r['async_layer_ms_max']:.2f} | {r['sync_stall_ms_max']:.0f} | "
-            f"{r['worst_transfer_step_ms']:.0f} |"
+            f"| {c['ep']} | {c['label']} | {c['redundant_per_rank']} | {c['mode']} | "
+            f"{'-' if c['interval'] is None else c['interval']} | {gain} | "
+            f"{c['moe_imbalance']:.2f} / {c['moe_imbalance_expected']:.2f} | {c['steady_decode_step_ms']:.1f} | "
+            f"{c['mean_tpot_ms']:.1f} | {c['output_tok_s']:.0f} | {c['plans']:.0f} | {c['moves_per_plan']:.0f} | "
+            f"{c['async_layer_ms_mean']:.2f} / {c['async_layer_ms_max']:.2f} | {c['sync_stall_ms_max']:.0f} | "
+            f"{c['worst_transfer_step_ms']:.0f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per EP: best EPLB run (async) vs none; EP 64's decode gain and async cost; worst stall."""
-    text, per_ep = [], {}
-    for ep in sorted({r["ep"] for r in rows}):
-        none = next(r for r in rows if r["ep"] == ep and r["policy"] == "none")
-        oracle = next(r for r in rows if r["ep"] == ep and r["policy"] == "oracle")
-        eplb = [r for r in rows if r["ep"] == ep and r["policy"] in POLICIES and r["mode"] == "async"]
-        best = max(eplb, key=lambda r: r["output_tok_s"])
-        sync = [r for r in rows if r["ep"] == ep and r["mode"] == "sync"]
-        per_ep[ep] = {
-            "none_tok_s": none["output_tok_s"],
-            "best": {k: best[k] for k in ("policy", "redundant_per_rank", "interval")},
-            "best_tok_s": best["output_tok_s"],
-            "throughput_gain": round(best["output_tok_s"] / none["output_tok_s"] - 1, 4),
-            "decode_gain_ms": round(none["steady_decode_step_ms"] - best["steady_decode_step_ms"], 2),
-            "oracle_decode_gain_ms": round(
-                none["steady_decode_step_ms"] - oracle["steady_decode_step_ms"], 2
-            ),
-            "imbalance": [none["moe_imbalance"], best["moe_imbalance"], oracle["moe_imbalance"]],
-            "async_layer_ms_mean": best["async_layer_ms_mean"],
-            "async_layer_ms_max": best["async_layer_ms_max"],
-            "sync_stall_ms_max": max((r["sync_stall_ms_max"] for r in sync), default=0.0),
-            "sync_stall_ms_min": min((r["sync_stall_ms_max"] for r in sync if r["plans"]), default=0.0),
-        }
-        h = per_ep[ep]
-        text.append(
-            f"EP {ep}: best async EPLB ({best['policy']}, {best['redundant_per_rank']} redundant/rank, interval "
-            f"{best['interval']}) {h['best_tok_s']:.0f} vs {h['none_tok_s']:.0f} output tok/s without EPLB "
-            f"({100 * h['throughput_gain']:+.1f} %); steady decode step {h['decode_gain_ms']:+.2f} ms "
-            f"(no-skew bound {h['oracle_decode_gain_ms']:+.2f} ms); max/mean {h['imbalance'][0]:.2f} -> "
-            f"{h['imbalance'][1]:.2f} (no skew {h['imbalance'][2]:.2f}); async cost per moved layer "
-            f"{h['async_layer_ms_mean']:.2f} ms (max {h['async_layer_ms_max']:.2f}); stop-the-world stalls "
-            f"{h['sync_stall_ms_min']:.0f}-{h['sync_stall_ms_max']:.0f} ms"
-        )
-    return {"per_ep": per_ep, "text": text}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (results do not depend on it)")
     ap.add_argument("--output-len", type=int, default=1000)
     ap.add_argument("--layer-correlation", type=float, default=0.3)
     ap.add_argument("--depth-skew", type=float, default=0.5)
-    ap.add_argument("--quick", action="store_true", help="EP 8 and 16, one interval (a smoke run)")
+    ap.add_argument(
+        "--quick", action="store_true", help="EP 8 and 16, one seed, no drift sweep (a smoke run)"
+    )
     args = ap.parse_args(argv)
     from cluster.sim.config import TransferConfig
     from cluster.sim.transfer import expert_bytes
 
     t0 = time.perf_counter()
-    eps = [8, 16] if args.quick else EP_SIZES
-    intervals = INTERVALS[:1] if args.quick else INTERVALS
-    rows = run_grid(
-        eps,
-        intervals,
-        output_len=args.output_len,
-        layer_correlation=args.layer_correlation,
-        depth_skew=args.depth_skew,
-        seed=args.seed,
+    quick = args.quick
+    seeds = args.seeds[:1] if quick else args.seeds
+    common = {"output_len": args.output_len, "layer_correlation": args.layer_correlation,
+              "depth_skew": args.depth_skew}  # fmt: skip
+    doc = study(
+        [8, 16] if quick else EP_SIZES,
+        INTERVALS,
+        seeds=seeds,
+        candidate_eps=[16] if quick else CANDIDATE_EPS,
+        drift_times=[] if quick else DRIFT_TIMES,
+        jobs=args.jobs,
         progress=True,
+        **common,
     )
-    diag = diagnose(args.seed)
+    diag = diagnose(seeds[0])
     t = TransferConfig()
     base = load_config(CONFIG)
     doc = {
         "meta": {
-            "seed": args.seed,
+            "seeds": seeds,
             "output_len": args.output_len,
             "layer_correlation": args.layer_correlation,
             "depth_skew": args.depth_skew,
+            "layers_per_step": LAYERS_PER_STEP,
+            "drift_ep": DRIFT_EP,
             "sim_layers": base.experts.sim_layers,
             "expert_mb": expert_bytes(t) / 1e6,
             "p2p_op_latency_ms": t.p2p_op_latency_s * 1e3,
             "transfer": dataclasses.asdict(t),
             "diag_interval": base.eplb.interval_steps,
-            "runs": len(rows) + len(diag),
+            "runs": len(doc["rows"]) + len(diag),
             "wall_s": round(time.perf_counter() - t0, 1),
             "cpu": platform.machine(),
         },
-        "headline": headline(rows),
+        "headline": headline(doc["grid"]),
+        "analysis": analysis(doc),
         "diagnosis": diag,
-        "rows": rows,
+        **doc,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    name = "sim_eplb_scaling_quick" if args.quick else "sim_eplb_scaling"
+    name = "sim_eplb_scaling_quick" if quick else "sim_eplb_scaling"
     (args.out_dir / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
     (args.out_dir / f"{name}.md").write_text(markdown(doc))
     print("\n".join(doc["headline"]["text"]))

@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _bench(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # its functions pickle by module name into a process pool's workers
     spec.loader.exec_module(mod)
     return mod
 
@@ -242,12 +245,24 @@ def test_cli_loads_option(tmp_path: Path, capsys) -> None:
 
 def test_study_is_deterministic() -> None:
     study = _bench("sim_eplb_scaling")
-    kw = {"output_len": 30, "layer_correlation": 0.3, "depth_skew": 0.5, "seed": 1}
-    a = study.run_grid([8], [40], **kw)
-    b = study.run_grid([8], [40], **kw)
+    kw = {"output_len": 30, "layer_correlation": 0.3, "depth_skew": 0.5}
+    args = {"seeds": [1, 2], "candidate_eps": [8], "drift_times": [120.0, math.inf], "drift_ep": 8}
+    a = study.study([8], [40], jobs=1, **args, **kw)
+    b = study.study([8], [40], jobs=2, **args, **kw)  # in parallel: the same numbers, in the same order
     assert json.dumps(a) == json.dumps(b)  # NaN-safe: a cell without steady steps reports NaN
-    assert {r["policy"] for r in a} == {"none", "oracle", "deepseek", "swift"}
-    assert len(a) == 2 + 2 * 2 * 2  # none, oracle, policies x redundant x modes
-    assert any(r["plans"] > 0 for r in a)
-    head = study.headline(a)
+    grid = a["grid"]
+    assert {c["label"] for c in grid} == {"none", "oracle", "deepseek", "swift"}
+    assert len(grid) == 2 + 2 * 2 * 2  # none, oracle, policies x redundant x (async, sync)
+    assert any(c["plans"] > 0 for c in grid)
+    # Each seed's run is compared with no EPLB of the same seed: no EPLB gains exactly nothing.
+    none = next(c for c in grid if c["label"] == "none")
+    assert none["gains"] == [0.0, 0.0]
+    assert len(a["candidates"]) == len(study.CANDIDATES)
+    assert {c["drift_s"] for c in a["drift"]} == {120.0, None}  # None: no drift
+    # The drift sweep's 120 s cells are the candidates' runs (no override), not reruns.
+    old = next(c for c in a["candidates"] if c["label"] == "old driving")
+    old120 = next(c for c in a["drift"] if c["label"] == "old driving" and c["drift_s"] == 120.0)
+    assert old["output_tok_s"] == old120["output_tok_s"]
+    head = study.headline(grid)
     assert set(head["per_ep"]) == {8} and head["text"]
+    assert study.analysis({**a, "headline": head})
