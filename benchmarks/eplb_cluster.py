@@ -81,7 +81,7 @@ POLICIES = (
 # even split) lies within `max_over_mean_bound` of it. Without redundant
 # slots the two are equal, and the configured policy with its default parameters reaches ~1.01.
 DEFAULT_REDUNDANT = 0
-REPLICA_CHOICE = "occurrence"  # eplb.slots.occurrence_index
+REPLICA_CHOICE = "occurrence_rotated"  # eplb.slots.replica_index: occurrence plus the batch offset
 
 
 def _over_mean(rank_load: np.ndarray) -> float:

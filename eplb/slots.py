@@ -8,8 +8,8 @@ Per MoE layer (i = ordinal among the model's MoE layers):
   dim 0 and, under EP, our plugin's expert_map patch maps physical ids to local rows through a
   static [E + R] table (-1 where the slot is on another rank).
 * Routing: the router's mapping step (npu_runtime.eplb_hooks) calls `LayerRouting`, which maps
-  the j-th choice of expert e in the batch to `log2phy[e, j % replica_count[e]]`
-  (`occurrence_index`) and records both ids (per logical expert
+  the j-th choice of expert e in the batch to `log2phy[e, (j + offset) % replica_count[e]]`
+  (`replica_index`: offset from the batch's content) and records both ids (per logical expert
   and per physical slot, eplb.recorder). Both tables are
   preallocated ([E, 1 + R] and [E]) and only ever updated in place, so compiled graphs see updates.
 * Initial placement: what vLLM loaded. EP rank q holds its linear block of experts
@@ -50,6 +50,21 @@ def occurrence_index(ids: torch.Tensor, num_logical: int) -> torch.Tensor:
     return occurrence.view_as(ids)
 
 
+def replica_index(ids: torch.Tensor, replica_count: torch.Tensor) -> torch.Tensor:
+    """Replica each routed choice takes: int64, the shape of `ids` [tokens, top_k] (logical ids),
+    replica_count int64 [num_logical] (>= 1 each).
+
+    The j-th choice of expert e in the batch (`occurrence_index`) takes replica
+    (j + offset) % replica_count[e], offset = the sum of the batch's logical ids. Without an offset an
+    expert whose batch count is not a multiple of its replica count always gives the extra tokens to
+    its first replicas; the offset changes with the batch's choices from step to step, so the
+    remainder rotates over the replicas. It is a function of the gathered batch alone (device
+    tensors, no host sync), so every rank routing the same batch picks the same replica.
+    """
+    occurrence = occurrence_index(ids, replica_count.shape[0])
+    return (occurrence + ids.sum()) % replica_count[ids]
+
+
 class LayerRouting:
     """Callable installed as `router._dpserve_route` for one MoE layer.
 
@@ -69,7 +84,7 @@ class LayerRouting:
         if self.log2phy.shape[1] == 1:  # no redundant slots: one replica each, nothing to choose
             phys = self.log2phy[ids, 0]
         else:
-            rep = occurrence_index(ids, self.replica_count.shape[0]) % self.replica_count[ids]
+            rep = replica_index(ids, self.replica_count)
             phys = self.log2phy[ids, rep]
         # Recorded here, where the replica each token goes to is known (int64 already: no copy).
         self.recorder.record(self.index, ids, phys)

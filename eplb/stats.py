@@ -29,7 +29,7 @@ def slot_loads(load: np.ndarray, phy2log: np.ndarray) -> np.ndarray:
     """Load served by each physical slot: float [layers, num_physical].
 
     A logical expert's load is split evenly over its replicas (the router splits each batch's tokens
-    of an expert evenly over its replicas, eplb.slots.occurrence_index).
+    of an expert evenly over its replicas, eplb.slots.replica_index).
     """
     load = np.asarray(load, dtype=np.float64)
     phy2log = np.asarray(phy2log, dtype=np.int64)
