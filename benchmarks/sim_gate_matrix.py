@@ -12,7 +12,9 @@ Workloads (3500 in / 1500 out on average):
 
 Policies: `off`, `any_at_cap`, `cadence` at intervals 1-16 (with `any_at_cap` they trace today's
 frontier in the (TTFT increase, throughput gain) plane) and `bounded_hold` at its default and other hold
-bounds (its own frontier), and with ``queue_hold_factor`` 1 (no queue extension: the rule before #17). A policy "beats the frontier" in a cell when no frontier point has both at
+bounds (its own frontier), with ``load_queue_share`` 0 (no load signal: the queue extension applies
+only while the snapshot itself queues) and with ``queue_hold_factor`` 1 (no queue extension: the rule
+before #17). A policy "beats the frontier" in a cell when no frontier point has both at
 least its throughput gain and at most its mean-TTFT increase.
 
 Request counts: 4 x slots at 4 and 16 ranks, 2 x slots at 64 ranks; at 64 ranks only ``len20``,
@@ -49,7 +51,9 @@ POLICIES: list[tuple[str, str, dict[str, Any]]] = [
     *[(f"cadence{i}", "cadence", {"interval": i}) for i in (1, 2, 4, 8, 16)],
     ("bounded_hold", "bounded_hold", {}),
     *[(f"bounded_hold_h{h}", "bounded_hold", {"max_hold_steps": h}) for h in (4, 16, 32)],
-    # The rule without the queue extension (issue #17), for comparison.
+    # The rule without the load signal (the queue extension only while the snapshot queues), and
+    # without the queue extension at all (the rule before issue #17), for comparison.
+    ("bounded_hold_l0", "bounded_hold", {"load_queue_share": 0.0}),
     ("bounded_hold_q1", "bounded_hold", {"queue_hold_factor": 1}),
 ]
 FRONTIER = {"off", "any_at_cap", *(f"cadence{i}" for i in (1, 2, 4, 8, 16))}
@@ -104,6 +108,7 @@ def main() -> int:
         default=["len20", "poisson100", "burst"],
         help="workloads run at 64 ranks (each costs minutes there)",
     )
+    ap.add_argument("--seed", type=int, default=None, help="the workload seed (default: the config's)")
     ap.add_argument("--out", default=str(OUT / "sim_gate_matrix"))
     ap.add_argument("--render-only", action="store_true", help="re-render <out>.md from <out>.json")
     args = ap.parse_args()
@@ -117,6 +122,8 @@ def main() -> int:
         return 0
     t0 = time.perf_counter()
     base = load_config(CONFIG)
+    if args.seed is not None:
+        base = apply_overrides(base, [f"seed={args.seed}"])
     workloads = [*CLOSED, *OPEN, "burst"]
     if args.quick:
         workloads = ["seed", "len20", "poisson100"]
@@ -167,6 +174,7 @@ def main() -> int:
             "policies": [{"label": lab, "name": n, "params": p} for lab, n, p in POLICIES],
             "frontier": sorted(FRONTIER),
             "default": DEFAULT,
+            "seed": base.seed,
             "cells": cells,
             "wall_s": wall,
         },
@@ -193,7 +201,7 @@ def render(cells: dict[str, dict[str, Any]], wall: float) -> str:
     beaten = [k for k, c in cells.items() if not c["beats_frontier"][DEFAULT]]
     md.append(
         "## Targets for the default (`bounded_hold`, max_hold_steps 8, quorum 0.5, min_occupancy 0.9,"
-        " queue_hold_factor 4)"
+        " queue_hold_factor 4, load_queue_share 0.05)"
     )
     md.append("")
     if done:

@@ -10,7 +10,9 @@ lockstep step (see ``scheduler/balance_scheduler.py`` for the step key and the p
   different times;
 * nobody ever waits for a missing rank: a rank whose last report is older than ``timeout_s`` is left
   out of snapshots (logged once, re-admitted when it reports again);
-* the policy can be swapped at run time (``set_policy``); decisions already frozen stay as they are.
+* the policy can be swapped at run time (``set_policy``); decisions already frozen stay as they are;
+* each frozen decision also reads the group's recent load (``scheduler.policy.LoadWindow``), built
+  from the snapshots earlier decisions of the same wave were frozen from.
 
 Transports: ranks reach the actor either through Ray method calls (``report``; transport ``"ray"``)
 or, by default, through a ZMQ ROUTER socket the actor serves from a thread (``zmq_address``; see
@@ -38,7 +40,7 @@ from scheduler.coordinator_config import ConfigStore
 from scheduler.coordinator_metrics import Metrics
 from scheduler.frame_auth import new_key
 from scheduler.gate_report import GateReport, StepKey
-from scheduler.policy import GateDecision, GatePolicy, RankCounts, make_policy
+from scheduler.policy import GateDecision, GatePolicy, GroupLoad, LoadWindow, RankCounts, make_policy
 
 logger = logging.getLogger("dpserve.balance.coordinator")
 
@@ -76,6 +78,10 @@ class CoordinatorState:
         self.policy: GatePolicy = make_policy(policy, **self.policy_params)
         self.ranks: dict[int, _RankState] = {}
         self.decisions: OrderedDict[StepKey, GateDecision] = OrderedDict()
+        # The group's recent load (scheduler.policy.GroupLoad), from the snapshots decisions are
+        # frozen from; a new wave starts from an idle group, so its history starts over.
+        self.load_window = LoadWindow()
+        self._load_wave = -1
         self.closed_steps = 0
         self.decided_steps = 0
         self.gathers = 0  # steps every live rank reported (each one observed in the gather-latency metric)
@@ -95,6 +101,8 @@ class CoordinatorState:
         self.ranks.clear()
         self.decisions.clear()
         self._gather.clear()
+        self.load_window.reset()
+        self._load_wave = -1
         self.closed_steps = self.decided_steps = self.gathers = 0
 
     # ---- liveness --------------------------------------------------------------------------------
@@ -144,7 +152,8 @@ class CoordinatorState:
         """The decision for ``key``: frozen on first request from one snapshot of live ranks."""
         decision = self.decisions.get(key)
         if decision is None:
-            decision = self.policy.decide(self.live_counts(now), key[1])
+            counts = self.live_counts(now)
+            decision = self.policy.decide(counts, key[1], self._observe_load(key, counts))
             self.decisions[key] = decision
             self.decided_steps += 1
             if not decision.admit:
@@ -152,6 +161,17 @@ class CoordinatorState:
             while len(self.decisions) > _KEEP_DECISIONS:
                 self.decisions.popitem(last=False)
         return decision
+
+    def _observe_load(self, key: StepKey, counts: list[RankCounts]) -> GroupLoad:
+        """The load the decision for ``key`` reads: the window with this snapshot added (a decision
+        of an older wave, frozen late, reads the current load and adds nothing)."""
+        wave, step = key
+        if wave > self._load_wave:
+            self.load_window.reset()
+            self._load_wave = wave
+        if wave < self._load_wave:
+            return self.load_window.load
+        return self.load_window.observe(counts, step)
 
     def _note_gather(self, key: StepKey, rank: int, now: float) -> float | None:
         first, seen = self._gather.get(key, (now, set()))
@@ -180,6 +200,7 @@ class CoordinatorState:
             "decided_steps": self.decided_steps,
             "closed_steps": self.closed_steps,
             "gathers": self.gathers,
+            "queued_share": self.load_window.load.queued_share,
             "live_ranks": sorted(live),
             "ranks": {
                 r: {

@@ -29,11 +29,13 @@ held requests' TTFT. A rank is *ready* when it has waiting requests and a free s
 (``waiting > 0 and running < max_num_seqs``). The group *queues* when more requests wait than there
 are free slots on all live ranks together (``sum(waiting) > sum(max(0, max_num_seqs - running))``):
 then requests wait for slots whatever the gate does, their TTFT is set by the queue, and more
-throughput shortens it, so the gate holds longer and fills the prefill step on every rank. With ``L``
-live ranks, the hold bound ``H`` and the quorum ``Q`` are
+throughput shortens it, so the gate holds longer and fills the prefill step on every rank. The group
+is *loaded* when it queues now or queued at a share of recent steps of at least ``load_queue_share``
+(``GroupLoad.queued_share``, below). With ``L`` live ranks, the hold bound ``H`` and the quorum ``Q``
+are
 
-    not queued: ``H = max_hold_steps``,                      ``Q = min(L, max(2, ceil(quorum * L)))``
-    queued:     ``H = max_hold_steps * queue_hold_factor``,  ``Q = L`` (every live rank ready)
+    not loaded: ``H = max_hold_steps``,                      ``Q = min(L, max(2, ceil(quorum * L)))``
+    loaded:     ``H = max_hold_steps * queue_hold_factor``,  ``Q = L`` (every live rank ready)
 
 and for step ``s``:
 
@@ -53,21 +55,39 @@ and for step ``s``:
 With a closed-loop client whose concurrency is at most the group's slots, requests in flight never
 outnumber the slots, so the group never queues and only the first row applies.
 
+The load signal
+~~~~~~~~~~~~~~~
+One snapshot does not tell an overloaded group from a lightly loaded one: under open-loop arrivals
+above what the group serves, holding drains the queue it builds, so the snapshot between two queue
+episodes shows free slots and nothing queued, as at light load. The history does: a group at light
+load never queues, an overloaded one queues again and again. ``GroupLoad.queued_share`` is the share
+of recent steps whose snapshot queued, an exponential moving average over about ``window_steps``
+(default 256) steps that `LoadWindow` builds from the snapshots it is fed (the coordinator feeds it
+the snapshot each frozen decision is made from, the simulator each step's; it is plain data, the same
+for the same snapshots). While it is at least ``load_queue_share``, the loaded row applies between
+queue episodes too, so the gate keeps merging admissions instead of reopening for one rank at a time
+and letting the queue form again. With no history (``load`` omitted or ``steps == 0``) the group is
+loaded only while it queues now.
+
 Parameters: ``max_hold_steps`` (int >= 1, default 8) is the operator's TTFT budget in steps: with a
 decode step of ``d`` ms a held request waits at most ``(max_hold_steps - 1) * d`` ms once the snapshot
-shows its rank ready (``(H - 1) * d`` while the group queues), and larger values move the policy along
+shows its rank ready (``(H - 1) * d`` while the group is loaded), and larger values move the policy along
 its own throughput/TTFT frontier. Counted
 in the rank's own steps, the decision pipeline adds up to ``lead + 1`` steps: a decision is frozen
 ``lead`` steps ahead, from the counts of the ranks that have reported by then (one step older when a
 peer's report freezes it first), so a request can wait up to ``H + lead`` steps
 (checked on real engines by ``tests/scheduler/test_balance_e2e.py``). ``quorum`` (0 < q <= 1, default 0.5) is the
-fraction of live ranks that must be ready to open early while the group does not queue.
-``queue_hold_factor`` (int >= 1, default 4) lengthens the hold bound while the group queues; 1 turns
-the queue extension off (the not-queued row then applies throughout, the rule before issue #17).
+fraction of live ranks that must be ready to open early while the group is not loaded.
+``queue_hold_factor`` (int >= 1, default 4) lengthens the hold bound while the group is loaded; 1 turns
+the extension off (the not-loaded row then applies throughout, the rule before issue #17).
+``load_queue_share`` (0 <= s <= 1, default 0.05) is the share of recent queued steps from which the
+group counts as loaded without a queue in the snapshot; 0 turns the load signal off (loaded only
+while queued now).
 ``min_occupancy`` (0 <= m <= 1, default 0.9) is the saturation guard's threshold; 0 disables it.
 Below about 90 % of the slots running, requests do not queue for slots, so the group serves what
-arrives whether or not it holds. The rule reads only the snapshot and the step
-number, so every rank and the simulator get the same decision from the same counts.
+arrives whether or not it holds. The rule reads only the snapshot, the step number and the load
+built from earlier snapshots, so every rank and the simulator get the same decision from the same
+counts.
 """
 
 from __future__ import annotations
@@ -84,10 +104,13 @@ __all__ = [
     "Cadence",
     "GateDecision",
     "GatePolicy",
+    "GroupLoad",
+    "LoadWindow",
     "MaxMinusOne",
     "Off",
     "RankCounts",
     "make_policy",
+    "queued",
 ]
 
 
@@ -108,6 +131,69 @@ class RankCounts:
 
 
 @dataclass(frozen=True)
+class GroupLoad:
+    """The group's recent load: what one snapshot cannot show, from the snapshots before it.
+
+    ``queued_share`` is the share of recent steps at which the group queued for slots (more requests
+    waiting than free slots on all live ranks together), an exponential moving average over about
+    ``LoadWindow.window_steps`` steps; ``steps`` is how many snapshots it has seen (0: no history).
+    """
+
+    queued_share: float = 0.0
+    steps: int = 0
+
+
+def queued(counts: Sequence[RankCounts]) -> tuple[bool, int, int]:
+    """Whether the group queues for slots in ``counts``, with its waiting and free-slot totals. A rank
+    over its cap frees no slot for the others."""
+    waiting = sum(c.waiting for c in counts)
+    free = sum(max(0, c.max_num_seqs - c.running) for c in counts)
+    return waiting > free, waiting, free
+
+
+class LoadWindow:
+    """Builds the `GroupLoad` a policy reads from the snapshots it is fed, one per decided step.
+
+    The coordinator and the simulator each keep one and feed it the snapshot each decision is made
+    from, so both hand the policy the same load for the same sequence of snapshots. A step's weight
+    decays with the steps since (``exp(-gap / window_steps)``), so a decision frozen for several steps
+    from one snapshot (``horizon``) or a skipped step count by their step numbers, not by calls.
+    ``reset`` forgets the history (a new wave starts from an idle group).
+    """
+
+    def __init__(self, window_steps: int = 256) -> None:
+        if isinstance(window_steps, bool) or not isinstance(window_steps, int) or window_steps < 1:
+            raise ValueError(f"load window: window_steps must be an integer >= 1, got {window_steps!r}")
+        self.window_steps = window_steps
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every snapshot seen."""
+        self._share = 0.0
+        self._steps = 0
+        self._last: int | None = None
+
+    @property
+    def load(self) -> GroupLoad:
+        """The load as of the last snapshot observed."""
+        return GroupLoad(queued_share=self._share, steps=self._steps)
+
+    def observe(self, counts: Sequence[RankCounts], step: int) -> GroupLoad:
+        """Add the snapshot taken for ``step`` and return the load including it. A step not after the
+        last one observed adds no weight (the snapshot is already counted)."""
+        if not counts:
+            return self.load
+        now = 1.0 if queued(counts)[0] else 0.0
+        if self._last is None:
+            self._share = now
+        elif step > self._last:
+            self._share += (1.0 - math.exp(-(step - self._last) / self.window_steps)) * (now - self._share)
+        self._last = step if self._last is None else max(self._last, step)
+        self._steps += 1
+        return self.load
+
+
+@dataclass(frozen=True)
 class GateDecision:
     """Whether new prefills may be admitted in synchronized step ``step``, and why (for logs/metrics)."""
 
@@ -122,7 +208,9 @@ class GatePolicy(Protocol):
 
     name: str
 
-    def decide(self, counts: Sequence[RankCounts], step: int) -> GateDecision: ...
+    def decide(
+        self, counts: Sequence[RankCounts], step: int, load: GroupLoad | None = None
+    ) -> GateDecision: ...
 
 
 def _empty(step: int) -> GateDecision:
@@ -136,7 +224,7 @@ class Off:
 
     name: ClassVar[str] = "off"
 
-    def decide(self, counts: Sequence[RankCounts], step: int) -> GateDecision:
+    def decide(self, counts: Sequence[RankCounts], step: int, load: GroupLoad | None = None) -> GateDecision:
         """Admit unconditionally."""
         if not counts:
             return _empty(step)
@@ -150,7 +238,7 @@ class _CapThreshold:
     slack: ClassVar[int] = 0
     name: ClassVar[str] = ""
 
-    def decide(self, counts: Sequence[RankCounts], step: int) -> GateDecision:
+    def decide(self, counts: Sequence[RankCounts], step: int, load: GroupLoad | None = None) -> GateDecision:
         """Close if any live rank is at (or within ``slack`` of) its own ``max_num_seqs``."""
         if not counts:
             return _empty(step)
@@ -203,7 +291,7 @@ class Cadence:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"cadence: interval must be an integer >= 1, got {self.interval!r}")
 
-    def decide(self, counts: Sequence[RankCounts], step: int) -> GateDecision:
+    def decide(self, counts: Sequence[RankCounts], step: int, load: GroupLoad | None = None) -> GateDecision:
         """Admit on steps that are a multiple of ``interval`` (step 0 admits)."""
         if not counts:
             return _empty(step)
@@ -219,12 +307,14 @@ class Cadence:
 @dataclass(frozen=True)
 class BoundedHold:
     """Hold prefills until a quorum of ranks is ready, at most ``max_hold_steps`` (``queue_hold_factor``
-    times that, and until every rank is ready, while the group queues for slots; module docstring)."""
+    times that, and until every rank is ready, while the group queues for slots or did so recently;
+    module docstring)."""
 
     max_hold_steps: int = 8
     quorum: float = 0.5
     min_occupancy: float = 0.9
     queue_hold_factor: int = 4
+    load_queue_share: float = 0.05
     name: ClassVar[str] = "bounded_hold"
 
     def __post_init__(self) -> None:
@@ -243,9 +333,12 @@ class BoundedHold:
         f = self.queue_hold_factor
         if isinstance(f, bool) or not isinstance(f, int) or f < 1:
             raise ValueError(f"bounded_hold: queue_hold_factor must be an integer >= 1, got {f!r}")
+        q = self.load_queue_share
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= 1:
+            raise ValueError(f"bounded_hold: load_queue_share must be a number in [0, 1], got {q!r}")
 
-    def decide(self, counts: Sequence[RankCounts], step: int) -> GateDecision:
-        """Apply rules 1-5 of the module docstring to one snapshot."""
+    def decide(self, counts: Sequence[RankCounts], step: int, load: GroupLoad | None = None) -> GateDecision:
+        """Apply rules 1-5 of the module docstring to one snapshot and the group's recent load."""
         if not counts:
             return _empty(step)
         ready = sum(1 for c in counts if c.waiting > 0 and c.running < c.max_num_seqs)
@@ -253,13 +346,20 @@ class BoundedHold:
             return GateDecision(
                 step=step, admit=False, reason="no rank has a waiting request and a free slot"
             )
-        waiting = sum(c.waiting for c in counts)
-        free = sum(max(0, c.max_num_seqs - c.running) for c in counts)
-        queued = self.queue_hold_factor > 1 and waiting > free
-        if queued:
+        now_queued, waiting, free = queued(counts)
+        recent = (
+            load is not None
+            and load.steps > 0
+            and self.load_queue_share > 0
+            and load.queued_share >= self.load_queue_share
+        )
+        if self.queue_hold_factor > 1 and (now_queued or recent):
             hold = self.max_hold_steps * self.queue_hold_factor
             need = len(counts)
-            mode = f"; queue: {waiting} waiting > {free} free slots"
+            if now_queued:
+                mode = f"; queue: {waiting} waiting > {free} free slots"
+            else:
+                mode = f"; loaded: queued at {load.queued_share:.0%} of recent steps"  # type: ignore[union-attr]
         else:
             hold = self.max_hold_steps
             need = min(len(counts), max(2, math.ceil(self.quorum * len(counts))))
@@ -306,7 +406,9 @@ _PARAMS: dict[str, frozenset[str]] = {
     "any_at_cap": frozenset(),
     "max_minus_one": frozenset(),
     "cadence": frozenset({"interval"}),
-    "bounded_hold": frozenset({"max_hold_steps", "quorum", "min_occupancy", "queue_hold_factor"}),
+    "bounded_hold": frozenset(
+        {"max_hold_steps", "quorum", "min_occupancy", "queue_hold_factor", "load_queue_share"}
+    ),
 }
 
 

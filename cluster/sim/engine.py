@@ -3,7 +3,9 @@
 Each synchronized step:
 
 1. one snapshot of every rank's (running, waiting) goes to the real gate policy
-   (`scheduler.policy`), whose single decision applies to every rank;
+   (`scheduler.policy`), with the group's recent load built from the snapshots so far
+   (`scheduler.policy.LoadWindow`, as the coordinator builds it), and its single decision applies to
+   every rank;
 2. each rank schedules like vLLM's ``Scheduler.schedule()``: running requests first, in order (a
    decode costs one token, an unfinished prefill continues with its next chunk), then — if the gate
    admits — waiting requests in FCFS order while the token budget (``max_num_batched_tokens``) and
@@ -36,7 +38,7 @@ from cluster.sim.config import SimConfig
 from cluster.sim.costs import CostModel
 from cluster.sim.experts import ExpertModel
 from cluster.sim.workload import Client, Router, make_requests
-from scheduler.policy import GatePolicy, RankCounts, make_policy
+from scheduler.policy import GatePolicy, LoadWindow, RankCounts, make_policy
 
 
 @dataclass
@@ -190,6 +192,7 @@ def simulate(
 
     rec: dict[str, list[Any]] = defaultdict(list)
     snapshots: deque[list[RankCounts]] = deque(maxlen=cfg.cluster.gate_lag_steps + 1)
+    load = LoadWindow()  # the group's recent load, from the snapshots the decisions are made from
     t = 0.0
     step = 0
     done = 0
@@ -218,7 +221,7 @@ def simulate(
         # 1. One snapshot, one decision for every rank (from the snapshot gate_lag_steps old).
         counts = [RankCounts(r, len(running[r]), len(waiting[r]), mns, step) for r in range(R)]
         snapshots.append(counts)
-        decision = gate.decide(snapshots[0], step)
+        decision = gate.decide(snapshots[0], step, load.observe(snapshots[0], step))
         admit = decision.admit
 
         # 2. Per-rank scheduling.

@@ -12,7 +12,7 @@ from cluster.cli import main
 from cluster.sim import load_config, simulate
 from cluster.sim.cli import DEFAULT_CONFIG
 from cluster.sim.config import apply_overrides
-from scheduler.policy import GateDecision, RankCounts, make_policy
+from scheduler.policy import GateDecision, GroupLoad, LoadWindow, RankCounts, make_policy
 
 
 def small(*overrides: str):
@@ -91,10 +91,12 @@ class Spy:
     def __init__(self, inner) -> None:
         self.inner = inner
         self.calls: list[tuple[list[RankCounts], int]] = []
+        self.loads: list[GroupLoad | None] = []
 
-    def decide(self, counts, step) -> GateDecision:
+    def decide(self, counts, step, load=None) -> GateDecision:
         self.calls.append((list(counts), step))
-        return self.inner.decide(counts, step)
+        self.loads.append(load)
+        return self.inner.decide(counts, step, load)
 
 
 def test_simulator_calls_the_real_policy_once_per_step() -> None:
@@ -109,6 +111,18 @@ def test_simulator_calls_the_real_policy_once_per_step() -> None:
     np.testing.assert_array_equal(res.running, [[c.running for c in cs] for cs, _ in spy.calls])
     assert res.admitted[~res.admit].sum() == 0
     assert (~res.admit).any()
+
+
+def test_simulator_passes_the_load_of_the_snapshots_it_decided_from() -> None:
+    # A queue forms (16 requests at once for 4 x 2 slots), so the load is not trivially zero; the
+    # engine's load at each step is what a fresh LoadWindow builds from the same snapshots.
+    spy = Spy(make_policy("bounded_hold"))
+    simulate(small("cluster.max_num_seqs=2", "workload.max_concurrency=null"), spy)
+    window = LoadWindow()
+    expected = [window.observe(counts, step) for counts, step in spy.calls]
+    assert spy.loads == expected
+    assert all(isinstance(x, GroupLoad) for x in spy.loads)
+    assert max(x.queued_share for x in spy.loads) > 0
 
 
 def test_simulate_by_name_uses_scheduler_policy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,7 +147,7 @@ def test_closed_gate_blocks_admission() -> None:
     class Never:
         name = "never"
 
-        def decide(self, counts, step):
+        def decide(self, counts, step, load=None):
             return GateDecision(step, step == 0, "only step 0")
 
     # With admission only at step 0, requests that were not admitted then can never run.
@@ -289,7 +303,7 @@ def test_gate_lag_decides_from_an_older_snapshot() -> None:
     class Spy:
         name = "spy"
 
-        def decide(self, counts, step):  # noqa: ANN001, ANN202
+        def decide(self, counts, step, load=None):  # noqa: ANN001, ANN202
             seen.append((step, counts[0].step))
             return GateDecision(step=step, admit=True, reason="spy")
 

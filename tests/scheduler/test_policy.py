@@ -243,6 +243,7 @@ def test_bounded_hold_rejects_bad_params(params: dict) -> None:
 
 def test_bounded_hold_rejects_unknown_param() -> None:
     with pytest.raises(
-        ValueError, match="accepted: max_hold_steps, min_occupancy, queue_hold_factor, quorum"
+        ValueError,
+        match="accepted: load_queue_share, max_hold_steps, min_occupancy, queue_hold_factor, quorum",
     ):
         make_policy("bounded_hold", interval=4)
