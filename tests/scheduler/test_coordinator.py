@@ -12,6 +12,7 @@ import pytest
 
 from scheduler.coordinator import CoordinatorState
 from scheduler.gate_report import GateReport
+from scheduler.policy import GateDecision
 
 
 class _Clock:
@@ -152,6 +153,37 @@ def test_report_freezes_horizon_steps_from_one_snapshot() -> None:
     # Rank 1 reports the same aligned step with a different view: it gets the frozen span.
     span1, _ = st.report(GateReport(1, 0, 4, running=0, waiting=0, max_num_seqs=2, lead=1, horizon=4))
     assert span1 == span0
+
+
+def test_decisions_read_the_load_of_earlier_snapshots() -> None:
+    # Two ranks of 4 slots. While the group queues (5 waiting > 1 free) the window fills; after the
+    # queue is gone, the decision for step 48 from a calm snapshot (1 waiting, 1 free, 1 of 2 ranks
+    # ready) is "loaded": 48 is not on the 32-step bound and both ranks must be ready. The same
+    # snapshot in a new wave (history reset) opens on the plain 8-step bound.
+    st = CoordinatorState("bounded_hold", {"min_occupancy": 0.0}, clock=_Clock())
+    calm = [(3, 1), (4, 0)]
+
+    def step(wave: int, n: int, counts: list[tuple[int, int]]) -> GateDecision:
+        for rank, (running, waiting) in enumerate(counts):
+            (d,), _ = st.report(GateReport(rank, wave, n, running=running, waiting=waiting, max_num_seqs=4))
+        return d
+
+    for n in range(40):
+        step(0, n, [(3, 3), (4, 2)])
+    assert st.stats()["queued_share"] == pytest.approx(1.0)
+    for n in range(40, 47):
+        step(0, n, calm)
+    held = step(0, 47, calm)
+    assert held.step == 48 and not held.admit, held.reason
+    assert held.reason.endswith("loaded: queued at 97% of recent steps"), held.reason
+    assert 0.9 < st.stats()["queued_share"] < 1.0
+    for n in range(40, 47):
+        step(1, n, calm)
+    fresh = step(1, 47, calm)
+    assert fresh.admit and fresh.reason == "hold bound: step 48 on 8-step deadline", fresh.reason
+    assert st.stats()["queued_share"] == 0.0
+    st.reset()
+    assert st.load_window.load.steps == 0
 
 
 def test_ray_gate_client_horizon(coordinator, ray_local) -> None:

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from scheduler.policy import POLICIES, GateDecision, GatePolicy, RankCounts, make_policy
+from scheduler.policy import (
+    POLICIES,
+    GateDecision,
+    GatePolicy,
+    GroupLoad,
+    LoadWindow,
+    RankCounts,
+    make_policy,
+)
 
 
 def _snap(*running: int, cap: int = 4, waiting: int = 1) -> list[RankCounts]:
@@ -187,6 +197,119 @@ def test_bounded_hold_never_holds_past_the_bound(hold: int) -> None:
     assert max(gaps) <= hold
 
 
+LOADED = GroupLoad(queued_share=0.05, steps=100)  # queued at 5 % of recent steps: the default threshold
+QUIET = GroupLoad(queued_share=0.049, steps=100)
+NO_HISTORY = GroupLoad(queued_share=1.0, steps=0)
+
+# The load signal: (params, load, ranks as (running, waiting), step, expected admit, reason prefix).
+# The snapshots do not queue (waiting <= free slots), so only the load can make the group loaded.
+LOAD_CASES = [
+    # Loaded: the bound stretches to 8 * 4 = 32 and the quorum to every live rank.
+    ({}, LOADED, (READY, FULL, FULL, FULL), 8, False, "holding"),
+    ({}, LOADED, (READY, FULL, FULL, FULL), 31, False, "holding"),
+    ({}, LOADED, (READY, FULL, FULL, FULL), 32, True, "hold bound"),
+    ({"min_occupancy": 0.0}, LOADED, (READY, READY, READY, FULL), 1, False, "holding"),
+    ({}, LOADED, (READY, READY, READY, READY), 1, True, "quorum"),
+    # Just under the threshold, no history, the signal off, or the extension off: the plain row.
+    ({}, QUIET, (READY, FULL, FULL, FULL), 8, True, "hold bound"),
+    ({}, QUIET, (READY, READY, FULL, FULL), 1, True, "quorum"),
+    ({}, NO_HISTORY, (READY, FULL, FULL, FULL), 8, True, "hold bound"),
+    ({}, None, (READY, FULL, FULL, FULL), 8, True, "hold bound"),
+    ({"load_queue_share": 0.0}, LOADED, (READY, FULL, FULL, FULL), 8, True, "hold bound"),
+    ({"queue_hold_factor": 1}, LOADED, (READY, FULL, FULL, FULL), 8, True, "hold bound"),
+    ({"load_queue_share": 0.5}, LOADED, (READY, READY, FULL, FULL), 1, True, "quorum"),
+    ({"min_occupancy": 0.0}, GroupLoad(0.5, 10), (READY, READY, FULL, FULL), 1, False, "holding"),
+    # Rule 1 still first, and the saturation guard still opens a loaded group with idle slots.
+    ({}, LOADED, (FULL, FULL, BLOCKED, FULL), 32, False, "no rank"),
+    ({}, LOADED, ((0, 1), FULL, FULL, FULL), 1, True, "saturation guard"),
+    # A queue in the snapshot makes the group loaded whatever the history says.
+    ({}, GroupLoad(0.0, 100), ((3, 2), FULL, FULL, FULL), 8, False, "holding"),
+]
+
+
+@pytest.mark.parametrize(("params", "load", "ranks", "step", "admit", "reason"), LOAD_CASES)
+def test_bounded_hold_load_table(
+    params: dict,
+    load: GroupLoad | None,
+    ranks: tuple[tuple[int, int], ...],
+    step: int,
+    admit: bool,
+    reason: str,
+) -> None:
+    decision = make_policy("bounded_hold", **params).decide(_counts(*ranks), step, load)
+    assert decision.admit is admit, decision.reason
+    assert decision.reason.startswith(reason), decision.reason
+
+
+def test_bounded_hold_loaded_reason_shows_the_share() -> None:
+    held = make_policy("bounded_hold").decide(_counts(READY, FULL, FULL, FULL), 5, LOADED)
+    assert (
+        held.reason
+        == "holding: 1/4 ranks ready (need 4), 15/16 slots running; loaded: queued at 5% of recent steps"
+    )
+
+
+@pytest.mark.parametrize("name", ["off", "any_at_cap", "max_minus_one", "cadence"])
+def test_other_policies_ignore_the_load(name: str) -> None:
+    policy = make_policy(name)
+    snap = _counts(READY, FULL, (4, 3), READY)
+    for step in range(6):
+        assert policy.decide(snap, step, LOADED) == policy.decide(snap, step)
+
+
+@pytest.mark.parametrize("hold", [1, 3, 8])
+def test_bounded_hold_loaded_bound(hold: int) -> None:
+    # Loaded without a queue in the snapshot, held by the quorum: opens exactly every hold * 4 steps.
+    policy = make_policy("bounded_hold", max_hold_steps=hold)
+    snap = _counts(READY, FULL, FULL, FULL)
+    opens = [s for s in range(200) if policy.decide(snap, s, LOADED).admit]
+    assert opens == list(range(0, 200, hold * 4))
+
+
+QUEUED = _counts((3, 2), FULL, FULL, FULL)  # 2 waiting > 1 free slot
+CALM = _counts(READY, FULL, FULL, FULL)  # 1 waiting, 1 free slot
+
+
+def test_load_window_average_and_decay() -> None:
+    w = LoadWindow(window_steps=10)
+    assert w.load == GroupLoad(0.0, 0)
+    assert w.observe(QUEUED, 0) == GroupLoad(1.0, 1)  # the first snapshot is the whole history
+    # Ten steps later a calm snapshot weighs 1 - exp(-1) of the average.
+    assert w.observe(CALM, 10).queued_share == pytest.approx(math.exp(-1))
+    # A snapshot for a step already observed (a horizon's later steps, a late decision) adds nothing.
+    assert w.observe(QUEUED, 10).queued_share == pytest.approx(math.exp(-1))
+    assert w.observe(QUEUED, 3).queued_share == pytest.approx(math.exp(-1))
+    assert w.load.steps == 4
+    assert w.observe([], 11) == w.load  # an empty snapshot (no live rank) is no evidence
+    w.reset()
+    assert w.load == GroupLoad(0.0, 0)
+
+
+def test_load_window_counts_steps_not_calls() -> None:
+    # One snapshot every 4 steps (horizon 4) reaches the same share as one every step.
+    a, b = LoadWindow(window_steps=16), LoadWindow(window_steps=16)
+    for s in range(0, 64):
+        a.observe(QUEUED if s < 32 else CALM, s)
+    for s in range(0, 64, 4):
+        b.observe(QUEUED if s < 32 else CALM, s)
+    assert b.load.queued_share == pytest.approx(a.load.queued_share, rel=0.15)
+    assert 0 < a.load.queued_share < 1
+
+
+def test_load_window_share_of_queued_steps() -> None:
+    # Queued on one step in 10, for many windows: the share settles near 10 %.
+    w = LoadWindow(window_steps=256)
+    for s in range(5000):
+        w.observe(QUEUED if s % 10 == 0 else CALM, s)
+    assert w.load.queued_share == pytest.approx(0.1, abs=0.02)
+
+
+@pytest.mark.parametrize("window", [0, -1, 2.5, True])
+def test_load_window_rejects_bad_window(window: object) -> None:
+    with pytest.raises(ValueError, match="window_steps"):
+        LoadWindow(window_steps=window)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("hold", "factor"), [(1, 4), (2, 4), (8, 4), (3, 2), (8, 1)])
 def test_bounded_hold_queue_bound(hold: int, factor: int) -> None:
     # A queued snapshot (7 waiting, 1 free slot) held by the quorum: the gate opens exactly on the
@@ -234,6 +357,9 @@ def test_bounded_hold_uses_each_ranks_own_cap() -> None:
         {"queue_hold_factor": 0},
         {"queue_hold_factor": 2.0},
         {"queue_hold_factor": True},
+        {"load_queue_share": -0.1},
+        {"load_queue_share": 1.5},
+        {"load_queue_share": True},
     ],
 )
 def test_bounded_hold_rejects_bad_params(params: dict) -> None:
