@@ -33,12 +33,6 @@ SERVE_ENV: dict[str, str] = {
     # are its own actors), so health checks and redeploys reacting within 0.5 s instead is cheap:
     # benchmarks/results/serving.md, variant `ctl_100ms`.
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
-    # The ingress's code on the replica's main event loop, where direct ingress's HTTP server runs,
-    # instead of on a loop in a thread of its own: with streaming, every SSE event would otherwise
-    # cross between the two threads (a wake-up of the other loop and a GIL hand-off per event, on
-    # the cores the engines step on). The ingress's work is async (tokenizing runs on the ranks).
-    # benchmarks/results/serving.md, variant `separate_thread`.
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
 }
 
 DIRECT_INGRESS_FIRST_PORT = 30000
