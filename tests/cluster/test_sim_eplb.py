@@ -266,3 +266,23 @@ def test_study_is_deterministic() -> None:
     head = study.headline(grid)
     assert set(head["per_ep"]) == {8} and head["text"]
     assert study.analysis({**a, "headline": head})
+
+
+def test_study_report_assembles_and_renders() -> None:
+    # The report reads the headline while it is assembled (targets, reading): main's path, on a small study.
+    study = _bench("sim_eplb_scaling")
+    kw = {"output_len": 30, "layer_correlation": 0.3, "depth_skew": 0.5}
+    runs = study.study([8], [40], seeds=[1], candidate_eps=[8], drift_times=[120.0], drift_ep=8, **kw)
+    plan = {"window_before": 2.0, "window_after": 1.01, "popularity_after": 1.7, "popularity_at_apply": 1.6}
+    diag = {
+        name: {"mean_tokens_per_step": 400.0, "moe_imbalance_realised": 2.0, "moe_imbalance_expected": 1.9,
+               "mean_decode_only_step_ms": 69.0, "mean_step_s": 0.1, "plans": [plan]}
+        for name in ("issue_run", "issue_run_no_eplb", "no_drift", "full_concurrency", "full_concurrency_no_eplb")
+    }  # fmt: skip
+    meta = {"seeds": [1], "output_len": 30, "layer_correlation": 0.3, "depth_skew": 0.5,
+            "layers_per_step": study.LAYERS_PER_STEP, "drift_ep": 8, "sim_layers": 4, "expert_mb": 44.1,
+            "p2p_op_latency_ms": 5.0, "diag_interval": 1000, "runs": len(runs["rows"]), "wall_s": 1.0}  # fmt: skip
+    doc = study.report(runs, diag, meta)
+    assert doc["headline"]["per_ep"][8]["gain_range"] and doc["targets"] and doc["analysis"]
+    md = study.markdown(doc)
+    assert "## Against the issue's targets" in md and "stall per cell" in md
