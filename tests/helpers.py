@@ -137,6 +137,24 @@ def engine_core_pid(rank_actor: Any) -> tuple[int, int]:
     return actor_pid, cores[0]
 
 
+def rank_placement_group_id(rank_actor: Any) -> str:
+    """The id (hex) of the placement group a rank actor runs in."""
+    import ray
+
+    def pg_id(self: Any) -> str:
+        return ray.util.get_current_placement_group().id.hex()
+
+    return ray.get(rank_actor.__ray_call__.remote(pg_id), timeout=60)
+
+
+def process_gone(pid: int) -> bool:
+    """True once the process has exited (a zombie counts: it runs nothing)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 async def request_completion(
     client: httpx.AsyncClient,
     url: str,

@@ -157,3 +157,25 @@ def test_transport_errors(exc: Exception, expected: str, stream: bool) -> None:
         raise exc
 
     assert _run(handler, 0, 4, stream) == expected
+
+
+def test_process_gone_is_false_while_it_runs_and_true_once_it_ended() -> None:
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import process_gone
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not process_gone(child.pid)
+        child.kill()
+        deadline = 600  # polls of 0.05 s: the kill lands long before
+        while not process_gone(child.pid) and deadline:  # a zombie until reaped: gone already
+            deadline -= 1
+            time.sleep(0.05)
+        assert process_gone(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert process_gone(child.pid)

@@ -21,10 +21,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
-from tests.helpers import TINY_MODEL_NAME, app_rank_actors, engine_core_pid, tiny_app_args
+from tests.helpers import (
+    TINY_MODEL_NAME,
+    app_rank_actors,
+    engine_core_pid,
+    process_gone,
+    rank_placement_group_id,
+    tiny_app_args,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -83,22 +89,6 @@ def _live_groups(ray: Any) -> set[str]:
     return {pg for pg, v in ray.util.placement_group_table().items() if v["state"] != "REMOVED"}
 
 
-def _placement_group_id(actor: Any) -> str:
-    import ray
-
-    def pg_id(self: Any) -> str:
-        return ray.util.get_current_placement_group().id.hex()
-
-    return ray.get(actor.__ray_call__.remote(pg_id), timeout=60)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 def _reserve_free_cpus(ray: Any) -> Any:
     """A placement group holding every CPU the node has free now (whole CPUs, plus the rest)."""
     from ray.util.placement_group import placement_group
@@ -128,7 +118,7 @@ def test_ingress_stuck_in_recovery_is_replaced_and_the_new_replica_serves(base_u
     ranks = app_rank_actors(before)
     old_names = [r["actor_name"] for r in before["ranks"]]
     old_engines = [engine_core_pid(a)[1] for a in ranks]
-    old_group = _placement_group_id(ranks[0])
+    old_group = rank_placement_group_id(ranks[0])
     group_cpus = sum(
         b.get("CPU", 0.0) for b in ray.util.placement_group_table()[old_group]["bundles"].values()
     )
@@ -191,8 +181,8 @@ def test_ingress_stuck_in_recovery_is_replaced_and_the_new_replica_serves(base_u
     prefix = old_names[0].removesuffix("rank0")
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     assert not [n for n in names if n.startswith(prefix)], (prefix, names)
-    _wait_for("end of the old engine processes", 30, lambda: all(_gone(p) for p in old_engines))
-    new_group = _placement_group_id(app_rank_actors(after)[0])
+    _wait_for("end of the old engine processes", 30, lambda: all(process_gone(p) for p in old_engines))
+    new_group = rank_placement_group_id(app_rank_actors(after)[0])
     assert _live_groups(ray) == (pgs_before - {old_group, hog.id.hex()}) | {new_group}, (
         pgs_before, old_group, new_group, ray.util.placement_group_table()
     )  # fmt: skip

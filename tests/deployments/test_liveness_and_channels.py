@@ -25,10 +25,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
-from tests.helpers import TINY_MODEL_NAME, app_rank_actors, engine_core_pid, request_completion, tiny_app_args
+from tests.helpers import (
+    TINY_MODEL_NAME,
+    app_rank_actors,
+    engine_core_pid,
+    process_gone,
+    rank_placement_group_id,
+    request_completion,
+    tiny_app_args,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -205,23 +212,6 @@ def test_a_lost_output_frame_ends_that_ranks_requests_with_a_clear_error(base_ur
     assert r.status_code == 200
 
 
-def _placement_group_id(actor: Any) -> str:
-    """The id (hex) of the placement group a rank actor runs in."""
-    import ray
-
-    def pg_id(self: Any) -> str:
-        return ray.util.get_current_placement_group().id.hex()
-
-    return ray.get(actor.__ray_call__.remote(pg_id), timeout=60)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 def test_frozen_engine_is_declared_hung_and_the_group_recovers(base_url, ray_local) -> None:
     ray = ray_local
     before = _status(base_url)
@@ -230,7 +220,7 @@ def test_frozen_engine_is_declared_hung_and_the_group_recovers(base_url, ray_loc
     old_ranks = app_rank_actors(before)
     assert len(old_ranks) == 2
     _, frozen = engine_core_pid(old_ranks[1])
-    old_group = _placement_group_id(old_ranks[0])
+    old_group = rank_placement_group_id(old_ranks[0])
     timeline: dict[str, float] = {}
 
     async def scenario() -> tuple[list[str], list[str]]:
@@ -266,7 +256,7 @@ def test_frozen_engine_is_declared_hung_and_the_group_recovers(base_url, ray_loc
     try:
         first, late = asyncio.run(scenario())
     finally:
-        if not _gone(frozen):
+        if not process_gone(frozen):
             os.kill(frozen, signal.SIGKILL)  # never leave a stopped process behind, even on failure
             left_behind = True
         else:
@@ -287,7 +277,7 @@ def test_frozen_engine_is_declared_hung_and_the_group_recovers(base_url, ray_loc
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     assert not [n for n in names if n.startswith(group_prefix)], (group_prefix, names)
     assert ray.util.placement_group_table()[old_group]["state"] == "REMOVED"
-    new_group = _placement_group_id(app_rank_actors(after)[0])
+    new_group = rank_placement_group_id(app_rank_actors(after)[0])
     assert new_group != old_group and ray.util.placement_group_table()[new_group]["state"] == "CREATED"
     r = httpx.post(f"{base_url}/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "after", "max_tokens": 4},
                    headers=AUTH, timeout=120)  # fmt: skip
