@@ -12,11 +12,14 @@ EP 8, whatever the EPLB setting). Expert load: the synthetic model with --layer-
 
 Sections:
 - grid: per EP, no EPLB, oracle, {deepseek, swift} x {0, 1} redundant slot per rank x {async at
-  intervals 25 and 250 steps, stop-the-world at 250}; async moves LAYERS_PER_STEP layers per step and
-  commits each layer once it has moved;
+  intervals 25 and 250 steps, stop-the-world at 250}; async moves LAYERS_PER_STEP layers per step (the
+  product's default, `eplb.layers_per_step`) and commits each layer once it has moved;
 - candidates (EP 32, 64): the previous study's driving (swift, 1 redundant/rank, interval 250, one
-  layer per step, placement in force once every layer moved) with one change at a time, then all;
-- drift: EP 64, no EPLB vs that old driving vs the new one, over drift times 30 s .. none.
+  layer per step, placement in force once every layer moved) with one change at a time, then interval 25
+  with per-layer commit at the product's layers per step, and that with FAST_LAYERS_PER_STEP or a
+  half-life window on top;
+- drift: EP 64, no EPLB vs the old driving vs interval 25 with per-layer commit, over drift times 30 s
+  .. none.
 Every cell runs for each of --seeds; the report gives medians and the spread (min..max) over seeds of
 each cell's throughput gain over no EPLB of the same seed. Reported per run: MoE max/mean (steady
 decode steps: no prefill, at least half the slots decoding, no transfer; realised per step and under
@@ -42,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.sim.config import SimConfig, apply_overrides, load_config
+from cluster.sim.config import EplbConfig, SimConfig, apply_overrides, load_config
 from cluster.sim.engine import SimResult, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +55,12 @@ POLICIES = ["deepseek", "swift"]
 REDUNDANT_PER_RANK = [0, 1]
 INTERVALS = [25, 250]  # async re-plan intervals (steps)
 SYNC_INTERVAL = 250  # stop-the-world: a stall per plan, so only the long interval
-LAYERS_PER_STEP = 8  # async: real layers moved per step (a plan lands in 8 steps instead of 58)
+# async: real layers moved per step. The simulator's default mirrors the product's (deployments.config
+# EplbSection.layers_per_step, pinned equal by a test), so the grid runs what a deployment runs.
+LAYERS_PER_STEP = EplbConfig().layers_per_step
+# The faster landing, kept as a candidate: a plan lands in 8 steps instead of 58, but 8 layers do not
+# fit under a ~76 ms decode step, so each step that carries them is longer.
+FAST_LAYERS_PER_STEP = 8
 SEEDS = [0, 1, 2]
 CANDIDATE_EPS = [32, 64]
 DRIFT_EP = 64
@@ -66,21 +74,33 @@ OLD_DRIVING = {
     "lps": 1,
     "extra": ("eplb.commit_per_layer=false",),
 }
+# Re-plan every 25 steps, each layer committed once moved, at the product's layers per step.
 NEW_DRIVING = {"policy": "swift", "k": 1, "interval": 25, "lps": LAYERS_PER_STEP, "extra": ()}
-# One change to the old driving at a time (label -> changed fields), then all the driving changes.
+NEW_LABEL = f"interval 25 + commit per layer ({LAYERS_PER_STEP} layer/step, product default)"
+# One change to the old driving at a time (label -> changed fields), then interval 25 with per-layer
+# commit, and one change at a time on top of that.
 CANDIDATES: dict[str, dict[str, Any]] = {
     "old driving": {},
     "commit per layer": {"extra": ()},
-    f"{LAYERS_PER_STEP} layers per step": {"lps": LAYERS_PER_STEP},
+    f"{FAST_LAYERS_PER_STEP} layers per step": {"lps": FAST_LAYERS_PER_STEP},
     "interval 25": {"interval": 25},
     "half-life 10 s window": {"extra": (*OLD_DRIVING["extra"], "eplb.window_half_life_s=10")},
     "swift max_pair_moves 4, reassign off": {
         "extra": (*OLD_DRIVING["extra"], "eplb.params.max_pair_moves=4", "eplb.params.reassign=false")
     },
     "2 redundant/rank": {"k": 2},
-    "new driving (interval 25, 8 layers/step, per-layer commit)": NEW_DRIVING,
-    "new driving + half-life 10 s window": {**NEW_DRIVING, "extra": ("eplb.window_half_life_s=10",)},
+    NEW_LABEL: NEW_DRIVING,
+    f"interval 25 + commit per layer + {FAST_LAYERS_PER_STEP} layers/step": {
+        **NEW_DRIVING,
+        "lps": FAST_LAYERS_PER_STEP,
+    },
+    "interval 25 + commit per layer + half-life 10 s window": {
+        **NEW_DRIVING,
+        "extra": ("eplb.window_half_life_s=10",),
+    },
 }
+# The drift sweep's drivings (label -> driving).
+DRIFT_DRIVINGS = {"old driving": OLD_DRIVING, "interval 25 + commit per layer": NEW_DRIVING}
 METRICS = [
     "moe_imbalance",
     "moe_imbalance_expected",
@@ -211,8 +231,8 @@ def sections(eps: list[int], intervals: list[int], candidate_eps: list[int], dri
     drift: list[tuple[str, Spec]] = []
     for tau in drift_times:
         x = drift_extra(tau)
-        drift += [("none", spec(drift_ep, "none", extra=x)), ("old driving", driving(drift_ep, OLD_DRIVING, x)),
-                  ("new driving", driving(drift_ep, NEW_DRIVING, x))]  # fmt: skip
+        drift.append(("none", spec(drift_ep, "none", extra=x)))
+        drift += [(label, driving(drift_ep, d, x)) for label, d in DRIFT_DRIVINGS.items()]
     return {"grid": grid, "candidates": cand, "drift": drift}
 
 
@@ -299,6 +319,7 @@ def headline(grid: list[dict[str, Any]]) -> dict[str, Any]:
             "gain_median": best["gain_median"],
             "gain_range": [best["gain_min"], best["gain_max"]],
             "seeds_gaining": sum(g > 0 for g in best["gains"]),
+            "seeds": len(best["gains"]),
             "oracle_gain_median": oracle["gain_median"],
             "decode_gain_ms": best["decode_gain_ms_median"],
             "oracle_decode_gain_ms": oracle["decode_gain_ms_median"],
@@ -397,20 +418,35 @@ def analysis(doc: dict[str, Any]) -> list[str]:
         cs = {c["label"]: c for c in cand if c["ep"] == ep}
         old = cs["old driving"]
         step_s = head[ep]["mean_step_s"] if ep in head else old["mean_step_s"]
-        alone = "; ".join(f"{label} {_pct(c)}" for label, c in cs.items() if label != "old driving")
+        others = {label: c for label, c in cs.items() if label != "old driving"}
+        better = [label for label, c in others.items() if c["gain_median"] > old["gain_median"]]
+        worse = [label for label, c in others.items() if c["gain_median"] <= old["gain_median"]]
+        best_label, best = max(cs.items(), key=lambda kv: kv[1]["gain_median"])
         lines.append(
             f"- EP {ep}: the old driving gains {_pct(old)}; its plans come every 250 steps x {step_s:.2f} s = "
             f"{250 * step_s:.0f} s and, one layer per step, land {58 * step_s:.0f} s after they are made, "
             f"against a 120 s drift time; each plan balances its own window (max/mean "
             f"{old.get('plan_window_after') or float('nan'):.3f}) but steady decode steps see "
-            f"{old['moe_imbalance_expected']:.2f} under the popularity. One change at a time: {alone}."
+            f"{old['moe_imbalance_expected']:.2f} under the popularity. Median gain above the old driving's: "
+            f"{'; '.join(f'{label} {_pct(others[label])}' for label in better) or 'none'}. At or below it: "
+            f"{'; '.join(f'{label} {_pct(others[label])}' for label in worse) or 'none'}. Best variant: "
+            f"{best_label}, {_pct(best)}, gaining on {sum(g > 0 for g in best['gains'])}/{len(best['gains'])} seeds."
         )
+        fast = cs.get(f"interval 25 + commit per layer + {FAST_LAYERS_PER_STEP} layers/step")
+        if fast is not None and NEW_LABEL in cs:
+            new = cs[NEW_LABEL]
+            lines.append(
+                f"- EP {ep}, layers per step at interval 25 with per-layer commit: {LAYERS_PER_STEP} gains "
+                f"{_pct(new)} at {new['async_layer_ms_mean']:.2f} ms per moved layer (max "
+                f"{new['async_layer_ms_max']:.2f}); {FAST_LAYERS_PER_STEP} gains {_pct(fast)} at "
+                f"{fast['async_layer_ms_mean']:.2f} ms per moved layer (max {fast['async_layer_ms_max']:.2f})."
+            )
     for ep in sorted(e for e in head if e >= 32):
         h = head[ep]
         lines.append(
             f"- What bounds the gain at EP {ep}: no skew at all (oracle) is worth {100 * h['oracle_gain_median']:+.1f} % "
-            f"of throughput ({h['oracle_decode_gain_ms']:+.2f} ms on a steady decode step); the best EPLB cell "
-            f"recovers {100 * h['gain_median']:+.1f} % ({h['decode_gain_ms']:+.2f} ms), max/mean "
+            f"of throughput ({h['oracle_decode_gain_ms']:+.2f} ms on a steady decode step); the best async EPLB cell "
+            f"gains {100 * h['gain_median']:+.1f} % ({h['decode_gain_ms']:+.2f} ms), max/mean "
             f"{h['imbalance'][0]:.2f} -> {h['imbalance'][1]:.2f} against the oracle's {h['imbalance'][2]:.2f} (its "
             f"residue is per-step sampling noise)."
         )
@@ -419,7 +455,7 @@ def analysis(doc: dict[str, Any]) -> list[str]:
         by_tau.setdefault(c["drift_s"], {})[c["label"]] = c
     if by_tau:
         cells = "; ".join(
-            f"{_drift_label(t)}: old {_pct(cs['old driving'])}, new {_pct(cs['new driving'])}"
+            f"{_drift_label(t)}: " + ", ".join(f"{label} {_pct(cs[label])}" for label in DRIFT_DRIVINGS)
             for t, cs in by_tau.items()
         )
         lines.append(f"- The gain depends on the drift time, which is assumed, not fitted: {cells}.")
@@ -441,7 +477,8 @@ def targets(per_ep: dict[int, dict[str, Any]]) -> list[str]:
     if big:
         each = "; ".join(
             f"EP {ep} {100 * per_ep[ep]['gain_median']:+.1f} % ({100 * per_ep[ep]['gain_range'][0]:+.1f} .. "
-            f"{100 * per_ep[ep]['gain_range'][1]:+.1f}), {per_ep[ep]['seeds_gaining']} seeds gaining"
+            f"{100 * per_ep[ep]['gain_range'][1]:+.1f}), {per_ep[ep]['seeds_gaining']}/"
+            f"{per_ep[ep].get('seeds', '?')} seeds gaining"
             for ep in big
         )
         lines.append(f"- Best async EPLB cell vs no EPLB on output throughput at EP >= 32: {each}.")
@@ -465,7 +502,7 @@ def _drift_label(tau: float | None) -> str:
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    """The report: headline, why EPLB gained little and what changed, drift, diagnosis, all cells."""
+    """The report: headline, targets, the candidates one change at a time, drift, diagnosis, all cells."""
     meta, head, d = doc["meta"], doc["headline"], doc["diagnosis"]
     issue, nodrift, full = d["issue_run"], d["no_drift"], d["full_concurrency"]
     p0 = issue["plans"][0] if issue["plans"] else {}
@@ -480,7 +517,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"requests per rank in flight, 2 x that many requests, 3500 / {meta['output_len']} tokens +-50 %. "
         f"Expert load: log-popularity std 0.6, drift time 120 s, layer correlation {meta['layer_correlation']}, "
         f"depth skew {meta['depth_skew']} (assumptions, not fitted). Async EPLB moves "
-        f"{meta['layers_per_step']} layers per step and commits each layer once it has moved. Seeds "
+        f"{meta['layers_per_step']} layer(s) per step (the product's default) and commits each layer once it has "
+        f"moved. Seeds "
         f"{meta['seeds']}: every figure is the median over seeds, (a .. b) the spread of a gain over seeds, "
         f"each seed against no EPLB of the same seed. {meta['runs']} runs in {meta['wall_s']:.0f} s. "
         f"Mean step (prefill steps of ~1 s included, so an interval in steps is this many seconds per step): "
@@ -494,12 +532,15 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         *doc.get("targets", []),
         "",
-        "## Why EPLB recovered little of the oracle's headroom at EP 32/64, and what changed",
+        f"## Candidates at EP {'/'.join(str(e) for e in sorted({c['ep'] for c in doc['candidates']}))}: one "
+        "change at a time",
         "",
         "One change at a time to the previous study's driving (swift, 1 redundant slot per rank, re-plan "
         "every 250 steps on the load since the last plan, one layer moved per step, the new placement in "
-        "force only once all 58 layers moved), then the driving changes together. imb = MoE max/mean on "
-        "steady decode steps, realised / under the popularity (no sampling noise).",
+        "force only once all 58 layers moved), then interval 25 with per-layer commit at the product's "
+        f"{meta['layers_per_step']} layer(s) per step, and one change at a time on top of that. Each gain "
+        "is against no EPLB; whether a change helps is read from the figures, not assumed. imb = MoE max/mean "
+        "on steady decode steps, realised / under the popularity (no sampling noise).",
         "",
         "| variant | EP | gain vs no EPLB | imb | step ms | plans | moves/plan | async ms/layer |",
         "|---|---:|---|---|---:|---:|---:|---|",
@@ -510,23 +551,26 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{c['steady_decode_step_ms']:.1f} | {c['plans']:.0f} | {c['moves_per_plan']:.0f} | "
             f"{c['async_layer_ms_mean']:.2f} / {c['async_layer_ms_max']:.2f} |"
         )
+    labels = list(DRIFT_DRIVINGS)
     lines += ["", *doc.get("analysis", []), "", "## Drift time (an assumption, not fitted)", "",
-              f"EP {meta['drift_ep']}, the same seeds; old driving = the first row above, new = interval 25, "
-              f"{meta['layers_per_step']} layers per step, per-layer commit (swift, 1 redundant slot per rank).",
-              "", "| drift time | no EPLB tok/s | old driving | new driving | imb none / old / new |",
-              "|---|---:|---|---|---|"]  # fmt: skip
+              f"EP {meta['drift_ep']}, the same seeds; old driving = the first row above; interval 25 + commit "
+              f"per layer moves {meta['layers_per_step']} layer(s) per step (swift, 1 redundant slot per rank).",
+              "", f"| drift time | no EPLB tok/s | {' | '.join(labels)} | imb none / {' / '.join(labels)} |",
+              "|---|---:|" + "---|" * len(labels) + "---|"]  # fmt: skip
     by_tau: dict[float | None, dict[str, dict[str, Any]]] = {}
     for c in doc["drift"]:
         by_tau.setdefault(c["drift_s"], {})[c["label"]] = c
     for tau, cs in by_tau.items():
+        imb = " / ".join(f"{cs[x]['moe_imbalance']:.2f}" for x in ["none", *labels])
         lines.append(
-            f"| {_drift_label(tau)} | {cs['none']['output_tok_s']:.0f} | {_pct(cs['old driving'])} | "
-            f"{_pct(cs['new driving'])} | {cs['none']['moe_imbalance']:.2f} / {cs['old driving']['moe_imbalance']:.2f}"
-            f" / {cs['new driving']['moe_imbalance']:.2f} |"
+            f"| {_drift_label(tau)} | {cs['none']['output_tok_s']:.0f} | "
+            + " | ".join(_pct(cs[x]) for x in labels)
+            + f" | {imb} |"
         )
     lines += [
         "",
-        "## The issue's EP 64 run (seed 0): why it only went 2.43 -> 2.20",
+        f"## The issue's EP 64 run (seed {meta['seeds'][0]}): why max/mean only went "
+        f"{d['issue_run_no_eplb']['moe_imbalance_realised']:.2f} -> {issue['moe_imbalance_realised']:.2f}",
         "",
         f"Rerun (concurrency 128 over 64 ranks, so about 2 requests per rank; "
         f"{issue['mean_tokens_per_step']:.0f} tokens per step; the config's interval of "

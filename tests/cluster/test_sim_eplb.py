@@ -286,3 +286,17 @@ def test_study_report_assembles_and_renders() -> None:
     assert doc["headline"]["per_ep"][8]["gain_range"] and doc["targets"] and doc["analysis"]
     md = study.markdown(doc)
     assert "## Against the issue's targets" in md and "stall per cell" in md
+    assert "what changed" not in md and "new driving" not in md  # candidates are named by what they are
+
+
+def test_study_moves_the_products_layers_per_step() -> None:
+    # The grid and the interval-25 candidate run what a deployment runs; the faster landing stays a candidate.
+    from deployments.config import EplbSection
+
+    study = _bench("sim_eplb_scaling")
+    assert study.LAYERS_PER_STEP == EplbSection().layers_per_step == 1
+    assert study.NEW_DRIVING["lps"] == study.LAYERS_PER_STEP
+    assert any(c.get("lps") == study.FAST_LAYERS_PER_STEP for c in study.CANDIDATES.values())
+    secs = study.sections([8], study.INTERVALS, [8], [120.0], drift_ep=8)
+    assert all(s[5] == study.LAYERS_PER_STEP for _, s in secs["grid"])
+    assert 25 in study.INTERVALS
