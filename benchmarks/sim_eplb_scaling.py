@@ -77,6 +77,7 @@ OLD_DRIVING = {
 # Re-plan every 25 steps, each layer committed once moved, at the product's layers per step.
 NEW_DRIVING = {"policy": "swift", "k": 1, "interval": 25, "lps": LAYERS_PER_STEP, "extra": ()}
 NEW_LABEL = f"interval 25 + commit per layer ({LAYERS_PER_STEP} layer/step, product default)"
+FAST_LABEL = f"interval 25 + commit per layer + {FAST_LAYERS_PER_STEP} layers/step"
 # One change to the old driving at a time (label -> changed fields), then interval 25 with per-layer
 # commit, and one change at a time on top of that.
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -90,7 +91,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     },
     "2 redundant/rank": {"k": 2},
     NEW_LABEL: NEW_DRIVING,
-    f"interval 25 + commit per layer + {FAST_LAYERS_PER_STEP} layers/step": {
+    FAST_LABEL: {
         **NEW_DRIVING,
         "lps": FAST_LAYERS_PER_STEP,
     },
@@ -432,7 +433,7 @@ def analysis(doc: dict[str, Any]) -> list[str]:
             f"{'; '.join(f'{label} {_pct(others[label])}' for label in worse) or 'none'}. Best variant: "
             f"{best_label}, {_pct(best)}, gaining on {sum(g > 0 for g in best['gains'])}/{len(best['gains'])} seeds."
         )
-        fast = cs.get(f"interval 25 + commit per layer + {FAST_LAYERS_PER_STEP} layers/step")
+        fast = cs.get(FAST_LABEL)
         if fast is not None and NEW_LABEL in cs:
             new = cs[NEW_LABEL]
             lines.append(
@@ -478,7 +479,7 @@ def targets(per_ep: dict[int, dict[str, Any]]) -> list[str]:
         each = "; ".join(
             f"EP {ep} {100 * per_ep[ep]['gain_median']:+.1f} % ({100 * per_ep[ep]['gain_range'][0]:+.1f} .. "
             f"{100 * per_ep[ep]['gain_range'][1]:+.1f}), {per_ep[ep]['seeds_gaining']}/"
-            f"{per_ep[ep].get('seeds', '?')} seeds gaining"
+            f"{per_ep[ep]['seeds']} seeds gaining"
             for ep in big
         )
         lines.append(f"- Best async EPLB cell vs no EPLB on output throughput at EP >= 32: {each}.")
