@@ -119,32 +119,40 @@ def _accumulators(names: list[str]) -> tuple[dict[str, list[dict[str, Any]]], di
     """Per policy, summed over its rounds: the runs' metrics, the coordinator-side counters (per rank
     where a list) and each rank's step-trace rows."""
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    cost = {n: {"calls": [0, 0], "ms": [0.0, 0.0], "late": [0, 0], "closed": 0} for n in names}
+    cost = {
+        n: {"calls": [0, 0], "ms": [0.0, 0.0], "cpu_ms": [0.0, 0.0], "late": [0, 0], "closed": 0}
+        for n in names
+    }
     traces: dict[str, dict[int, list[Any]]] = {n: {0: [], 1: []} for n in names}
     return runs, cost, traces
 
 
-async def _mark(coord: Any, actors: list[Any]) -> tuple[dict[str, Any], list[int]]:
-    """Where a run starts: the coordinator's counters and each rank's step-trace position."""
+async def _mark(coord: Any, actors: list[Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Where a run starts: the coordinator's counters and each rank's own (step-trace position, the
+    gate client's CPU time)."""
     before = await coord.get_stats.remote()
-    seq = [s["trace_seq"] for s in await asyncio.gather(*[a.balance_stats.remote() for a in actors])]
-    return before, seq
+    return before, await asyncio.gather(*[a.balance_stats.remote() for a in actors])
 
 
 async def _collect(
     coord: Any,
     actors: list[Any],
-    mark: tuple[dict[str, Any], list[int]],
+    mark: tuple[dict[str, Any], list[dict[str, Any]]],
     cost: dict[str, Any],
     traces: dict[int, list[Any]],
 ) -> None:
-    """Add what happened since `mark` to `cost` (gate-client time and calls, late decisions, closed
-    steps) and `traces` (each rank's step-trace rows)."""
-    before, seq = mark
+    """Add what happened since `mark` to `cost` (gate-client time, its CPU time and calls, late
+    decisions, closed steps) and `traces` (each rank's step-trace rows)."""
+    before, ranks_before = mark
     after = await coord.get_stats.remote()
-    got = await asyncio.gather(*[a.balance_stats.remote(seq[i]) for i, a in enumerate(actors)])
+    got = await asyncio.gather(
+        *[a.balance_stats.remote(b["trace_seq"]) for a, b in zip(actors, ranks_before, strict=True)]
+    )
     for i, st in enumerate(got):
         traces[i].extend(st["trace"])
+        cost["cpu_ms"][i] += st.get("client_cpu_ms_total", 0.0) - ranks_before[i].get(
+            "client_cpu_ms_total", 0.0
+        )
     for i in (0, 1):
         cost["calls"][i] += after["ranks"][i]["client_calls"] - before["ranks"][i]["client_calls"]
         cost["ms"][i] += after["ranks"][i]["client_ms"] - before["ranks"][i]["client_ms"]
@@ -171,6 +179,7 @@ def _policy_summary(
         late_decisions=sum(cost["late"]),
         step_ms=1e3 * m["duration_s"] * args.rounds / max(1, lock_steps),
         coord_ms_per_step=sum(cost["ms"]) / 2 / max(1, lock_steps),
+        coord_cpu_ms_per_step=sum(cost["cpu_ms"]) / 2 / max(1, lock_steps),
     )
     m["coord_share"] = m["coord_ms_per_step"] / m["step_ms"]
     m["trace"] = summarize(traces, args.max_num_seqs)
@@ -501,6 +510,7 @@ async def _cluster_rounds(args: argparse.Namespace, url: str, tokenizer: str) ->
             ranks = m["trace"]["ranks"].values()
             m["busy_step_ms"] = statistics.fmean(r["step_time_all"]["mean_ms"] for r in ranks)
             m["coord_share"] = m["coord_ms_per_step"] / m["busy_step_ms"]
+            m["coord_cpu_share"] = m["coord_cpu_ms_per_step"] / m["busy_step_ms"]
             m["runs"] = runs[name]
             summary[name] = m
             raw_traces[f"{arrival} {name}"] = {str(k): v for k, v in traces[name].items()}
@@ -567,8 +577,9 @@ def _cluster_md(res: dict[str, Any], args: argparse.Namespace) -> str:
             "",
             "Against `off` of the same round: median over rounds (each round in brackets).",
             "",
-            "| policy | out tok/s | mean TPOT | mean TTFT | p99 TTFT | coord ms/step | coord share of step |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| policy | out tok/s | mean TPOT | mean TTFT | p99 TTFT | coord ms/step | coord share of step |"
+            " coord CPU ms/step | CPU share |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for name, m in pol.items():
             cells = []
@@ -576,7 +587,8 @@ def _cluster_md(res: dict[str, Any], args: argparse.Namespace) -> str:
                 r = rat[name][k]
                 cells.append(f"{r['median']:.3f} ({', '.join(f'{x:.3f}' for x in r['rounds'])})")
             lines.append(
-                f"| {name} | {' | '.join(cells)} | {m['coord_ms_per_step']:.3f} | {m['coord_share']:.2%} |"
+                f"| {name} | {' | '.join(cells)} | {m['coord_ms_per_step']:.3f} | {m['coord_share']:.2%} | "
+                f"{m.get('coord_cpu_ms_per_step', float('nan')):.3f} | {m.get('coord_cpu_share', float('nan')):.2%} |"
             )
         lines += [
             "",
@@ -595,7 +607,9 @@ def _cluster_md(res: dict[str, Any], args: argparse.Namespace) -> str:
         lines += [
             "",
             "coord ms/step: time an engine core spends in the gate client per lockstep step; its share is "
-            "over the mean busy step time from the traces (idle gaps between arrivals excluded). load 1m: "
+            "over the mean busy step time from the traces (idle gaps between arrivals excluded). coord CPU "
+            "ms/step: the engine-core thread's own CPU time in the client (the rest of the wall time it "
+            "waited: preempted by other processes on the shared cores, or for the GIL). load 1m: "
             "the box's 1-minute load average at the end of the run (2 cores).",
             _trace_table(pol, args),
         ]

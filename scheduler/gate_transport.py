@@ -258,6 +258,9 @@ class ZmqGateClient:
         self._last_resolve = 0.0
         # Figures (cost per step, fallbacks, outages).
         self.client_s = 0.0  # time spent in report() + decision() on the engine-core thread
+        # Of that, CPU time of the thread itself; the rest is waiting: preempted by other processes
+        # or threads, or for the GIL (what a shared host adds, not what the client does).
+        self.client_cpu_s = 0.0
         self.calls = 0
         self.late = 0  # decision expected but not back within wait_s (fallback applied)
         self.down_decisions = 0  # decisions skipped because the coordinator was down (fallback)
@@ -415,16 +418,17 @@ class ZmqGateClient:
 
     # ---- GateClient ------------------------------------------------------------------------------
     def report(self, key: StepKey, running: int, waiting: int, max_num_seqs: int, lead: int) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         now = time.monotonic()
         self._drain()  # first: a reply that came while the engine was idle is not an outage
         self._check(now)
         sock = self._sock
         if sock is not None:
             wave, step = key
-            msg = self.cfg.report(
-                self.rank, key, running, waiting, max_num_seqs, lead, self.client_s, self.calls, self.late
-            ).to_bytes()
+            msg = GateReport.encode(
+                self.rank, wave, step, running, waiting, max_num_seqs, lead, self.cfg.horizon,
+                self.client_s * 1e3, self.calls, self.late,
+            )  # fmt: skip
             msg = self._auth.seal(msg) if self._auth is not None else msg
             # Not sent = no live connection (coordinator gone or not up yet): counts as unanswered.
             if self._send(msg) and not self.down:  # while down, decisions are not waited for
@@ -435,10 +439,11 @@ class ZmqGateClient:
             if self._unanswered_since is None:
                 self._unanswered_since = now
         self.calls += 1
+        self.client_cpu_s += time.thread_time() - c0
         self.client_s += time.perf_counter() - t0
 
     def decision(self, key: StepKey, wait_s: float) -> bool | None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             self._drain()
             admit = self._decisions.pop(key, None)
@@ -464,11 +469,13 @@ class ZmqGateClient:
             self.late += 1
             return None
         finally:
+            self.client_cpu_s += time.thread_time() - c0
             self.client_s += time.perf_counter() - t0
 
     def stats(self) -> dict[str, Any]:
         return {
             "transport": "zmq",
+            "client_cpu_ms_total": self.client_cpu_s * 1e3,
             "address": self.address,
             "gil_held_calls": self._raw is not None,
             "down": self.down,

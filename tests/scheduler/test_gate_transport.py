@@ -44,6 +44,8 @@ def test_wire_roundtrip() -> None:
     assert (wave, first, list(admits)) == (3, 79, [1, 0, 1])
     with pytest.raises(ValueError):
         GateReport.from_bytes(b"X" + GateReport(0, 0, 0, 0, 0, 1).to_bytes()[1:])
+    # The engine-core thread's direct encoding is the same wire form.
+    assert GateReport.encode(1, 3, 77, 4, 9, 8, 2, 4, 12.5, 100, 3) == report.to_bytes()
 
 
 @pytest.mark.parametrize("gil_held", [True, False], ids=["gil-held-calls", "pyzmq-calls"])
@@ -74,6 +76,9 @@ def test_zmq_clients_get_the_frozen_decisions(gil_held: bool) -> None:
         assert clients[0].decision((0, 500), 60.0) is None
         assert time.perf_counter() - t0 < 30.0 and clients[0].late == 0  # far below the 60 s wait
         assert clients[0].calls == 40 and srv.served == 80
+        # The client's own CPU time is part of its wall time (the rest is waiting).
+        stats = clients[0].stats()
+        assert 0 < stats["client_cpu_ms_total"] <= clients[0].client_s * 1e3 + 1.0
     finally:
         for c in clients:
             c.close()
