@@ -107,6 +107,11 @@ def serve_app(app_args: dict[str, Any]) -> Iterator[str]:
     serve.shutdown()
 
 
+def app_status(url: str, headers: dict[str, str] | None = None, timeout_s: float = 30) -> dict[str, Any]:
+    """The app's ``/dpserve/status`` body (the group's generation, ranks, recovery state)."""
+    return httpx.get(f"{url}/dpserve/status", headers=headers, timeout=timeout_s).json()
+
+
 def app_rank_actors(status: dict[str, Any]) -> list[Any]:
     """The rank actors of the group that `status` (a `/dpserve/status` body) describes, by rank.
 

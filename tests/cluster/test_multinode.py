@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.cluster.netns import HEAD_RESOURCE, HOST_RESOURCE
+from tests.helpers import app_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -178,17 +179,13 @@ def _serve_all(url: str, timeout_s: float) -> list[tuple[int, str, float]]:
     return asyncio.run(main())
 
 
-def _status(url: str) -> dict:
-    return httpx.get(f"{url}/dpserve/status", timeout=10).json()
-
-
 def _wait_group(url: str, generation: int, timeout_s: float) -> dict:
     """Wait until the ingress serves with group generation >= `generation`."""
     deadline = time.monotonic() + timeout_s
     status: dict = {}
     while time.monotonic() < deadline:
         try:
-            status = _status(url)
+            status = app_status(url)
             if status["group_generation"] >= generation and not status["recovering"]:
                 return status
         except (httpx.HTTPError, ValueError):
@@ -217,7 +214,7 @@ def test_dp_ep_serves_across_hosts_and_survives_a_cut_link(netns_ray_cluster, ti
 
     results = _serve_all(url, timeout_s=180)
     assert [r[:2] for r in results] == [(200, reference[p]) for p in PROMPTS]
-    status = _status(url)
+    status = app_status(url)
     assert status["live_ranks"] == [0, 1] and all(r["served"] > 0 for r in status["ranks"]), status
     print(f"8 concurrent requests across hosts: max {max(r[2] for r in results):.1f} s")
 
@@ -230,7 +227,7 @@ def test_dp_ep_serves_across_hosts_and_survives_a_cut_link(netns_ray_cluster, ti
     assert max(t for _, _, t in cut) < CUT_OFF_BOUND_S
     health = httpx.get(f"{url}/health", timeout=10)
     assert health.status_code == 503
-    assert _status(url)["recovering"] is True
+    assert app_status(url)["recovering"] is True
     time.sleep(max(0.0, 20 - (time.monotonic() - t_cut)))  # past Ray's node-death detection (~7 s)
 
     # ---- the link comes back ----------------------------------------------------------------------

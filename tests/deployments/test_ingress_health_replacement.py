@@ -26,6 +26,7 @@ import pytest
 from tests.helpers import (
     TINY_MODEL_NAME,
     app_rank_actors,
+    app_status,
     engine_core_pid,
     process_gone,
     rank_placement_group_id,
@@ -71,10 +72,6 @@ def base_url(ray_local, app_args) -> Iterator[str]:
     serve.shutdown()
 
 
-def _status(url: str) -> dict[str, Any]:
-    return httpx.get(f"{url}/dpserve/status", timeout=30).json()
-
-
 def _replicas(ray: Any) -> list[str]:
     """The names of the app's ingress replica actors alive now."""
     return sorted(
@@ -111,7 +108,7 @@ def _wait_for(what: str, timeout_s: float, check: Any, poll_s: float = 0.5) -> A
 
 def test_ingress_stuck_in_recovery_is_replaced_and_the_new_replica_serves(base_url, ray_local) -> None:
     ray = ray_local
-    before = _status(base_url)
+    before = app_status(base_url)
     assert not before["recovering"] and before["live_ranks"] == [0, 1], before
     old_replicas = _replicas(ray)
     assert len(old_replicas) == 1, old_replicas
@@ -140,7 +137,7 @@ def test_ingress_stuck_in_recovery_is_replaced_and_the_new_replica_serves(base_u
         ray.kill(ranks[1])
         ray.get(holder.ready.remote(), timeout=60)  # the group's CPUs are the holder's now
         timeline["bundles_taken"] = time.monotonic() - t_kill
-        stuck = _status(base_url)
+        stuck = app_status(base_url)
         assert stuck["recovering"] and stuck["live_ranks"] == [], stuck
         # The stuck ingress answers clearly meanwhile: 503 on /health, 503 for a request (it waits
         # `recovery_wait_s` for the group, then gives up).
@@ -195,4 +192,4 @@ def _served(url: str) -> dict[str, Any] | None:
                        timeout=60)  # fmt: skip
     except httpx.HTTPError:
         return None
-    return _status(url) if r.status_code == 200 else None
+    return app_status(url) if r.status_code == 200 else None

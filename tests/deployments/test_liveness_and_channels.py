@@ -30,6 +30,7 @@ import pytest
 from tests.helpers import (
     TINY_MODEL_NAME,
     app_rank_actors,
+    app_status,
     engine_core_pid,
     process_gone,
     rank_placement_group_id,
@@ -56,10 +57,6 @@ def app_args(tiny_model_dir):
         eplb=EPLB,
         serving={"api_key": KEY, "hang_timeout_s": HANG_TIMEOUT_S},
     )
-
-
-def _status(url: str) -> dict[str, Any]:
-    return httpx.get(f"{url}/dpserve/status", headers=AUTH, timeout=30).json()
 
 
 def _streams_while(base_url: str, n: int, fault: Callable[[], Awaitable[None]]) -> list[str]:
@@ -115,7 +112,7 @@ def test_forged_and_malformed_frames_on_every_socket_are_dropped_and_counted(bas
     from scheduler.frame_auth import FrameAuth, new_key
     from scheduler.gate_report import GateReport
 
-    before = _status(base_url)
+    before = app_status(base_url, headers=AUTH)
     assert before["balance"]["zmq_server_alive"], before["balance"]
     outputs = {int(r): v["address"] for r, v in before["output_channel"]["ranks"].items()}
     assert len(outputs) == 2 and all(a and a.startswith("tcp://127.0.0.1:") for a in outputs.values()), (
@@ -150,7 +147,7 @@ def test_forged_and_malformed_frames_on_every_socket_are_dropped_and_counted(bas
         await asyncio.to_thread(_send_junk, before["balance"]["zmq_address"], zmq.DEALER, gate_junk)
 
     results = _streams_while(base_url, 2, send_junk)
-    after = _status(base_url)
+    after = app_status(base_url, headers=AUTH)
     dropped = {r: v["dropped"] for r, v in after["output_channel"]["ranks"].items()}
     print(f"\nforged frames: streams {results}; output channel dropped {dropped}; "
           f"gate dropped {after['balance']['zmq_dropped']}")  # fmt: skip
@@ -167,7 +164,7 @@ def test_forged_and_malformed_frames_on_every_socket_are_dropped_and_counted(bas
     ] * 2:
         assert time.monotonic() < deadline, after["ranks"]
         time.sleep(0.5)
-        after = _status(base_url)
+        after = app_status(base_url, headers=AUTH)
     gate = after["balance"]
     # The 5000-byte frame exceeds the socket's message limit: libzmq drops its connection instead.
     assert (
@@ -183,7 +180,7 @@ def test_a_lost_output_frame_ends_that_ranks_requests_with_a_clear_error(base_ur
     """Rank 0 skips one output frame number (as if a frame were lost on the way): the ingress sees
     the gap, ends rank 0's requests in flight with a 503 error naming the loss and aborts them there;
     rank 1's requests complete; nothing is re-formed and the group serves on."""
-    before = _status(base_url)
+    before = app_status(base_url, headers=AUTH)
     rank0 = app_rank_actors(before)[0]
     lost_before = before["output_channel"]["ranks"]["0"]["lost"]
 
@@ -196,7 +193,7 @@ def test_a_lost_output_frame_ends_that_ranks_requests_with_a_clear_error(base_ur
         await asyncio.to_thread(ray_local.get, rank0.__ray_call__.remote(skip_a_frame), timeout=60)
 
     results = _streams_while(base_url, 4, lose_a_frame)
-    after = _status(base_url)
+    after = app_status(base_url, headers=AUTH)
     print(f"\nlost output frame on rank 0: streams {results}; channel {after['output_channel']['ranks']}")
     assert after["output_channel"]["ranks"]["0"]["lost"] == lost_before + 1
     assert results.count("clear_error") >= 1 and set(results) <= {"ok", "clear_error"}, results
@@ -206,7 +203,7 @@ def test_a_lost_output_frame_ends_that_ranks_requests_with_a_clear_error(base_ur
     while any(r["in_flight"] for r in after["ranks"]):
         assert time.monotonic() < deadline, after["ranks"]
         time.sleep(0.5)
-        after = _status(base_url)
+        after = app_status(base_url, headers=AUTH)
     r = httpx.post(f"{base_url}/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "after", "max_tokens": 4},
                    headers=AUTH, timeout=120)  # fmt: skip
     assert r.status_code == 200
@@ -214,7 +211,7 @@ def test_a_lost_output_frame_ends_that_ranks_requests_with_a_clear_error(base_ur
 
 def test_frozen_engine_is_declared_hung_and_the_group_recovers(base_url, ray_local) -> None:
     ray = ray_local
-    before = _status(base_url)
+    before = app_status(base_url, headers=AUTH)
     generation = before["group_generation"]
     old_names = [r["actor_name"] for r in before["ranks"]]
     old_ranks = app_rank_actors(before)
@@ -243,7 +240,7 @@ def test_frozen_engine_is_declared_hung_and_the_group_recovers(base_url, ray_loc
             ]
             deadline = t_stop + REQUEST_TIMEOUT_S
             while time.monotonic() < deadline:
-                status = await asyncio.to_thread(_status, base_url)
+                status = await asyncio.to_thread(app_status, base_url, AUTH)
                 now = time.monotonic() - t_stop
                 if status["recovering"] and "detected" not in timeline:
                     timeline["detected"] = now
@@ -261,7 +258,7 @@ def test_frozen_engine_is_declared_hung_and_the_group_recovers(base_url, ray_loc
             left_behind = True
         else:
             left_behind = False
-    after = _status(base_url)
+    after = app_status(base_url, headers=AUTH)
     report = {k: (first + late).count(k) for k in sorted(set(first + late))}
     print(f"\nSIGSTOP on rank 1's engine (hang_timeout_s {HANG_TIMEOUT_S:g}): {timeline}; requests {report}; "
           f"hung ranks detected {after['hung_ranks_detected']}")  # fmt: skip
@@ -285,7 +282,7 @@ def test_frozen_engine_is_declared_hung_and_the_group_recovers(base_url, ray_loc
 
 
 def test_rank_killed_under_load_nothing_lost_and_the_group_re_forms(base_url, ray_local) -> None:
-    before = _status(base_url)
+    before = app_status(base_url, headers=AUTH)
     rank1 = app_rank_actors(before)[1]
 
     def request(client: httpx.AsyncClient, i: int, stream: bool) -> Awaitable[str]:
@@ -309,7 +306,7 @@ def test_rank_killed_under_load_nothing_lost_and_the_group_re_forms(base_url, ra
     # None lost: each got its tokens or a clear error (nothing hung, truncated, miscounted or cut off).
     assert set(report) <= {"ok", "clear_error"} and sum(report.values()) == 16, report
     assert late == ["ok"] * 4  # requests that had not started went to the re-formed group
-    after = _status(base_url)
+    after = app_status(base_url, headers=AUTH)
     assert after["group_generation"] == before["group_generation"] + 1, after["group_generation"]
     assert not after["recovering"] and after["live_ranks"] == [0, 1]
     r = httpx.post(f"{base_url}/v1/completions", json={"model": TINY_MODEL_NAME, "prompt": "after", "max_tokens": 4},

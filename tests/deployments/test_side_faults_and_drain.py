@@ -34,7 +34,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers import app_rank_actors, request_completion
+from tests.helpers import app_rank_actors, app_status, request_completion
 
 pytestmark = pytest.mark.slow
 
@@ -96,13 +96,9 @@ async def _one_request(url: str) -> str:
         return await _request(client, url, 0, 8, stream=False)
 
 
-def _status(url: str) -> dict[str, Any]:
-    return httpx.get(f"{url}/dpserve/status", timeout=10).json()
-
-
 def _eplb_actor(ray, url: str) -> Any:
     """This app's EPLB actor: named like its ranks (`<group prefix>eplb`)."""
-    name = _status(url)["ranks"][0]["actor_name"].removesuffix("rank0") + "eplb"
+    name = app_status(url)["ranks"][0]["actor_name"].removesuffix("rank0") + "eplb"
     found = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == name]
     assert len(found) == 1, (name, found)
     return ray.get_actor(name, namespace=found[0]["namespace"])
@@ -126,14 +122,14 @@ def test_eplb_actor_killed_serving_continues_and_it_resumes(served, ray_local):
 
         loops = [asyncio.create_task(client_loop(c)) for c in range(4)]
         await asyncio.sleep(3.0)  # traffic flowing, the actor collecting
-        before = (await asyncio.to_thread(_status, url))["eplb"]
+        before = (await asyncio.to_thread(app_status, url))["eplb"]
         assert before.get("phase") and not before.get("restarted"), before
         t_kill = time.monotonic()
         ray.kill(_eplb_actor(ray, url), no_restart=False)  # a crash: Ray restarts it (max_restarts)
         back_at = decided_at = None
         deadline = t_kill + 150
         while time.monotonic() < deadline:
-            state = (await asyncio.to_thread(_status, url))["eplb"]
+            state = (await asyncio.to_thread(app_status, url))["eplb"]
             timeline.append((time.monotonic() - t_kill, state))
             if back_at is None and state.get("restarted") and state.get("alive"):
                 back_at = time.monotonic() - t_kill
@@ -164,7 +160,7 @@ def test_eplb_actor_killed_serving_continues_and_it_resumes(served, ray_local):
     full = ray.get(_eplb_actor(ray, url).get_state.remote())
     assert any(e["event"] == "resumed" for e in full["history"]), full["history"]
     # The resumed actor planned from what the ranks hold: both ranks agree with its placement.
-    ranks = app_rank_actors(_status(url))
+    ranks = app_rank_actors(app_status(url))
     # Between its cycles (phase "collecting", the same rebalance count before and after reading the
     # ranks) the actor's placement is the one both ranks hold; while a plan is in flight they may not.
     # A plan in flight commits only while the group steps: keep one small request going meanwhile.

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.deployments.openai_app.shared_app import MAX_MODEL_LEN, QUEUE_BOUND
-from tests.helpers import app_rank_actors, engine_core_pid
+from tests.helpers import app_rank_actors, app_status, engine_core_pid
 
 pytestmark = pytest.mark.slow
 
@@ -21,10 +21,6 @@ MODEL = "dpserve-tiny-moe"
 @pytest.fixture(scope="module")
 def client(base_url):
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def _status(base_url):
-    return httpx.get(f"{base_url}/dpserve/status", timeout=10).json()
 
 
 def test_models_and_health(client, base_url):
@@ -66,7 +62,7 @@ def test_streaming_completion(client):
 
 
 def test_concurrent_requests_land_on_both_ranks(base_url):
-    before = {r["rank"]: r["served"] for r in _status(base_url)["ranks"]}
+    before = {r["rank"]: r["served"] for r in app_status(base_url)["ranks"]}
 
     async def go():
         c = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -78,7 +74,7 @@ def test_concurrent_requests_land_on_both_ranks(base_url):
 
     results = asyncio.run(go())
     assert all(r.usage.completion_tokens == 24 for r in results)
-    status = _status(base_url)
+    status = app_status(base_url)
     after = {r["rank"]: r["served"] for r in status["ranks"]}
     assert all(after[r] - before[r] >= 3 for r in (0, 1)), (before, after)
     # They went to the ranks over each rank's request socket, not as Ray calls.
@@ -99,7 +95,7 @@ def test_client_disconnect_aborts_on_rank(base_url):
                 break  # leave mid-stream: closing the connection is the disconnect
     deadline = time.time() + 8
     while time.time() < deadline:
-        ranks = _status(base_url)["ranks"]
+        ranks = app_status(base_url)["ranks"]
         if all(r["dispatched"] == 0 and r["in_flight"] == 0 and r["running"] == 0 for r in ranks):
             break
         time.sleep(0.25)
@@ -176,7 +172,7 @@ def test_prometheus_metrics_match_traffic(client, base_url, metrics_port):
         client.completions.create(
             model=MODEL, prompt=f"metrics {i}", max_tokens=3, extra_body={"ignore_eos": True}
         )
-    served = sum(r["served"] for r in _status(base_url)["ranks"])
+    served = sum(r["served"] for r in app_status(base_url)["ranks"])
     deadline = time.time() + 60
     while time.time() < deadline:  # Ray's metrics agent exports every few seconds
         m = _scrape(metrics_port)
@@ -308,7 +304,7 @@ def test_engines_run_ahead_of_rays_workers(base_url):
     """With engine_nice 0 (this folder's app), engine cores at 0, their rank actors at Ray's 15."""
     # This app's rank actors only (other modules' engine groups may still be exiting, and other
     # sessions may run engines on the same machine).
-    pairs = [engine_core_pid(actor) for actor in app_rank_actors(_status(base_url))]
+    pairs = [engine_core_pid(actor) for actor in app_rank_actors(app_status(base_url))]
     assert len(pairs) == 2, pairs
     for rank_pid, pid in pairs:
         assert os.getpriority(os.PRIO_PROCESS, pid) == 0

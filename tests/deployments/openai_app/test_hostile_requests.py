@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.deployments.openai_app.shared_app import MAX_MODEL_LEN
-from tests.helpers import TINY_MODEL_NAME
+from tests.helpers import TINY_MODEL_NAME, app_status
 
 pytestmark = pytest.mark.slow
 
@@ -170,12 +170,8 @@ class _LiveStreams:
         self.thread.join(180)
 
 
-def _status(base_url: str) -> dict[str, Any]:
-    return httpx.get(f"{base_url}/dpserve/status", timeout=10).json()
-
-
 def test_hostile_requests_beside_a_stream_are_4xx_and_never_reform_the_group(base_url):
-    before = _status(base_url)
+    before = app_status(base_url)
     assert before["live_ranks"] == [0, 1] and not before["recovering"]
     client = httpx.Client(timeout=60)
     seen: dict[int, int] = {}
@@ -215,7 +211,7 @@ def test_hostile_requests_beside_a_stream_are_4xx_and_never_reform_the_group(bas
     with _LiveStreams(base_url) as live:
         check()
     elapsed = time.monotonic() - t0
-    after = _status(base_url)
+    after = app_status(base_url)
     print(f"\nhostile requests: {sum(seen.values())} sent in {elapsed:.0f} s, statuses {seen}; "
           f"{len(live.results)} streams beside them: {live.results}")  # fmt: skip
     assert after["group_generation"] == before["group_generation"], after
@@ -225,7 +221,7 @@ def test_hostile_requests_beside_a_stream_are_4xx_and_never_reform_the_group(bas
 
 
 def test_oversized_bodies_and_prompts_are_refused_before_a_rank(base_url):
-    before = _status(base_url)["group_generation"]
+    before = app_status(base_url)["group_generation"]
     with httpx.Client(timeout=60) as client:
         url = f"{base_url}/v1/completions"
         too_big = client.post(url, content=b'{"model": "' + b"x" * (9 << 20) + b'"}',
@@ -235,4 +231,4 @@ def test_oversized_bodies_and_prompts_are_refused_before_a_rank(base_url):
         assert long_prompt.status_code == 400 and long_prompt.json()["error"]["param"] == "prompt"
         ok = client.post(url, json={"model": MODEL, "prompt": "still serving", "max_tokens": 2})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
-    assert _status(base_url)["group_generation"] == before
+    assert app_status(base_url)["group_generation"] == before
