@@ -20,7 +20,7 @@ least its throughput gain and at most its mean-TTFT increase.
 Request counts: 4 x slots at 4 and 16 ranks, 2 x slots at 64 ranks; at 64 ranks only ``len20``,
 ``poisson100`` and ``burst`` run by default (``--workloads-64``), to keep the run in minutes.
 
-Run: nice -n 10 .venv/bin/python benchmarks/sim_gate_matrix.py [--ranks 4 16] [--quick]
+Run: nice -n 10 .venv/bin/python benchmarks/sim_gate_matrix.py [--ranks 4 16] [--quick] [--seed 1 --out ...]
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def main() -> int:
         data = json.loads(Path(args.out).with_suffix(".json").read_text())
         for c in data["cells"].values():
             c["beats_frontier"] = {lab: _beats(c["vs_off"], lab) for lab in c["beats_frontier"]}
-        Path(args.out).with_suffix(".md").write_text(render(data["cells"], data["wall_s"]))
+        Path(args.out).with_suffix(".md").write_text(render(data["cells"], data["wall_s"], data["seed"]))
         return 0
     t0 = time.perf_counter()
     base = load_config(CONFIG)
@@ -179,12 +179,12 @@ def main() -> int:
             "wall_s": wall,
         },
     )
-    out.with_suffix(".md").write_text(render(cells, wall))
+    out.with_suffix(".md").write_text(render(cells, wall, base.seed))
     print(f"wrote {out}.json/.md in {wall:.0f} s")
     return 0
 
 
-def render(cells: dict[str, dict[str, Any]], wall: float) -> str:
+def render(cells: dict[str, dict[str, Any]], wall: float, seed: int) -> str:
     """Markdown: the Done-means check, then one table per DP size (gain vs off, TTFT increase vs off)."""
     md = [
         "# Gate matrix in `dpserve sim` (DeepSeek-V3 calibrated costs, max_num_seqs 32 per rank)",
@@ -194,6 +194,9 @@ def render(cells: dict[str, dict[str, Any]], wall: float) -> str:
         " entry that no frontier point (`off`, `any_at_cap`, `cadence` 1-16) dominates (at least as much"
         " throughput at no more mean TTFT, or lower mean TTFT at no less throughput; differences under 0.5"
         " percentage point are ties).",
+        "",
+        f"Simulator seed {seed} (`--seed`): it draws the requests, their arrival times and the expert loads;"
+        " every policy in a cell runs on the same draws.",
         "",
     ]
     done = [c for c in cells.values() if c["ranks"] == 16 and c["workload"] == "len20"]
