@@ -13,7 +13,8 @@ EP 8, whatever the EPLB setting). Expert load: the synthetic model with --layer-
 Sections:
 - grid: per EP, no EPLB, oracle, {deepseek, swift} x {0, 1} redundant slot per rank x {async at
   intervals 25 and 250 steps, stop-the-world at 250}; async moves LAYERS_PER_STEP layers per step (the
-  product's default, `eplb.layers_per_step`) and commits each layer once it has moved;
+  product's default, `eplb.layers_per_step`) and commits each layer once it has moved; plus "swift paced"
+  (interval 25, first plan at step PACED_FIRST_PLAN_STEPS, layers per step to fit the step: PACED);
 - candidates (EP 32, 64): the previous study's driving (swift, 1 redundant/rank, interval 250, one
   layer per step, placement in force once every layer moved) with one change at a time, then interval 25
   with per-layer commit at the product's layers per step, and that with FAST_LAYERS_PER_STEP or a
@@ -77,6 +78,16 @@ OLD_DRIVING = {
 # Re-plan every 25 steps, each layer committed once moved, at the product's layers per step.
 NEW_DRIVING = {"policy": "swift", "k": 1, "interval": 25, "lps": LAYERS_PER_STEP, "extra": ()}
 NEW_LABEL = f"interval 25 + commit per layer ({LAYERS_PER_STEP} layer/step, product default)"
+# Paced driving (`eplb.pacing`): the first plan after a warm-up of PACED_FIRST_PLAN_STEPS steps instead
+# of a full interval, and on each step as many layers as the step's compute hides (at least
+# layers_per_step). benchmarks/results/sim_eplb_gap_note.md has why: most of what no skew at all gains is
+# in prefill steps, the first whole-group prefill included, which a plan made after a full interval and
+# moved one layer per step does not reach.
+PACED_FIRST_PLAN_STEPS = 2
+PACED = (f"eplb.first_plan_steps={PACED_FIRST_PLAN_STEPS}", "eplb.layers_fit_step=true")
+PACED_LABEL = (
+    f"interval 25 + commit per layer + first plan at step {PACED_FIRST_PLAN_STEPS} + layers to fit the step"
+)
 FAST_LABEL = f"interval 25 + commit per layer + {FAST_LAYERS_PER_STEP} layers/step"
 # One change to the old driving at a time (label -> changed fields), then interval 25 with per-layer
 # commit, and one change at a time on top of that.
@@ -95,6 +106,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         **NEW_DRIVING,
         "lps": FAST_LAYERS_PER_STEP,
     },
+    PACED_LABEL: {**NEW_DRIVING, "extra": PACED},
     "interval 25 + commit per layer + half-life 10 s window": {
         **NEW_DRIVING,
         "extra": ("eplb.window_half_life_s=10",),
@@ -227,6 +239,8 @@ def sections(eps: list[int], intervals: list[int], candidate_eps: list[int], dri
             for k in REDUNDANT_PER_RANK:
                 grid += [(p, spec(ep, p, k, "async", i)) for i in intervals]
                 grid.append((p, spec(ep, p, k, "sync", intervals[-1])))
+                if p == "swift":
+                    grid.append((f"{p} paced", spec(ep, p, k, "async", intervals[0], extra=PACED)))
     cand = [(label, driving(ep, {**OLD_DRIVING, **change})) for ep in candidate_eps
             for label, change in CANDIDATES.items()]  # fmt: skip
     drift: list[tuple[str, Spec]] = []
@@ -314,7 +328,9 @@ def headline(grid: list[dict[str, Any]]) -> dict[str, Any]:
                    key=lambda c: c["gain_median"])  # fmt: skip
         sync = [c for c in at if c["mode"] == "sync" and c["plans"]]
         per_ep[ep] = {
-            "best": {k: best[k] for k in ("policy", "redundant_per_rank", "interval", "layers_per_step")},
+            "best": {
+                k: best[k] for k in ("label", "policy", "redundant_per_rank", "interval", "layers_per_step")
+            },
             "none_tok_s": none["output_tok_s"],
             "best_tok_s": best["output_tok_s"],
             "gain_median": best["gain_median"],
@@ -335,7 +351,7 @@ def headline(grid: list[dict[str, Any]]) -> dict[str, Any]:
         }
         h = per_ep[ep]
         text.append(
-            f"EP {ep}: best async EPLB ({best['policy']}, {best['redundant_per_rank']} redundant/rank, interval "
+            f"EP {ep}: best async EPLB ({best['label']}, {best['redundant_per_rank']} redundant/rank, interval "
             f"{best['interval']} = {best['interval'] * h['mean_step_s']:.0f} s) {h['best_tok_s']:.0f} vs "
             f"{h['none_tok_s']:.0f} output tok/s without EPLB: {100 * h['gain_median']:+.1f} % (seeds "
             f"{100 * h['gain_range'][0]:+.1f} .. {100 * h['gain_range'][1]:+.1f} %, {h['seeds_gaining']}/"
@@ -519,7 +535,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Expert load: log-popularity std 0.6, drift time 120 s, layer correlation {meta['layer_correlation']}, "
         f"depth skew {meta['depth_skew']} (assumptions, not fitted). Async EPLB moves "
         f"{meta['layers_per_step']} layer(s) per step (the product's default) and commits each layer once it has "
-        f"moved. Seeds "
+        f'moved; "swift paced" cells add the first plan at step {meta.get("paced_first_plan_steps", 2)} '
+        f"and as many layers per step as the step's compute hides (`eplb.pacing`). Seeds "
         f"{meta['seeds']}: every figure is the median over seeds, (a .. b) the spread of a gain over seeds, "
         f"each seed against no EPLB of the same seed. {meta['runs']} runs in {meta['wall_s']:.0f} s. "
         f"Mean step (prefill steps of ~1 s included, so an interval in steps is this many seconds per step): "
@@ -671,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         "layer_correlation": args.layer_correlation,
         "depth_skew": args.depth_skew,
         "layers_per_step": LAYERS_PER_STEP,
+        "paced_first_plan_steps": PACED_FIRST_PLAN_STEPS,
         "drift_ep": DRIFT_EP,
         "sim_layers": base.experts.sim_layers,
         "expert_mb": expert_bytes(t) / 1e6,

@@ -142,6 +142,13 @@ class EplbConfig:
     # null: plan on the load seen since the last plan; a number: on all load seen, weighted by
     # 0.5 ** (age in seconds / window_half_life_s) (eplb.load.DecayingLoad), never reset by a plan.
     window_half_life_s: float | None = None
+    # null: the first plan waits a full interval; a number: the first plan once the window covers this
+    # many steps (`eplb.pacing.plan_due`), so the start-up placement does not hold through the first
+    # whole-group prefill. The default keeps every committed figure.
+    first_plan_steps: int | None = None
+    # async: move as many layers per step as the side stream finishes within the step's compute, at
+    # least layers_per_step (`eplb.pacing.layers_this_step`): long prefill steps land a plan sooner.
+    layers_fit_step: bool = False
 
 
 @dataclass
@@ -260,6 +267,9 @@ class SimConfig:
             raise ValueError("eplb.mode must be 'async' or 'sync'")
         if self.eplb.interval_steps < 1 or self.eplb.layers_per_step < 1:
             raise ValueError("eplb.interval_steps and eplb.layers_per_step must be >= 1")
+        fp = self.eplb.first_plan_steps
+        if fp is not None and not (isinstance(fp, int) and fp >= 1):
+            raise ValueError("eplb.first_plan_steps must be null or an integer >= 1")
         hl = self.eplb.window_half_life_s
         if hl is not None and not (isinstance(hl, (int, float)) and hl > 0):
             raise ValueError("eplb.window_half_life_s must be null or > 0")

@@ -17,9 +17,11 @@ slots_per_rank]`` with rank r owning slots ``r * S .. (r + 1) * S - 1``, start-u
 (vLLM picks replicas by token position, so the split is even in expectation).
 
 Driving, as the product does it: a plan every ``eplb.interval_steps`` steps on the load since the last
-plan, or on a recency-weighted load (``eplb.window_half_life_s``, `eplb.load.DecayingLoad`); an
-asynchronous plan moves ``eplb.layers_per_step`` real layers per step, and each simulated layer's new
-placement takes effect once all the real layers it stands for have moved.
+plan, or on a recency-weighted load (``eplb.window_half_life_s``, `eplb.load.DecayingLoad`), the first
+plan optionally after a shorter warm-up (``eplb.first_plan_steps``); an asynchronous plan moves
+``eplb.layers_per_step`` real layers per step (or as many as the step's compute hides,
+``eplb.layers_fit_step``; both rules are `eplb.pacing`'s), and each simulated layer's new placement takes
+effect once all the real layers it stands for have moved.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 from cluster.sim.config import EplbConfig, ExpertConfig, ModelConfig, TransferConfig
 from cluster.sim.transfer import LayerTransfer, async_layers_cost_s, layer_transfer, sync_stall_s
 from eplb.load import DecayingLoad
+from eplb.pacing import layers_this_step, plan_due
 from eplb.plan import build_transfer_plan
 from eplb.policies import default_placement
 from eplb.stats import imbalance
@@ -232,9 +235,8 @@ class ExpertModel:
         """On the EPLB cadence, plan with the real policy on the window's load and start a transfer."""
         if (
             self._rebalance is None
-            or step == 0
-            or step % self.eplb.interval_steps
             or self.transfer is not None
+            or not plan_due(step, self.eplb.interval_steps, self.eplb.first_plan_steps, self.rebalances)
         ):
             return
         if self.decayed is not None:
@@ -304,6 +306,8 @@ class ExpertModel:
             self.transfer.layers = []
         else:
             k = min(self.eplb.layers_per_step, len(self.transfer.layers))
+            if self.eplb.layers_fit_step:
+                k = layers_this_step([x.layer_s for x in self.transfer.layers], step_s, k)
             xs, self.transfer.layers = self.transfer.layers[:k], self.transfer.layers[k:]
             done, self.transfer.owners = self.transfer.owners[:k], self.transfer.owners[k:]
             cost = async_layers_cost_s(xs, step_s, a2a_link_s, self.tcfg)

@@ -251,8 +251,8 @@ def test_study_is_deterministic() -> None:
     b = study.study([8], [40], jobs=2, **args, **kw)  # in parallel: the same numbers, in the same order
     assert json.dumps(a) == json.dumps(b)  # NaN-safe: a cell without steady steps reports NaN
     grid = a["grid"]
-    assert {c["label"] for c in grid} == {"none", "oracle", "deepseek", "swift"}
-    assert len(grid) == 2 + 2 * 2 * 2  # none, oracle, policies x redundant x (async, sync)
+    assert {c["label"] for c in grid} == {"none", "oracle", "deepseek", "swift", "swift paced"}
+    assert len(grid) == 2 + 2 * 2 * 2 + 2  # none, oracle, policies x redundant x (async, sync), paced swift
     assert any(c["plans"] > 0 for c in grid)
     # Each seed's run is compared with no EPLB of the same seed: no EPLB gains exactly nothing.
     none = next(c for c in grid if c["label"] == "none")

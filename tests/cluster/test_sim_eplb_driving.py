@@ -116,3 +116,49 @@ def test_driving_options_run_end_to_end_and_are_checked() -> None:
     for bad in ("eplb.layers_per_step=0", "eplb.window_half_life_s=0", "eplb.interval_steps=0"):
         with pytest.raises(ValueError, match="eplb"):
             apply_overrides(load_config(None), [bad])
+
+
+def test_first_plan_steps_plans_once_after_the_warm_up() -> None:
+    m = model("eplb.interval_steps=10", "eplb.first_plan_steps=2")
+    m.window = skewed(m)
+    m.maybe_rebalance(1)
+    assert m.transfer is None  # not yet: the warm-up is 2 steps
+    m.maybe_rebalance(2)
+    assert m.transfer is not None and m.rebalances == 1
+    while m.transfer is not None:
+        m.transfer_step(0.08, 0.0)
+    # After the first plan, the regular cadence (steps 10, 20, ...): a plan reads and resets the window.
+    m.window = skewed(m)
+    m.maybe_rebalance(12)
+    assert m.window.sum() > 0
+    m.maybe_rebalance(20)
+    assert m.window.sum() == 0
+    # Without the option the first plan waits a full interval.
+    d = model("eplb.interval_steps=10")
+    d.window = skewed(d)
+    d.maybe_rebalance(2)
+    assert d.transfer is None
+
+
+def test_layers_fit_step_moves_what_the_step_hides() -> None:
+    m = model("eplb.interval_steps=1", "eplb.layers_fit_step=true")
+    m.window = skewed(m)
+    m.maybe_rebalance(1)
+    new = m.transfer.phy2log.copy()
+    pending = len(m.transfer.layers)
+    per_layer = m.transfer.layers[0].layer_s
+    # A step as long as three layers' transfers moves three; a short one still moves one.
+    m.transfer_step(3.5 * per_layer, 0.0)
+    assert len(m.transfer.layers) == pending - 3
+    m.transfer_step(0.1 * per_layer, 0.0)
+    assert len(m.transfer.layers) == pending - 4
+    m.transfer_step(100.0, 0.0)
+    assert m.transfer is None
+    assert np.array_equal(m.phy2log, new)
+    assert len(m.async_layer_costs) == pending
+
+
+def test_pacing_options_are_validated() -> None:
+    for bad in ("eplb.first_plan_steps=0", "eplb.first_plan_steps=1.5"):
+        with pytest.raises(ValueError):
+            apply_overrides(load_config(None), [bad]).validate()
