@@ -7,7 +7,10 @@ process, a real :class:`~scheduler.gate_transport.ZmqGateClient` in this one, an
 for ``--step-ms`` through a 16 MB array between the client's ``report`` and ``decision`` (so the
 client runs with cold caches, as after a forward pass). Beside it run 0, 1 or 2 *hog* processes,
 each spinning on one core at the same priority: with 2 cores, 1 hog leaves no idle core and 2 hogs
-oversubscribe them as the 2-rank cluster does (two engines, Ray, the coordinator). Variants run in
+oversubscribe them as the 2-rank cluster does (two engines, Ray, the coordinator). A second transport,
+``udp``, is a floor to compare with, not a product path: the same step, one sealed 65-byte report sent
+and any sealed reply read per step over a plain UDP socket (no I/O thread between the caller and the
+kernel) to a server process that seals and returns one decision per report. Variants run in
 interleaved rounds; the table gives medians over rounds of each run's mean per step.
 
     python benchmarks/gate_client_cost.py [--rounds 3] [--steps 300] [--out gate_client_cost]
@@ -42,20 +45,67 @@ def _serve(queue: Any) -> None:
         time.sleep(3600)
 
 
+def _serve_udp(queue: Any) -> None:
+    import socket
+
+    from scheduler.frame_auth import FrameAuth
+
+    auth = FrameAuth(KEY)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    queue.put(sock.getsockname())
+    reply = b"D" + bytes(16) + b"\x01"
+    while True:
+        frame, peer = sock.recvfrom(4096)
+        if auth.open(frame) is not None:
+            sock.sendto(auth.seal(reply), peer)
+
+
 def _hog() -> None:
     work = np.random.rand(2_000_000)
     while True:
         work.sum()
 
 
-def run(hogs: int, steps: int, step_ms: float) -> dict[str, float]:
+def _udp_floor(address: Any, steps: int, step_ms: float, work: np.ndarray) -> tuple[float, float]:
+    """Wall and CPU seconds of the UDP floor's per-step send + receive over ``steps`` steps."""
+    import socket
+
+    from scheduler.frame_auth import FrameAuth
+    from scheduler.gate_report import GateReport
+
+    auth = FrameAuth(KEY)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect(address)
+    sock.setblocking(False)
+    wall = cpu = 0.0
+    try:
+        for step in range(1, steps + 1):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            while True:
+                try:
+                    auth.open(sock.recv(4096))
+                except BlockingIOError:
+                    break
+            sock.send(auth.seal(GateReport.encode(0, 0, step, 3, 1, 4, 1, 1, 0.0, step, 0)))
+            cpu += time.thread_time() - c0
+            wall += time.perf_counter() - t0
+            end = time.perf_counter() + step_ms / 1e3
+            while time.perf_counter() < end:
+                work.sum()
+    finally:
+        sock.close()
+    return wall, cpu
+
+
+def run(hogs: int, steps: int, step_ms: float, transport: str = "zmq") -> dict[str, float]:
     """One run: ``steps`` lockstep-like steps with ``hogs`` spinning processes beside it."""
     from scheduler.gate_report import BalanceConfig
     from scheduler.gate_transport import ZmqGateClient
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    server = ctx.Process(target=_serve, args=(queue,), daemon=True)
+    server = ctx.Process(target=_serve if transport == "zmq" else _serve_udp, args=(queue,), daemon=True)
     server.start()
     address = queue.get(timeout=60)
     spinners = [ctx.Process(target=_hog, daemon=True) for _ in range(hogs)]
@@ -63,6 +113,12 @@ def run(hogs: int, steps: int, step_ms: float) -> dict[str, float]:
         p.start()
     client = ZmqGateClient(BalanceConfig(), 0, resolve=lambda: (address, KEY))
     try:
+        if transport == "udp":
+            client.close()
+            time.sleep(1.0)
+            wall, cpu = _udp_floor(address, steps, step_ms, np.random.rand(2_000_000))
+            return {"wall_ms_per_step": wall * 1e3 / steps, "cpu_ms_per_step": cpu * 1e3 / steps,
+                    "late": 0.0, "loadavg_1m": os.getloadavg()[0]}  # fmt: skip
         if not client.connect():
             raise RuntimeError("the gate client could not reach the benchmark's server")
         work = np.random.rand(2_000_000)  # 16 MB: the step evicts the client's code and data
@@ -82,7 +138,8 @@ def run(hogs: int, steps: int, step_ms: float) -> dict[str, float]:
             "loadavg_1m": os.getloadavg()[0],
         }
     finally:
-        client.close()
+        if transport == "zmq":
+            client.close()
         for p in [*spinners, server]:
             p.kill()
             p.join(5)
@@ -99,21 +156,22 @@ def render(result: dict[str, Any]) -> str:
         f"interleaved rounds, {os.cpu_count()} cores. Hogs: processes spinning at the same priority beside "
         "it. Medians over rounds of each run's mean per step (each round in brackets).",
         "",
-        "| hogs | wall ms/step | CPU ms/step | wall / CPU | late decisions |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        "| transport | hogs | wall ms/step | CPU ms/step | wall / CPU | late decisions |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for hogs, runs in result["runs"].items():
+    for variant, runs in result["runs"].items():
+        transport, hogs = variant.split(":")
         wall = [r["wall_ms_per_step"] for r in runs]
         cpu = [r["cpu_ms_per_step"] for r in runs]
         ratio = [w / c for w, c in zip(wall, cpu, strict=True)]
         lines.append(
-            f"| {hogs} | {statistics.median(wall):.3f} ({', '.join(f'{x:.3f}' for x in wall)}) | "
+            f"| {transport} | {hogs} | {statistics.median(wall):.3f} ({', '.join(f'{x:.3f}' for x in wall)}) | "
             f"{statistics.median(cpu):.3f} ({', '.join(f'{x:.3f}' for x in cpu)}) | "
             f"{statistics.median(ratio):.2f} | {sum(int(r['late']) for r in runs)} |"
         )
     lines += [
         "",
-        "wall: time the calling thread spends in `report` + `decision`; CPU: that thread's own CPU time "
+        "wall: time the calling thread spends in `report` + `decision` (udp: the send and the reads); CPU: that thread's own CPU time "
         "in them (`time.thread_time`). The difference is waiting: the thread is preempted while "
         "other threads and processes (the ZMQ I/O thread its send wakes, the server, the hogs) run on its core.",
     ]
@@ -126,14 +184,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--step-ms", type=float, default=30.0)
     ap.add_argument("--hogs", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--transports", nargs="+", default=["zmq", "udp"], choices=["zmq", "udp"])
     ap.add_argument("--out", default="gate_client_cost")
     args = ap.parse_args()
-    runs: dict[str, list[dict[str, float]]] = {str(h): [] for h in args.hogs}
+    variants = [(t, h) for t in args.transports for h in args.hogs]
+    runs: dict[str, list[dict[str, float]]] = {f"{t}:{h}": [] for t, h in variants}
     for r in range(args.rounds):
-        for h in args.hogs:
-            res = run(h, args.steps, args.step_ms)
-            runs[str(h)].append(res)
-            print(f"round {r} hogs {h}: {res}", flush=True)
+        for t, h in variants:
+            res = run(h, args.steps, args.step_ms, t)
+            runs[f"{t}:{h}"].append(res)
+            print(f"round {r} {t} hogs {h}: {res}", flush=True)
     result = {"args": vars(args), "runs": runs}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
