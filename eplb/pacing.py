@@ -10,6 +10,11 @@ Two rules that the simulator's EPLB study (benchmarks/results/sim_eplb_gap_note.
 - `layers_this_step`: an asynchronous plan moves, on each step, as many pending layers as the side
   stream finishes within the step's own compute (at least a floor). A long (prefill) step hides many
   layers at no exposed time; a short decode step still moves the floor, as before.
+
+Only the simulator calls them so far. The product needs, for `plan_due`, the actor's first window cut
+to the warm-up (its windows restart after each plan, where the simulator counts absolute steps), and for
+`layers_this_step` a step time every rank agrees on (the DP step sync's sums, npu_runtime.eplb_hooks)
+so that all ranks post the same staging pieces at the same step.
 """
 
 from __future__ import annotations
