@@ -37,8 +37,9 @@ it, from one snapshot, so every rank gets the same answer. ``schedule()`` for st
 requested at step ``m - lead``, which has had ``lead`` whole steps to arrive.
 
 Transports (``transport``): ``"zmq"`` (default; ``scheduler/gate_transport.py``): one non-blocking
-ZMQ send per report to a socket the coordinator actor serves, the reply read without blocking — tens
-of microseconds per step. ``"ray"`` (:class:`RayGateClient`): a Ray actor call per report and a Ray
+ZMQ send per report to a socket the coordinator actor serves, the reply read without blocking — about
+0.2 ms of the engine-core thread per step, caches cold after the forward, and more wall time when the
+cores are shared (``benchmarks/results/gate_client_cost.md``). ``"ray"`` (:class:`RayGateClient`): a Ray actor call per report and a Ray
 future per decision — milliseconds per step (see ``benchmarks/results/balance_transport.md``).
 ``"none"``: no coordinator.
 
