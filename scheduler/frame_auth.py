@@ -9,8 +9,9 @@ verify is dropped unread (and counted by its receiver).
 
 Why an HMAC and not ZMQ's CURVE: CURVE needs a libzmq built with libsodium (not every pyzmq wheel or
 distribution package has it) plus a key pair per socket, and encrypts what these channels do not need
-hidden (token ids and load counts inside one cluster). One HMAC over a 100-byte gate report costs about
-a microsecond on the engine-core thread, with the standard library only. What it does not give:
+hidden (token ids and load counts inside one cluster). One HMAC over a 100-byte gate report costs a
+few microseconds on the engine-core thread with warm caches (tens right after a forward pass), with the
+standard library only. What it does not give:
 confidentiality, and protection against an on-path attacker replaying a frame verbatim (the output
 channel's sequence numbers refuse replays there; a replayed gate report only repeats counts a rank
 already sent).
