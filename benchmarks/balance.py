@@ -505,7 +505,7 @@ async def _cluster_rounds(args: argparse.Namespace, url: str, tokenizer: str) ->
                 print(arrival, name, f"round {r}", res, flush=True)
         summary = {}
         for name, _ in chosen:
-            m = _policy_summary(runs[name], cost[name], traces[name], args)
+            m = _policy_summary(runs[name], cost[name], traces[name], args, args.cluster_horizon)
             # Busy step time from the traces (the run's duration also holds idle gaps between arrivals).
             ranks = m["trace"]["ranks"].values()
             m["busy_step_ms"] = statistics.fmean(r["step_time_all"]["mean_ms"] for r in ranks)
@@ -536,7 +536,7 @@ def _cluster(args: argparse.Namespace) -> dict[str, Any]:
         "engine": {"model": model_dir, "served_model_name": MODEL_NAME, "data_parallel_size": 2,
                    "enable_expert_parallel": True, "max_num_seqs": args.max_num_seqs,
                    "max_model_len": int(args.input_len * (1 + args.range_ratio)) + args.output_len * 2 + 16},
-        "balance": {"policy": "off", "lead": args.lead, "wait_ms": args.wait_ms},
+        "balance": {"policy": "off", "lead": args.lead, "wait_ms": args.wait_ms, "horizon": args.cluster_horizon},
         "serving": {"max_queued_per_rank": 4 * args.requests},
     }  # fmt: skip
     port = free_port()
@@ -564,7 +564,7 @@ def _cluster_md(res: dict[str, Any], args: argparse.Namespace) -> str:
         f"`vllm bench serve` (random dataset, `/v1/completions`, streamed). Prefill-heavy shape: "
         f"{args.input_len} in / {args.output_len} out tokens, each +-{args.range_ratio:.0%}, EOS ignored; "
         f"{args.requests} requests per run; max_num_seqs {args.max_num_seqs} per rank; lead {args.lead}, "
-        f"wait {args.wait_ms} ms. Capacity (all {args.calibrate} calibration requests at once, gate off): "
+        f"wait {args.wait_ms} ms, horizon {args.cluster_horizon} (a report every {args.cluster_horizon} step(s)). Capacity (all {args.calibrate} calibration requests at once, gate off): "
         f"{res['capacity_req_s']:.2f} req/s; arrivals at {args.load:g} x that = {res['rate_req_s']:.2f} req/s. "
         f"{args.rounds} rounds, each running off, any_at_cap, bounded_hold in turn. 2 shared CPU cores: "
         "relative comparison only.",
@@ -653,6 +653,12 @@ def main() -> int:
     p.add_argument("--out", default="balance", help="result file names: OUT.json / OUT.md")
     p.add_argument("--table-only", action="store_true", help="rewrite balance.md from balance.json")
     p.add_argument("--cluster", action="store_true", help="through the Serve app with vllm bench serve")
+    p.add_argument(
+        "--cluster-horizon",
+        type=int,
+        default=1,
+        help="--cluster: the gate's report horizon (balance.horizon)",
+    )
     p.add_argument("--range-ratio", type=float, default=0.3, help="--cluster: lengths spread +-this")
     p.add_argument("--arrivals", default="poisson,bursty", help="--cluster: arrival shapes (ARRIVALS)")
     p.add_argument("--load", type=float, default=1.0, help="--cluster: arrival rate over measured capacity")
