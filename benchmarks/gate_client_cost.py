@@ -67,8 +67,37 @@ def _hog() -> None:
         work.sum()
 
 
-def _udp_floor(address: Any, steps: int, step_ms: float, work: np.ndarray) -> tuple[float, float]:
-    """Wall and CPU seconds of the UDP floor's per-step send + receive over ``steps`` steps."""
+def _step(work: np.ndarray, step_ms: float) -> None:
+    """The engine's forward stand-in: ``step_ms`` of work through ``work``, evicting the client's code
+    and data from the caches."""
+    end = time.perf_counter() + step_ms / 1e3
+    while time.perf_counter() < end:
+        work.sum()
+
+
+def _zmq_client(address: Any, steps: int, step_ms: float, work: np.ndarray) -> tuple[float, float, int]:
+    """Wall and CPU seconds the product's client spends in ``report`` + ``decision`` over ``steps``
+    steps, and its late decisions."""
+    from scheduler.gate_report import BalanceConfig
+    from scheduler.gate_transport import ZmqGateClient
+
+    client = ZmqGateClient(BalanceConfig(), 0, resolve=lambda: (address, KEY))
+    try:
+        if not client.connect():
+            raise RuntimeError("the gate client could not reach the benchmark's server")
+        time.sleep(1.0)  # the hogs are spinning
+        for step in range(1, steps + 1):
+            client.report((0, step), running=3, waiting=1, max_num_seqs=4, lead=1)
+            _step(work, step_ms)
+            client.decision((0, step), wait_s=0.005)
+        return client.client_s, client.client_cpu_s, client.late
+    finally:
+        client.close()
+
+
+def _udp_floor(address: Any, steps: int, step_ms: float, work: np.ndarray) -> tuple[float, float, int]:
+    """Wall and CPU seconds of the UDP floor's per-step send + receive over ``steps`` steps (no
+    decisions, so none is late)."""
     import socket
 
     from scheduler.frame_auth import FrameAuth
@@ -80,6 +109,7 @@ def _udp_floor(address: Any, steps: int, step_ms: float, work: np.ndarray) -> tu
     sock.setblocking(False)
     wall = cpu = 0.0
     try:
+        time.sleep(1.0)  # the hogs are spinning
         for step in range(1, steps + 1):
             t0, c0 = time.perf_counter(), time.thread_time()
             while True:
@@ -90,56 +120,32 @@ def _udp_floor(address: Any, steps: int, step_ms: float, work: np.ndarray) -> tu
             sock.send(auth.seal(GateReport.encode(0, 0, step, 3, 1, 4, 1, 1, 0.0, step, 0)))
             cpu += time.thread_time() - c0
             wall += time.perf_counter() - t0
-            end = time.perf_counter() + step_ms / 1e3
-            while time.perf_counter() < end:
-                work.sum()
+            _step(work, step_ms)
     finally:
         sock.close()
-    return wall, cpu
+    return wall, cpu, 0
 
 
 def run(hogs: int, steps: int, step_ms: float, transport: str = "zmq") -> dict[str, float]:
     """One run: ``steps`` lockstep-like steps with ``hogs`` spinning processes beside it."""
-    from scheduler.gate_report import BalanceConfig
-    from scheduler.gate_transport import ZmqGateClient
-
+    serve, measure = (_serve, _zmq_client) if transport == "zmq" else (_serve_udp, _udp_floor)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    server = ctx.Process(target=_serve if transport == "zmq" else _serve_udp, args=(queue,), daemon=True)
+    server = ctx.Process(target=serve, args=(queue,), daemon=True)
     server.start()
     address = queue.get(timeout=60)
     spinners = [ctx.Process(target=_hog, daemon=True) for _ in range(hogs)]
     for p in spinners:
         p.start()
-    client = ZmqGateClient(BalanceConfig(), 0, resolve=lambda: (address, KEY))
     try:
-        if transport == "udp":
-            client.close()
-            time.sleep(1.0)
-            wall, cpu = _udp_floor(address, steps, step_ms, np.random.rand(2_000_000))
-            return {"wall_ms_per_step": wall * 1e3 / steps, "cpu_ms_per_step": cpu * 1e3 / steps,
-                    "late": 0.0, "loadavg_1m": os.getloadavg()[0]}  # fmt: skip
-        if not client.connect():
-            raise RuntimeError("the gate client could not reach the benchmark's server")
-        work = np.random.rand(2_000_000)  # 16 MB: the step evicts the client's code and data
-        time.sleep(1.0)  # the hogs are spinning
-        wall0, cpu0, calls0 = client.client_s, client.client_cpu_s, client.calls
-        for step in range(1, steps + 1):
-            client.report((0, step), running=3, waiting=1, max_num_seqs=4, lead=1)
-            end = time.perf_counter() + step_ms / 1e3
-            while time.perf_counter() < end:
-                work.sum()
-            client.decision((0, step), wait_s=0.005)
-        n = client.calls - calls0
+        wall, cpu, late = measure(address, steps, step_ms, np.random.rand(2_000_000))  # 16 MB
         return {
-            "wall_ms_per_step": (client.client_s - wall0) * 1e3 / n,
-            "cpu_ms_per_step": (client.client_cpu_s - cpu0) * 1e3 / n,
-            "late": float(client.late),
+            "wall_ms_per_step": wall * 1e3 / steps,
+            "cpu_ms_per_step": cpu * 1e3 / steps,
+            "late": float(late),
             "loadavg_1m": os.getloadavg()[0],
         }
     finally:
-        if transport == "zmq":
-            client.close()
         for p in [*spinners, server]:
             p.kill()
             p.join(5)
