@@ -535,7 +535,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Expert load: log-popularity std 0.6, drift time 120 s, layer correlation {meta['layer_correlation']}, "
         f"depth skew {meta['depth_skew']} (assumptions, not fitted). Async EPLB moves "
         f"{meta['layers_per_step']} layer(s) per step (the product's default) and commits each layer once it has "
-        f'moved; "swift paced" cells add the first plan at step {meta.get("paced_first_plan_steps", 2)} '
+        f'moved; "swift paced" cells add the first plan at step {meta["paced_first_plan_steps"]} '
         f"and as many layers per step as the step's compute hides (`eplb.pacing`). Seeds "
         f"{meta['seeds']}: every figure is the median over seeds, (a .. b) the spread of a gain over seeds, "
         f"each seed against no EPLB of the same seed. {meta['runs']} runs in {meta['wall_s']:.0f} s. "

@@ -61,16 +61,16 @@ class GateReport:
 
     def to_bytes(self) -> bytes:
         """The wire form (65 bytes)."""
-        return _WIRE.pack(b"R", *(getattr(self, f.name) for f in fields(self)))
+        return GateReport.encode(*(getattr(self, f.name) for f in fields(self)))
 
     @staticmethod
     def encode(
         rank: int, wave: int, step: int, running: int, waiting: int, max_num_seqs: int, lead: int,
         horizon: int, client_ms: float, client_calls: int, client_late: int,
     ) -> bytes:  # fmt: skip
-        """``GateReport(...).to_bytes()`` without building the report: the engine-core thread's path,
-        where every step runs it with cold caches (one struct pack instead of a dataclass and a
-        field walk)."""
+        """The wire form of a report with these fields, without building the report: the engine-core
+        thread's path, where every step runs it with cold caches (one struct pack instead of a
+        dataclass and a field walk). ``to_bytes`` packs through it, so the layout lives here only."""
         return _WIRE.pack(
             b"R", rank, wave, step, running, waiting, max_num_seqs, lead, horizon, client_ms, client_calls,
             client_late,

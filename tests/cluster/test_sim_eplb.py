@@ -280,7 +280,8 @@ def test_study_report_assembles_and_renders() -> None:
         for name in ("issue_run", "issue_run_no_eplb", "no_drift", "full_concurrency", "full_concurrency_no_eplb")
     }  # fmt: skip
     meta = {"seeds": [1], "output_len": 30, "layer_correlation": 0.3, "depth_skew": 0.5,
-            "layers_per_step": study.LAYERS_PER_STEP, "drift_ep": 8, "sim_layers": 4, "expert_mb": 44.1,
+            "layers_per_step": study.LAYERS_PER_STEP, "paced_first_plan_steps": study.PACED_FIRST_PLAN_STEPS,
+            "drift_ep": 8, "sim_layers": 4, "expert_mb": 44.1,
             "p2p_op_latency_ms": 5.0, "diag_interval": 1000, "runs": len(runs["rows"]), "wall_s": 1.0}  # fmt: skip
     doc = study.report(runs, diag, meta)
     assert doc["headline"]["per_ep"][8]["gain_range"] and doc["targets"] and doc["analysis"]
