@@ -73,10 +73,13 @@ Parameters: ``max_hold_steps`` (int >= 1, default 8) is the operator's TTFT budg
 decode step of ``d`` ms a held request waits at most ``(max_hold_steps - 1) * d`` ms once the snapshot
 shows its rank ready (``(H - 1) * d`` while the group is loaded), and larger values move the policy along
 its own throughput/TTFT frontier. Counted
-in the rank's own steps, the decision pipeline adds up to ``lead + 1`` steps: a decision is frozen
+in the rank's own steps, the decision pipeline adds up to ``lead + 2`` steps: a decision is frozen
 ``lead`` steps ahead, from the counts of the ranks that have reported by then (one step older when a
-peer's report freezes it first), so a request can wait up to ``H + lead`` steps
-(checked on real engines by ``tests/scheduler/test_balance_e2e.py``). ``quorum`` (0 < q <= 1, default 0.5) is the
+peer's report freezes it first), and a rank reports at the lockstep point, before the engine reads
+new requests for the next step (so a request that arrives is in the counts one step after it is in
+the queue). A request can therefore wait up to ``H + lead + 1`` steps from the step it is first in
+the waiting queue with a free slot, ``H + lead`` when a finished request frees its slot (checked on
+real engines by ``tests/scheduler/test_balance_e2e.py``). ``quorum`` (0 < q <= 1, default 0.5) is the
 fraction of live ranks that must be ready to open early while the group is not loaded.
 ``queue_hold_factor`` (int >= 1, default 4) lengthens the hold bound while the group is loaded; 1 turns
 the extension off (the not-loaded row then applies throughout, the rule before issue #17).
