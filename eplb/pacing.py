@@ -11,10 +11,10 @@ Two rules that the simulator's EPLB study (benchmarks/results/sim_eplb_gap_note.
   stream finishes within the step's own compute (at least a floor). A long (prefill) step hides many
   layers at no exposed time; a short decode step still moves the floor, as before.
 
-Only the simulator calls them so far. The product needs, for `plan_due`, the actor's first window cut
-to the warm-up (its windows restart after each plan, where the simulator counts absolute steps), and for
-`layers_this_step` a step time every rank agrees on (the DP step sync's sums, npu_runtime.eplb_hooks)
-so that all ranks post the same staging pieces at the same step.
+`plan_due` counts the steps in the load window (since the last planning attempt), which is what the
+EPLB actor (eplb.actor) and the simulator (cluster.sim.experts) both call. `layers_this_step` needs a
+step time every rank agrees on: the ranks' mean step time, carried in the DP step sync's sums
+(eplb.agreement), so that all ranks post the same staging pieces at the same step.
 """
 
 from __future__ import annotations
@@ -23,19 +23,19 @@ from collections.abc import Sequence
 
 
 def plan_due(
-    step: int, interval_steps: int, first_plan_steps: int | None = None, plans_so_far: int = 0
+    window_steps: int, interval_steps: int, first_plan_steps: int | None = None, plans_so_far: int = 0
 ) -> bool:
-    """Whether a plan is due after `step` steps: every `interval_steps`, and, while no plan has been
-    made yet, once at `first_plan_steps` (None: no warm-up, the first plan waits a full interval)."""
+    """Whether a plan is due on a load window of `window_steps` steps (steps since the last planning
+    attempt, or since start): once it covers `interval_steps`, or, while no plan has been made yet,
+    `first_plan_steps` (None: no warm-up, the first plan waits a full interval)."""
     if interval_steps < 1:
         raise ValueError("interval_steps must be >= 1")
     if first_plan_steps is not None and first_plan_steps < 1:
         raise ValueError("first_plan_steps must be None or >= 1")
-    if step <= 0:
-        return False
-    if step % interval_steps == 0:
-        return True
-    return first_plan_steps is not None and plans_so_far == 0 and step == first_plan_steps
+    target = interval_steps
+    if first_plan_steps is not None and plans_so_far == 0:
+        target = min(first_plan_steps, interval_steps)
+    return window_steps >= target
 
 
 def layers_this_step(pending_layer_s: Sequence[float], step_s: float, min_layers: int = 1) -> int:

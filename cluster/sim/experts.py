@@ -153,6 +153,7 @@ class ExpertModel:
         self.phy2log = default_placement(self.L, self.E, num_ranks, self.num_redundant)
         self._refresh_split()
         self.window = np.zeros((self.L, self.E))  # load since the last plan
+        self.window_start = 0  # step of the last planning attempt (the window's start)
         hl = eplb.window_half_life_s
         self.decayed = DecayingLoad(self.L, self.E, float(hl)) if hl is not None else None
         self.transfer: Transfer | None = None
@@ -238,9 +239,16 @@ class ExpertModel:
         if (
             self._rebalance is None
             or self.transfer is not None
-            or not plan_due(step, self.eplb.interval_steps, self.eplb.first_plan_steps, self.rebalances)
+            or not plan_due(
+                step - self.window_start,
+                self.eplb.interval_steps,
+                self.eplb.first_plan_steps,
+                self.rebalances,
+            )
         ):
             return
+        # As the actor: every attempt starts a new window, whether or not it leads to a plan.
+        self.window_start = step
         if self.decayed is not None:
             load = self.decayed.total()  # the logical load does not depend on the placement: no reset
         else:

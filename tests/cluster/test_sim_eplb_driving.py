@@ -127,11 +127,12 @@ def test_first_plan_steps_plans_once_after_the_warm_up() -> None:
     assert m.transfer is not None and m.rebalances == 1
     while m.transfer is not None:
         m.transfer_step(0.08, 0.0)
-    # After the first plan, the regular cadence (steps 10, 20, ...): a plan reads and resets the window.
+    # After the first plan, full windows (eplb.pacing.plan_due): due 10 steps after the attempt at
+    # step 2, when the attempt reads and resets the window.
     m.window = skewed(m)
-    m.maybe_rebalance(12)
+    m.maybe_rebalance(11)
     assert m.window.sum() > 0
-    m.maybe_rebalance(20)
+    m.maybe_rebalance(12)
     assert m.window.sum() == 0
     # Without the option the first plan waits a full interval.
     d = model("eplb.interval_steps=10")

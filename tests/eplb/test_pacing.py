@@ -7,21 +7,33 @@ import pytest
 from eplb.pacing import layers_this_step, plan_due
 
 
-def test_without_warm_up_plans_come_every_interval() -> None:
-    # The simulator's and the study's rule before pacing: every interval, never at step 0.
-    due = [s for s in range(0, 80) if plan_due(s, 25)]
-    assert due == [25, 50, 75]
+def test_without_warm_up_a_plan_is_due_once_the_window_covers_the_interval() -> None:
+    assert [w for w in range(0, 30) if plan_due(w, 25)] == list(range(25, 30))
+    # A window that was polled late (the actor looks every few seconds) is still due.
+    assert plan_due(1000, 25, plans_so_far=3)
 
 
 def test_warm_up_brings_only_the_first_plan_forward() -> None:
     assert plan_due(2, 25, first_plan_steps=2, plans_so_far=0)
-    # Once a plan has been made the warm-up step is not special any more.
+    assert plan_due(7, 25, first_plan_steps=2, plans_so_far=0)
+    assert not plan_due(1, 25, first_plan_steps=2, plans_so_far=0)
+    # Once a plan has been made the windows are full intervals again.
     assert not plan_due(2, 25, first_plan_steps=2, plans_so_far=1)
-    assert not plan_due(3, 25, first_plan_steps=2, plans_so_far=0)
-    # The regular cadence holds whether or not the warm-up plan happened.
-    assert plan_due(25, 25, first_plan_steps=2, plans_so_far=0)
-    assert plan_due(50, 25, first_plan_steps=2, plans_so_far=1)
+    assert plan_due(25, 25, first_plan_steps=2, plans_so_far=1)
     assert not plan_due(0, 25, first_plan_steps=2)
+    # A warm-up longer than the interval never delays the first plan.
+    assert plan_due(25, 25, first_plan_steps=40, plans_so_far=0)
+
+
+def test_the_simulator_plans_on_the_windows_the_rule_names() -> None:
+    """Every due window starts a new one: with no transfer in flight, plans come at the warm-up and
+    then every interval after it, as the actor's windows restart after each attempt."""
+    starts, window_start, plans = [], 0, 0
+    for step in range(1, 60):
+        if plan_due(step - window_start, 25, first_plan_steps=2, plans_so_far=plans):
+            starts.append(step)
+            window_start, plans = step, plans + 1
+    assert starts == [2, 27, 52]
 
 
 @pytest.mark.parametrize(("interval", "first"), [(0, None), (25, 0)])
