@@ -189,6 +189,9 @@ class EplbSection(_Section):
     params: dict[str, Any] = Field(default_factory=lambda: dict(EPLB_ACTOR_DEFAULTS["params"]))
     num_redundant: int = Field(EPLB_ACTOR_DEFAULTS["num_redundant"], ge=0)  # slots beyond one per expert
     window_steps: int = Field(EPLB_ACTOR_DEFAULTS["window_steps"], ge=1)  # engine steps per load window
+    # The first plan's window (null: window_steps); a short one lets the first plan land during the
+    # start-up prefills (eplb.pacing.plan_due).
+    first_window_steps: int | None = Field(EPLB_ACTOR_DEFAULTS["first_window_steps"], ge=1)
     interval_s: float = EPLB_ACTOR_DEFAULTS["interval_s"]  # between the actor's cycles
     threshold: float = EPLB_ACTOR_DEFAULTS["threshold"]  # commit below threshold x the current max load
     plan_timeout_s: float = EPLB_ACTOR_DEFAULTS["plan_timeout_s"]

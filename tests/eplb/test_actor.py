@@ -162,6 +162,19 @@ def test_plans_when_window_completes_and_pushes_to_every_rank(fake_ranks):
     assert len(ray.get(ranks[0].get_plans.remote())) == 1
 
 
+def test_first_window_steps_brings_only_the_first_plan_forward(fake_ranks):
+    """With `first_window_steps`, the first plan comes from a short window (eplb.pacing.plan_due);
+    after a commit the windows are full `window_steps` again."""
+    import ray
+
+    ranks = fake_ranks()
+    ctl = _controller(ranks, window_steps=30, first_window_steps=10)
+    ray.get(ctl.initialize.remote())
+    assert ray.get(ctl.cycle.remote()) == "committed"  # 10 steps: the warm-up window
+    assert [ray.get(ctl.cycle.remote()) for _ in range(2)] == ["collecting"] * 2  # 10, 20 < 30
+    assert ray.get(ctl.cycle.remote()) == "skipped_no_gain"  # 30 steps: planned (balanced already)
+
+
 def test_waits_for_a_plan_with_small_outcome_polls_at_the_configured_interval(fake_ranks):
     """While a plan applies, the actor asks each rank for that plan's record only, every poll_interval_s,
     with `eplb_outcome_local` (the rank reads the worker's file; an engine call would run on the engine's
