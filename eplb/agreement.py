@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eplb.exchange import Exchanger, pieces
+from eplb.exchange import Exchanger, piece_bytes, pieces
 from eplb.messages import TRANSFER_DEFAULTS, PlanMessage
 from eplb.outcomes import OutcomeLog, plan_record
 from eplb.pending import PendingPlan
@@ -68,7 +68,8 @@ class EplbWorkerState:
     vLLM worker by `from_worker`, which also installs the hooks.
     """
 
-    num_rows = 5  # step-sync rows: accepted id, its square, ready id, its square, failed
+    # Step-sync rows: accepted id, its square, ready id, its square, failed, last step's compute (µs).
+    num_rows = 6
 
     def __init__(
         self,
@@ -139,15 +140,27 @@ class EplbWorkerState:
         check_pair(old, new, s.ep_size, s.num_logical)
         return old, new
 
-    def _build_plan(self, old: np.ndarray, new: np.ndarray, opts: dict) -> tuple[TransferPlan, list]:
-        """The heavy part: TransferPlan (diff + validation) and its pieces."""
+    def _build_plan(
+        self, old: np.ndarray, new: np.ndarray, opts: dict
+    ) -> tuple[TransferPlan, list[tuple[int, int, int]], list[float]]:
+        """The heavy part: TransferPlan (diff + validation), its pieces and, with fit_step, the
+        seconds each piece is expected to take (its busiest rank pair's bytes at link_gb_per_s)."""
         s = self.slots
         plan = build_transfer_plan(old, new, s.ep_size, s.num_logical)
         validate_plan(plan, s.num_logical)
-        todo = pieces(plan, s.ep_size, int(opts["slots_per_step"]), bool(opts["split_weights"]))
+        slots, split = int(opts["slots_per_step"]), bool(opts["split_weights"])
+        todo = pieces(plan, s.ep_size, slots, split)
         if len(todo) >= 8192:  # their tags must stay inside the plan's tag range
             raise PlanError(f"{len(todo)} pieces: raise slots_per_step")
-        return plan, todo
+        todo_s: list[float] = []
+        if opts["fit_step"] and todo:
+            rate = float(opts["link_gb_per_s"]) * 1e9
+            if not rate > 0:
+                raise PlanError(f"link_gb_per_s must be > 0, got {opts['link_gb_per_s']!r}")
+            w13, w2 = s.weights(todo[0][0])
+            slot_bytes = (w13[0].numel() * w13.element_size(), w2[0].numel() * w2.element_size())
+            todo_s = [b / rate for b in piece_bytes(plan, s.ep_size, slots, split, slot_bytes)]
+        return plan, todo, todo_s
 
     def _prepare(self, p: PendingPlan, old: np.ndarray, new: np.ndarray) -> None:
         """Background preparation of an async plan (transfer option prepare="thread"): plan, pieces and,
@@ -157,7 +170,7 @@ class EplbWorkerState:
         t0, cpu0 = time.perf_counter(), time.thread_time()
         tune_staging_thread(int(p.opts["nice"]), int(p.opts["omp_threads"]))
         try:
-            p.plan, p.todo = self._build_plan(old, new, p.opts)
+            p.plan, p.todo, p.todo_s = self._build_plan(old, new, p.opts)
             if p.opts["inline"]:
                 for layer in p.plan.layers():
                     if p.aborted:
@@ -197,12 +210,12 @@ class EplbWorkerState:
             t0, cpu0 = time.perf_counter(), time.thread_time()
             try:
                 old, new = self._check_start(msg)
-                plan, todo = (None, []) if in_thread else self._build_plan(old, new, opts)
+                plan, todo, todo_s = (None, [], []) if in_thread else self._build_plan(old, new, opts)
             except (PlanError, ValueError, KeyError) as exc:
                 self.outcomes.record(plan_id, "rejected", error=str(exc))
                 return {"accepted": False, "error": str(exc)}
             pending = PendingPlan(plan_id, plan, blocking=msg.blocking, opts=opts)  # type: ignore[arg-type]
-            pending.todo = todo
+            pending.todo, pending.todo_s = todo, todo_s
             pending.prepared = not in_thread
             if not in_thread:
                 pending.prep_ms = (time.perf_counter() - t0) * 1e3
@@ -260,7 +273,16 @@ class EplbWorkerState:
         # Accepted = prepared: every rank starts at the step where all have contributed the id.
         acc = p.plan_id if p.prepared and not (p.blocking or p.started) else 0
         ready = p.plan_id if p.ready else 0
-        return [acc, acc * acc, ready, ready * ready, 1 if p.failed else 0]
+        return [acc, acc * acc, ready, ready * ready, 1 if p.failed else 0, self._last_step_us()]
+
+    def _last_step_us(self) -> int:
+        """This rank's previous engine step without its EPLB work at the agreement point (µs), kept
+        small enough that the group's sum fits the int32 row."""
+        if not self.steplog.entries:
+            return 0
+        e = self.steplog.entries[-1]  # (t_start, exec_ms, step_ms, tokens, reqs, state, plan_id, stall_ms)
+        us = max(0.0, (e[2] - e[7]) * 1e3)
+        return int(min(us, 5e6, (2**31 - 1) // max(1, self.dp_size)))
 
     def on_sums(self, sums: list[int], dp_size: int) -> None:
         t0 = time.perf_counter()
@@ -278,17 +300,18 @@ class EplbWorkerState:
                 return
             p.steps_waited += 1
             log.state = STEP_READY if p.ready else STEP_STAGING
-            s_acc, s_acc_sq, s_id, s_sq, s_fail = sums
+            s_acc, s_acc_sq, s_id, s_sq, s_fail, s_step_us = sums
+            step_s = s_step_us / dp_size / 1e6  # the ranks' mean: the same on every rank
             if s_fail > 0:
                 # Some rank failed to stage: every rank sees it at this step and keeps the old placement.
                 log.state = STEP_DROP
                 p.aborted = True
                 p.failed = p.failed or "another rank failed to stage the plan"
-                if p.inflight is not None and ex.group_error is None:
+                if p.inflight and ex.group_error is None:
                     # Inline staging stopped mid-exchange on a peer: this rank's posted piece may never
                     # be matched, and waiting on it would hold the engine until gloo's timeout.
                     ex.group_error = f"a peer failed while plan {p.plan_id}'s exchange was in flight"
-                p.inflight, p.todo = None, []
+                p.inflight, p.todo, p.todo_s = [], [], []
                 self._finish(p, "failed")
                 return
             if not (p.blocking or p.started):
@@ -299,7 +322,7 @@ class EplbWorkerState:
                     p.t_started = time.perf_counter()
                     if p.opts["inline"]:  # the first piece is posted right here, before this forward
                         p.injected, ex.fail_next_transfer = ex.fail_next_transfer, False
-                        ex.inline_step(p)
+                        ex.inline_step(p, step_s)
                     else:
                         threading.Thread(
                             target=ex.transfer, args=(p,), name="eplb-stage", daemon=True
@@ -311,7 +334,7 @@ class EplbWorkerState:
                     self._finish(p, "failed")
                 return
             if p.opts["inline"] and not (p.blocking or p.ready or p.failed):
-                ex.inline_step(p)
+                ex.inline_step(p, step_s)
                 return
             # All ranks ready with the same id: sum == n*id and n*sum(id^2) == sum(id)^2.
             if p.ready and s_id == dp_size * p.plan_id and s_sq * dp_size == s_id * s_id:

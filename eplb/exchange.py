@@ -5,9 +5,11 @@ the commit copies them into the weights later, at an agreed step.
 
 * inline (default): no staging thread. A layer's exchange is cut into pieces of at most
   `slots_per_step` slots per rank pair (the same pieces on every rank, from the plan); at every step
-  boundary, on the engine's main thread inside the step sync, the piece posted at the previous step
-  is completed (gloo wait on ops every peer posted then; gloo's I/O threads moved the bytes during
-  that forward) and the next piece's non-blocking gloo isend/irecv are posted (`inline_step`).
+  boundary, on the engine's main thread inside the step sync, the pieces posted at the previous step
+  are completed (gloo wait on ops every peer posted then; gloo's I/O threads moved the bytes during
+  that forward) and the next pieces' non-blocking gloo isend/irecv are posted (`inline_step`): one
+  per step, or (`fit_step`) as many as the group's last step would hide, from a step time every rank
+  gets from the step sync.
 * staging thread (`inline: False`): a background thread (nice 19, one OpenMP thread, one layer
   started per engine step) moves a whole layer per message (`transfer`); `per_slot` moves one
   message per slot instead (a baseline for benchmarks).
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from eplb.pacing import layers_this_step
 from eplb.pending import PendingPlan, Staged
 from eplb.plan import TransferPlan
 from eplb.slots import ModelSlots, layer_tables
@@ -58,6 +61,14 @@ class Posted:
     t_post: float
 
 
+def _busiest_pair(plan: TransferPlan, num_ranks: int, layer: int) -> int:
+    """The most slots any rank pair (a rank with itself included) moves in `layer`."""
+    count = np.zeros((num_ranks, num_ranks), dtype=np.int64)
+    for op in plan.ops_by_layer[layer]:
+        count[op.src_rank, op.dst_rank] += 1
+    return int(count.max()) if count.size else 0
+
+
 def pieces(plan: TransferPlan, num_ranks: int, slots: int, split: bool = False) -> list[tuple[int, int, int]]:
     """(layer, piece, weight) in posting order. A layer has ceil(m / slots) pieces, m the most slots any
     rank pair (a rank with itself included) moves in it, and at least one; with `split`, each piece is
@@ -65,12 +76,24 @@ def pieces(plan: TransferPlan, num_ranks: int, slots: int, split: bool = False) 
     that every rank posts the same piece at the same step."""
     out: list[tuple[int, int, int]] = []
     for layer in plan.layers():
-        count = np.zeros((num_ranks, num_ranks), dtype=np.int64)
-        for op in plan.ops_by_layer[layer]:
-            count[op.src_rank, op.dst_rank] += 1
-        m = int(count.max()) if count.size else 0
+        m = _busiest_pair(plan, num_ranks, layer)
         n = max(1, -(-m // slots)) if slots > 0 else 1
         out += [(layer, j, w) for j in range(n) for w in ((0, 1) if split else (-1,))]
+    return out
+
+
+def piece_bytes(
+    plan: TransferPlan, num_ranks: int, slots: int, split: bool, slot_bytes: tuple[int, int]
+) -> list[int]:
+    """Bytes the busiest rank pair moves in each of `pieces(plan, num_ranks, slots, split)`, in the same
+    order; slot_bytes: one slot's (w13, w2) bytes. From the plan alone, the same on every rank."""
+    out: list[int] = []
+    for layer in plan.layers():
+        m = _busiest_pair(plan, num_ranks, layer)
+        n = max(1, -(-m // slots)) if slots > 0 else 1
+        for j in range(n):
+            k = min(slots, m - j * slots) if slots > 0 else m
+            out += [k * slot_bytes[w] for w in (0, 1)] if split else [k * sum(slot_bytes)]
     return out
 
 
@@ -151,35 +174,48 @@ class Exchanger:
             p.stage_ms += (time.perf_counter() - t0) * 1e3
             p.stage_cpu_ms += (time.thread_time() - cpu0) * 1e3
 
-    def inline_step(self, p: PendingPlan) -> None:
+    def inline_step(self, p: PendingPlan, step_s: float | None = None) -> None:
         """Inline staging, one call per engine step on the main thread (inside the step's DP sync):
-        complete the piece posted at the previous step, then post the next one; one piece in flight.
+        complete the pieces posted at the previous step, then post the next ones: one, or with the
+        fit_step option as many as `step_s` (the group's last step, the same on every rank) hides
+        (eplb.pacing.layers_this_step over `p.todo_s`).
 
         gloo's `is_completed` stays false until `wait` (no non-blocking test exists), so the wait here
         is a real wait, but on ops every peer posted at the previous step boundary (they all passed
         this step's all-reduce since) whose bytes gloo's I/O threads moved during that step's forward:
-        it returns in microseconds (`wait_ms` in the plan history). A hung peer is bounded by the
-        transfer group's gloo timeout, as for the staging thread.
+        it returns in microseconds when the step hid them (`wait_ms` in the plan history). A hung peer
+        is bounded by the transfer group's gloo timeout, as for the staging thread.
         """
         t0 = time.perf_counter()
         cpu0 = time.thread_time()
         try:
-            if p.inflight is not None:
-                done, p.inflight = p.inflight, None
-                self._wait(done.works, p, 0.0)
+            if p.inflight:
+                done, p.inflight = p.inflight, []
+                for posted in done:
+                    self._wait(posted.works, p, 0.0)
                 p.wait_ms.append((time.perf_counter() - t0) * 1e3)
-                if not p.todo or p.todo[0][0] != done.layer:  # the layer's last piece
-                    p.staged[done.layer] = p.exchanges.pop(done.layer).staged
-                    p.layer_ms.append((done.layer, done.t_post, time.perf_counter()))
+                last = {posted.layer: posted for posted in done}  # a layer's last piece posted
+                for layer, posted in last.items():
+                    if not p.todo or p.todo[0][0] != layer:  # no piece of the layer left to post
+                        p.staged[layer] = p.exchanges.pop(layer).staged
+                        p.layer_ms.append((layer, posted.t_post, time.perf_counter()))
             if p.todo:
-                layer, piece, weight = p.todo.pop(0)
-                if layer not in p.exchanges:
-                    p.exchanges[layer] = self.layout(p, layer)
-                tag = p.plan_id * 32768 + 2 * p.seq  # unique per piece (pieces < 8192, checked at accept)
-                p.seq += 1
-                p.inflight = self.post_piece(
-                    p, p.exchanges[layer], piece, int(p.opts["slots_per_step"]), tag, weight
-                )
+                n = 1
+                if p.opts["fit_step"] and step_s is not None and p.todo_s:
+                    n = layers_this_step(p.todo_s, step_s, 1)
+                for _ in range(n):
+                    layer, piece, weight = p.todo.pop(0)
+                    if p.todo_s:
+                        p.todo_s.pop(0)
+                    if layer not in p.exchanges:
+                        p.exchanges[layer] = self.layout(p, layer)
+                    tag = p.plan_id * 32768 + 2 * p.seq  # unique per piece (pieces < 8192, checked at accept)
+                    p.seq += 1
+                    p.inflight.append(
+                        self.post_piece(
+                            p, p.exchanges[layer], piece, int(p.opts["slots_per_step"]), tag, weight
+                        )
+                    )
                 return
             if p.injected:
                 raise RuntimeError("injected transfer failure")
@@ -188,7 +224,7 @@ class Exchanger:
         except Exception as exc:  # reported through the step sync: every rank drops the plan
             logger.exception("EPLB plan %d: inline transfer failed", p.plan_id)
             p.failed = f"{type(exc).__name__}: {exc}"
-            p.inflight, p.todo = None, []
+            p.inflight, p.todo, p.todo_s = [], [], []
             if not p.injected and self.group is not None:  # a gloo error leaves the pair closed
                 self.group_error = p.failed
         finally:

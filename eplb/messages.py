@@ -30,6 +30,12 @@ TRANSFER_DEFAULTS: dict[str, Any] = {
     # row: sent straight from the weights, no gather copy.
     "slots_per_step": 1,
     "split_weights": False,  # inline: a piece's w13 and w2 rows in two successive steps (half the bytes each)
+    # Inline: post, at each step boundary, as many pieces as the group's last step would hide
+    # (eplb.pacing.layers_this_step over the pieces' seconds at link_gb_per_s, the step time the ranks'
+    # mean from the step sync, so every rank posts the same pieces), at least one. False: one per step.
+    "fit_step": False,
+    # What fit_step assumes one rank pair's bytes cross at, GB/s (a piece's time is its busiest pair's).
+    "link_gb_per_s": 1.0,
     # Where an async plan is prepared (TransferPlan diff and validation, pieces; inline: every layer's
     # exchange layout, receive buffers and commit tables): "thread" - `eplb_stage` returns after the cheap
     # checks and a background thread (nice, one OpenMP thread) prepares it; the rank contributes the id to

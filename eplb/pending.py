@@ -50,12 +50,14 @@ class PendingPlan:
     steps_waited: int = 0
     t_ready: float = 0.0  # perf_counter when staging finished (0: not yet)
     layer_ms: list[tuple[int, float, float]] = field(default_factory=list)  # (layer, t_start, t_end)
-    # Inline staging: pieces (layer, piece, weight) still to post, the one posted at the previous step.
+    # Inline staging: pieces (layer, piece, weight) still to post, the seconds each is expected to take
+    # (fit_step; empty otherwise), the pieces posted at the previous step.
     todo: list[tuple[int, int, int]] = field(default_factory=list)
-    inflight: Any = None  # exchange.Posted
+    todo_s: list[float] = field(default_factory=list)
+    inflight: list[Any] = field(default_factory=list)  # exchange.Posted
     exchanges: dict[int, Any] = field(default_factory=dict)  # layer -> exchange.Exchange
     seq: int = 0  # pieces posted so far (their tags)
-    wait_ms: list[float] = field(default_factory=list)  # per completed piece: its wait at the step boundary
+    wait_ms: list[float] = field(default_factory=list)  # per step boundary with pieces in flight: its wait
     inline_steps: list[tuple[float, float]] = field(default_factory=list)  # (wall ms, main-thread CPU ms)
     injected: bool = False  # fault injection taken for this plan (inline staging)
     t_started: float = 0.0  # perf_counter when every rank agreed to start staging

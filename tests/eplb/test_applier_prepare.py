@@ -61,15 +61,15 @@ def test_stage_returns_before_preparing_and_contributes_the_id_only_once_prepare
     assert s.stage(_msg(1, old, random_placement(rng)))["accepted"]
     p = s.pending  # the build is still held by `gate`: stage returned without waiting for it
     assert p is not None and not p.prepared and p.plan is None
-    assert s.contribute() == [0, 0, 0, 0, 0]  # not accepted in the agreement yet
-    s.on_sums([1, 1, 0, 0, 0], RANKS)  # a peer that is prepared: no start here
+    assert s.contribute() == [0, 0, 0, 0, 0, 0]  # not accepted in the agreement yet
+    s.on_sums([1, 1, 0, 0, 0, 0], RANKS)  # a peer that is prepared: no start here
     assert not p.started and s.pending is p
     gate.set()
     _wait(lambda: p.prepared)
     # Every layer's exchange (receive buffers, commit tables) is ready before the start.
     assert sorted(p.exchanges) == sorted(p.plan.layers()) and p.todo
     assert s.contribute()[:2] == [1, 1]
-    s.on_sums([2, 2, 0, 0, 0], RANKS)  # both accepted: staging starts at this step (first piece posted)
+    s.on_sums([2, 2, 0, 0, 0, 0], RANKS)  # both accepted: staging starts at this step (first piece posted)
     assert p.started and p.t_started > 0
     assert s.status()["staging_threads"] == 0
 
@@ -94,8 +94,8 @@ def test_a_plan_that_fails_preparation_is_reported_failed_through_the_agreement(
     assert s.stage(_msg(1, old, random_placement(np.random.default_rng(4))))["accepted"]
     p = s.pending
     _wait(lambda: p.failed is not None)
-    assert not p.prepared and s.contribute() == [0, 0, 0, 0, 1]
-    s.on_sums([0, 0, 0, 0, 1], RANKS)  # every rank sees the failed row and drops it
+    assert not p.prepared and s.contribute() == [0, 0, 0, 0, 1, 0]
+    s.on_sums([0, 0, 0, 0, 1, 0], RANKS)  # every rank sees the failed row and drops it
     assert s.pending is None
     rec = s.outcome(1)
     assert rec["outcome"] == "failed" and "op-level check failed" in rec["error"] and rec["layers"] == 0
