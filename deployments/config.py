@@ -198,6 +198,8 @@ class EplbSection(_Section):
     poll_interval_s: float = EPLB_ACTOR_DEFAULTS["poll_interval_s"]
     outcome_wait_s: float = EPLB_ACTOR_DEFAULTS["outcome_wait_s"]
     blocking: bool = EPLB_ACTOR_DEFAULTS["blocking"]  # stop-the-world application (for comparisons)
+    # How the ranks stage each plan: overrides of eplb.messages.TRANSFER_DEFAULTS (e.g. fit_step).
+    transfer: dict[str, Any] = Field(default_factory=lambda: dict(EPLB_ACTOR_DEFAULTS["transfer"]))
     # Each rank's side.
     window_samples: int = Field(8, ge=1)  # samples each rank's LoadWindow keeps
     layers_per_step: int = Field(1, ge=1)
@@ -212,6 +214,16 @@ class EplbSection(_Section):
         from eplb.policies import POLICIES
 
         return _known(name, POLICIES, "EPLB policy")
+
+    @field_validator("transfer")
+    @classmethod
+    def _known_transfer_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        from eplb.messages import TRANSFER_DEFAULTS
+
+        unknown = sorted(set(options) - set(TRANSFER_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown EPLB transfer options {unknown}; known: {sorted(TRANSFER_DEFAULTS)}")
+        return options
 
 
 class ServingSection(_Section):

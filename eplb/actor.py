@@ -60,6 +60,8 @@ DEFAULTS: dict[str, Any] = {
     # instead of one per poll_interval_s: every call wakes processes on the cores the forwards run on).
     "outcome_wait_s": 5.0,
     "blocking": False,  # stop-the-world application (for comparison benchmarks)
+    # How the ranks stage each plan: overrides of eplb.messages.TRANSFER_DEFAULTS sent with it.
+    "transfer": {},
 }
 
 
@@ -272,7 +274,8 @@ class EplbController:
         plan_id = self._next_plan_id
         self._next_plan_id += 1
         self.state["phase"] = "applying"
-        msg = PlanMessage(plan_id, self.current, new, self.num_ranks, blocking=bool(self.config["blocking"]))
+        msg = PlanMessage(plan_id, self.current, new, self.num_ranks, blocking=bool(self.config["blocking"]),
+                          transfer=dict(self.config.get("transfer") or {}))  # fmt: skip
         stats = plan_stats or {}
         self.state["last_plan"] = {"plan_id": plan_id, "num_ops": stats.get("num_ops"),
                                    "remote_bytes": stats.get("remote_bytes")}  # fmt: skip

@@ -164,13 +164,15 @@ def test_plans_when_window_completes_and_pushes_to_every_rank(fake_ranks):
 
 def test_first_window_steps_brings_only_the_first_plan_forward(fake_ranks):
     """With `first_window_steps`, the first plan comes from a short window (eplb.pacing.plan_due);
-    after a commit the windows are full `window_steps` again."""
+    after a commit the windows are full `window_steps` again. `transfer` options go with each plan."""
     import ray
 
     ranks = fake_ranks()
-    ctl = _controller(ranks, window_steps=30, first_window_steps=10)
+    ctl = _controller(ranks, window_steps=30, first_window_steps=10, transfer={"fit_step": True})
     ray.get(ctl.initialize.remote())
     assert ray.get(ctl.cycle.remote()) == "committed"  # 10 steps: the warm-up window
+    # The transfer options travel with the plan to every rank.
+    assert [p.transfer for r in ranks for p in ray.get(r.get_plans.remote())] == [{"fit_step": True}] * 2
     assert [ray.get(ctl.cycle.remote()) for _ in range(2)] == ["collecting"] * 2  # 10, 20 < 30
     assert ray.get(ctl.cycle.remote()) == "skipped_no_gain"  # 30 steps: planned (balanced already)
 
