@@ -218,11 +218,13 @@ class EplbSection(_Section):
     @field_validator("transfer")
     @classmethod
     def _known_transfer_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        from eplb.messages import TRANSFER_DEFAULTS
+        from eplb.messages import transfer_options
+        from eplb.plan import PlanError
 
-        unknown = sorted(set(options) - set(TRANSFER_DEFAULTS))
-        if unknown:
-            raise ValueError(f"unknown EPLB transfer options {unknown}; known: {sorted(TRANSFER_DEFAULTS)}")
+        try:
+            transfer_options(options)
+        except PlanError as exc:
+            raise ValueError(f"EPLB {exc}") from None
         return options
 
 

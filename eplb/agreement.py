@@ -144,7 +144,8 @@ class EplbWorkerState:
         self, old: np.ndarray, new: np.ndarray, opts: dict
     ) -> tuple[TransferPlan, list[tuple[int, int, int]], list[float]]:
         """The heavy part: TransferPlan (diff + validation), its pieces and, with fit_step, the
-        seconds each piece is expected to take (its busiest rank pair's bytes at link_gb_per_s)."""
+        seconds each piece is expected to take (piece_latency_ms plus its busiest rank pair's bytes at
+        link_gb_per_s)."""
         s = self.slots
         plan = build_transfer_plan(old, new, s.ep_size, s.num_logical)
         validate_plan(plan, s.num_logical)
@@ -154,12 +155,10 @@ class EplbWorkerState:
             raise PlanError(f"{len(todo)} pieces: raise slots_per_step")
         todo_s: list[float] = []
         if opts["fit_step"] and todo:
-            rate = float(opts["link_gb_per_s"]) * 1e9
-            if not rate > 0:
-                raise PlanError(f"link_gb_per_s must be > 0, got {opts['link_gb_per_s']!r}")
+            rate, latency = float(opts["link_gb_per_s"]) * 1e9, float(opts["piece_latency_ms"]) / 1e3
             w13, w2 = s.weights(todo[0][0])
             slot_bytes = (w13[0].numel() * w13.element_size(), w2[0].numel() * w2.element_size())
-            todo_s = [b / rate for b in piece_bytes(plan, s.ep_size, slots, split, slot_bytes)]
+            todo_s = [latency + b / rate for b in piece_bytes(plan, s.ep_size, slots, split, slot_bytes)]
         return plan, todo, todo_s
 
     def _prepare(self, p: PendingPlan, old: np.ndarray, new: np.ndarray) -> None:

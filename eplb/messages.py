@@ -34,8 +34,10 @@ TRANSFER_DEFAULTS: dict[str, Any] = {
     # (eplb.pacing.layers_this_step over the pieces' seconds at link_gb_per_s, the step time the ranks'
     # mean from the step sync, so every rank posts the same pieces), at least one. False: one per step.
     "fit_step": False,
-    # What fit_step assumes one rank pair's bytes cross at, GB/s (a piece's time is its busiest pair's).
+    # What fit_step assumes a piece costs: its busiest rank pair's bytes at link_gb_per_s (GB/s), plus
+    # piece_latency_ms for posting and matching its messages.
     "link_gb_per_s": 1.0,
+    "piece_latency_ms": 0.0,
     # Where an async plan is prepared (TransferPlan diff and validation, pieces; inline: every layer's
     # exchange layout, receive buffers and commit tables): "thread" - `eplb_stage` returns after the cheap
     # checks and a background thread (nice, one OpenMP thread) prepares it; the rank contributes the id to
@@ -43,6 +45,20 @@ TRANSFER_DEFAULTS: dict[str, Any] = {
     # engine's stepping thread), a layer's layout when its first piece is posted.
     "prepare": "thread",
 }
+
+
+def transfer_options(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """TRANSFER_DEFAULTS with `overrides`; PlanError names unknown keys and out-of-range fit_step costs."""
+    unknown = set(overrides) - set(TRANSFER_DEFAULTS)
+    if unknown:
+        raise PlanError(f"unknown transfer options {sorted(unknown)}; known: {sorted(TRANSFER_DEFAULTS)}")
+    opts = {**TRANSFER_DEFAULTS, **overrides}
+    rate, latency = opts["link_gb_per_s"], opts["piece_latency_ms"]
+    if not (
+        isinstance(rate, (int, float)) and rate > 0 and isinstance(latency, (int, float)) and latency >= 0
+    ):
+        raise PlanError(f"link_gb_per_s must be > 0 and piece_latency_ms >= 0, got {rate!r} and {latency!r}")
+    return opts
 
 
 @dataclass(frozen=True)
@@ -64,11 +80,8 @@ class PlanMessage:
     transfer: Mapping[str, Any] = field(default_factory=dict)
 
     def options(self) -> dict[str, Any]:
-        """TRANSFER_DEFAULTS with this message's overrides; PlanError names unknown keys."""
-        unknown = set(self.transfer) - set(TRANSFER_DEFAULTS)
-        if unknown:
-            raise PlanError(f"unknown transfer options {sorted(unknown)}")
-        return {**TRANSFER_DEFAULTS, **self.transfer}
+        """TRANSFER_DEFAULTS with this message's overrides (`transfer_options`)."""
+        return transfer_options(self.transfer)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -94,5 +94,5 @@ def plan_record(p: PendingPlan) -> dict[str, Any]:
         t_received=p.t_received, t_ready=p.t_ready, t_finished=time.perf_counter(),
         transfer_layers=[[lay, (a - p.t_received) * 1e3, (b - a) * 1e3] for lay, a, b in p.layer_ms],
         wait_ms=[round(x, 3) for x in p.wait_ms], inline=bool(p.opts["inline"]),
-        inline_steps=[[round(a, 3), round(b, 3)] for a, b in p.inline_steps],
+        inline_steps=[[round(a, 3), round(b, 3)] for a, b in p.inline_steps], pieces_posted=p.seq,
     )  # fmt: skip

@@ -60,8 +60,10 @@ def test_invalid_values_and_policies_name_their_key() -> None:
         DPServeConfig.from_args({"balance": {"policy": "fastest"}})
     with pytest.raises(ConfigError, match="eplb.policy.*unknown EPLB policy"):
         DPServeConfig.from_args({"eplb": {"policy": "random"}})
-    with pytest.raises(ConfigError, match="eplb.transfer.*unknown EPLB transfer options.*fit_steps"):
+    with pytest.raises(ConfigError, match="eplb.transfer.*unknown transfer options.*fit_steps"):
         DPServeConfig.from_args({"eplb": {"transfer": {"fit_steps": True}}})
+    with pytest.raises(ConfigError, match="eplb.transfer.*link_gb_per_s must be > 0"):
+        DPServeConfig.from_args({"eplb": {"transfer": {"fit_step": True, "link_gb_per_s": 0}}})
     with pytest.raises(ConfigError, match="eplb.first_window_steps"):
         DPServeConfig.from_args({"eplb": {"first_window_steps": 0}})
     paced = DPServeConfig.from_args({"eplb": {"first_window_steps": 2, "transfer": {"fit_step": True}}})

@@ -129,9 +129,11 @@ def test_rank_side_apply_keeps_outputs_identical(group):
             assert physical.shape == (4, 20) and counts.sum() > 0
             assert (logical_from_slots(physical, old, 16) == counts).all()
             assert physical[:, [8, 9, 18, 19]].sum() > 0
-        for plan_id, blocking in ((1, False), (2, True), (3, False)):
+        # Plan 4 stages with fit_step: as many one-slot pieces per step as the agreed step time hides.
+        fit = {"fit_step": True, "slots_per_step": 1}
+        for plan_id, blocking, transfer in ((1, False, {}), (2, True, {}), (3, False, {}), (4, False, fit)):
             new = random_placement(rng, old.shape[0], 16, NUM_REDUNDANT)
-            msg = PlanMessage(plan_id, old, new, 2, blocking=blocking).to_dict()
+            msg = PlanMessage(plan_id, old, new, 2, blocking=blocking, transfer=transfer).to_dict()
             # Requests in flight while the plan is staged, agreed and committed.
             during = asyncio.ensure_future(_generate(actors))
             await asyncio.sleep(0.3)
@@ -139,10 +141,14 @@ def test_rank_side_apply_keeps_outputs_identical(group):
             assert all(r["accepted"] for r in res), res
             outcomes = await _wait_committed(actors, plan_id)
             assert [o["outcome"] for o in outcomes] == ["committed", "committed"], outcomes
+            if transfer.get("fit_step"):
+                # Every rank posted the same pieces, several in some step: fewer steps than pieces.
+                assert len({(o["pieces_posted"], len(o["inline_steps"])) for o in outcomes}) == 1, outcomes
+                assert len(outcomes[0]["inline_steps"]) - 1 < outcomes[0]["pieces_posted"], outcomes
             assert await during == reference
             for a in actors:
                 assert (np.asarray(await a.eplb_call.remote("eplb_placement")) == new).all()
-            print(f"\nplan {plan_id} blocking={blocking}: " + "; ".join(
+            print(f"\nplan {plan_id} blocking={blocking} transfer={transfer}: " + "; ".join(
                 f"rank {r}: stage {o['stage_ms']:.1f} ms, commit {o['commit_ms_total']:.2f} ms over "
                 f"{o['commit_steps']} steps (max {o['commit_ms_max_step']:.2f}), waited {o['steps_waited']} steps, "
                 f"{o['remote_bytes'] / 1e6:.2f} MB received" for r, o in enumerate(outcomes)))  # fmt: skip

@@ -27,6 +27,12 @@ def test_unknown_transfer_options_are_named() -> None:
         PlanMessage(1, [], [], 1, transfer={"bogus": 1, "inline": False}).options()
 
 
+@pytest.mark.parametrize("bad", [{"link_gb_per_s": 0}, {"link_gb_per_s": "fast"}, {"piece_latency_ms": -1}])
+def test_fit_step_costs_out_of_range_are_refused(bad) -> None:
+    with pytest.raises(PlanError, match="link_gb_per_s must be > 0 and piece_latency_ms >= 0"):
+        PlanMessage(1, [], [], 1, transfer={"fit_step": True, **bad}).options()
+
+
 def test_linear_placement_and_tables() -> None:
     # 4 experts on 2 EP ranks with 3 slots each: rank q holds its two experts, then a replica of its first.
     assert linear_phy2log(2, 4, 2, 3).tolist() == [[0, 1, 0, 2, 3, 2]] * 2
