@@ -235,6 +235,7 @@ async def run(args: argparse.Namespace) -> dict:
     if args.policy:
         eplb["policy"] = args.policy
     eplb["params"] = json.loads(args.params)
+    eplb["transfer"] = json.loads(args.transfer)
     settings = EngineSettings(model=str(build_tiny_moe()), data_parallel_size=NUM_RANKS, enable_expert_parallel=True,
                               max_model_len=256, max_num_seqs=8, eplb=eplb)  # fmt: skip
     sampling = greedy(args.max_tokens)
@@ -243,7 +244,8 @@ async def run(args: argparse.Namespace) -> dict:
     out: dict = {"startup_s": [i["startup_s"] for i in infos], "max_tokens": args.max_tokens, "rounds": args.rounds,
                  "phase_s": args.phase_s, "num_redundant": args.num_redundant, "policy": settings.eplb.policy,
                  "params": settings.eplb.params, "window_steps": args.window_steps, "threshold": settings.eplb.threshold,
-                 "distinct": args.distinct, "replica_choice": REPLICA_CHOICE}  # fmt: skip
+                 "distinct": args.distinct, "replica_choice": REPLICA_CHOICE,
+                 "transfer": settings.eplb.transfer}  # fmt: skip
     try:
         candidates = CANDIDATES[: args.candidates]
         reference = dict(zip(candidates, await reference_outputs(actors, candidates, sampling), strict=True))
@@ -298,7 +300,7 @@ async def run(args: argparse.Namespace) -> dict:
             cur = np.asarray(await actors[0].eplb_call.remote("eplb_placement"), dtype=np.int64)
             if not (cur == default).all():
                 pid = 1000 * (rnd + 1)
-                msg = PlanMessage(pid, cur, default, NUM_RANKS).to_dict()
+                msg = PlanMessage(pid, cur, default, NUM_RANKS, transfer=settings.eplb.transfer).to_dict()
                 assert all(x["accepted"] for x in await call_all(actors, "eplb_stage", msg))
                 recs = await wait_outcomes(actors, pid)
                 assert all(x["outcome"] == "committed" for x in recs), recs
@@ -449,7 +451,9 @@ def _md(res: dict) -> str:
     lines = ["# EPLB on the real cluster: skewed workload (DP=2 + EP, tiny Qwen3-MoE, float32)", "",
              f"16 experts + {res['num_redundant']} redundant slots ({(16 + res['num_redundant']) // 2} per rank), policy "
              f"`{res['policy']}` {res['params'] or '(its default parameters)'} "
-             f"(threshold {res['threshold']}, a plan once {res['window_steps']} steps are counted), {res['rounds']} "
+             f"(threshold {res['threshold']}, a plan once {res['window_steps']} steps are counted), "
+             + (f"staging options {res['transfer']}, " if res.get("transfer") else "")
+             + f"{res['rounds']} "
              f"interleaved rounds of EPLB off ({res['phase_s']:.0f} s) -> the EPLB actor's cycle (plan, push, apply "
              f"under traffic) -> EPLB on ({res['phase_s']:.0f} s), back-to-back waves of the 8 workload prompts, "
              f"4 per rank, {res['max_tokens']} greedy tokens each. Relative numbers only: 2 shared cores.", "",
@@ -556,7 +560,8 @@ def _md(res: dict) -> str:
     # Runs before the router's replica choice was recorded chose by the token's batch position.
     choice = res.get("replica_choice", "position") if res["num_redundant"] else None
     params = tuple(sorted((res.get("params") or {}).items()))
-    lines += ["", *READINGS.get((res["num_redundant"], choice, params), [])]
+    if not res.get("transfer"):  # the readings are of runs with the default staging
+        lines += ["", *READINGS.get((res["num_redundant"], choice, params), [])]
     return "\n".join(lines) + "\n"
 
 
@@ -678,6 +683,11 @@ def main() -> None:
     ap.add_argument("--policy", help="EPLB policy (default: the configuration's)")
     ap.add_argument("--params", default="{}", help="the policy's parameters (JSON; default: its own)")
     ap.add_argument("--num-redundant", type=int, default=DEFAULT_REDUNDANT, help="redundant expert slots")
+    ap.add_argument(
+        "--transfer",
+        default="{}",
+        help="staging options sent with every plan (JSON; eplb.messages.TRANSFER_DEFAULTS)",
+    )
     ap.add_argument(
         "--distinct", type=int, default=4, choices=(1, 2, 4, 8), help="distinct prompts in a wave of 8"
     )
