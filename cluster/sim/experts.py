@@ -21,9 +21,9 @@ plan, or on a recency-weighted load (``eplb.window_half_life_s``, `eplb.load.Dec
 plan optionally after a shorter warm-up (``eplb.first_plan_steps``); an asynchronous plan moves
 ``eplb.layers_per_step`` real layers per step (or as many as the step's compute hides,
 ``eplb.layers_fit_step``; both rules are `eplb.pacing`'s), and each simulated layer's new placement takes
-effect once all the real layers it stands for have moved. The product does not run the two `eplb.pacing`
-rules yet (its actor's first plan waits a full window, its ranks stage a fixed number of slots per step):
-with them the simulator models a driving to build, not the deployed one.
+effect once all the real layers it stands for have moved. The product runs the same two rules when
+configured for it: the EPLB actor's ``first_window_steps`` and the ranks' ``transfer.fit_step`` (whose
+piece cost is a configured link rate and latency, where the simulator uses its transfer model).
 """
 
 from __future__ import annotations
