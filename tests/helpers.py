@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import httpx
@@ -234,3 +235,20 @@ async def request_completion(
         return "hung"
     except httpx.HTTPError as exc:
         return f"connection_error:{type(exc).__name__}"
+
+
+def wait_for(what: str, timeout_s: float, check: Callable[[], Any], poll_s: float = 0.5) -> Any:
+    """Poll `check()` until it returns a true value (returned); fail naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:g} s"
+        time.sleep(poll_s)
+    return value
+
+
+async def until(cond: Callable[[], Any], timeout_s: float = 30.0, poll_s: float = 0.001) -> None:
+    """Yield to the event loop until `cond()` holds; the timeout only guards against a hang."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"condition not reached within {timeout_s:g} s"
+        await asyncio.sleep(poll_s)

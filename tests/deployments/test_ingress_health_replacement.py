@@ -31,6 +31,7 @@ from tests.helpers import (
     process_gone,
     rank_placement_group_id,
     tiny_app_args,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -98,14 +99,6 @@ def _reserve_free_cpus(ray: Any) -> Any:
     return pg
 
 
-def _wait_for(what: str, timeout_s: float, check: Any, poll_s: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"no {what} within {timeout_s:g} s"
-        time.sleep(poll_s)
-    return value
-
-
 def test_ingress_stuck_in_recovery_is_replaced_and_the_new_replica_serves(base_url, ray_local) -> None:
     ray = ray_local
     before = app_status(base_url)
@@ -147,13 +140,13 @@ def test_ingress_stuck_in_recovery_is_replaced_and_the_new_replica_serves(base_u
         assert r.status_code == 503 and r.json()["error"]["message"], r.text
 
         # Serve sees check_health raise after max_recovery_s and starts a new replica.
-        new_replicas = _wait_for(
+        new_replicas = wait_for(
             "new ingress replica",
             MAX_RECOVERY_S + 60,
             lambda: [n for n in _replicas(ray) if n not in old_replicas],
         )
         timeline["new_replica"] = time.monotonic() - t_kill
-        _wait_for("end of the old replica", 60, lambda: old_replicas[0] not in _replicas(ray))
+        wait_for("end of the old replica", 60, lambda: old_replicas[0] not in _replicas(ray))
         timeline["old_replica_gone"] = time.monotonic() - t_kill
         assert _replicas(ray) == new_replicas
     finally:
@@ -162,7 +155,7 @@ def test_ingress_stuck_in_recovery_is_replaced_and_the_new_replica_serves(base_u
     t_release = time.monotonic()
 
     # The new replica forms its group and serves.
-    after = _wait_for("serving new replica", 180, lambda: _served(base_url))
+    after = wait_for("serving new replica", 180, lambda: _served(base_url))
     timeline["served_after_release"] = time.monotonic() - t_release
     print(f"\ningress stuck in recovery (max_recovery_s {MAX_RECOVERY_S:g}, health checks every "
           f"{HEALTH_CHECK_PERIOD_S:g} s): {({k: round(v, 1) for k, v in timeline.items()})}")  # fmt: skip
@@ -178,7 +171,7 @@ def test_ingress_stuck_in_recovery_is_replaced_and_the_new_replica_serves(base_u
     prefix = old_names[0].removesuffix("rank0")
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     assert not [n for n in names if n.startswith(prefix)], (prefix, names)
-    _wait_for("end of the old engine processes", 30, lambda: all(process_gone(p) for p in old_engines))
+    wait_for("end of the old engine processes", 30, lambda: all(process_gone(p) for p in old_engines))
     new_group = rank_placement_group_id(app_rank_actors(after)[0])
     assert _live_groups(ray) == (pgs_before - {old_group, hog.id.hex()}) | {new_group}, (
         pgs_before, old_group, new_group, ray.util.placement_group_table()

@@ -7,7 +7,6 @@ rank whose engine stops stepping is declared hung; a stuck re-formation makes th
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import msgspec
@@ -20,6 +19,7 @@ from deployments.group_supervisor import RankGroupSupervisor
 from deployments.rank_outbox import RankOutbox
 from deployments.request_channel import RequestReceiver
 from scheduler.frame_auth import FrameAuth, new_key
+from tests.helpers import until
 
 
 class Frame:
@@ -252,14 +252,6 @@ class _Clock:
         return self.now
 
 
-async def _until(cond, timeout_s: float = 30.0) -> None:
-    """Yield to the poller until `cond()` holds; the timeout only guards against a hang."""
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "the poller stopped"
-        await asyncio.sleep(0.001)
-
-
 def test_only_ranks_without_recent_output_are_polled(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock()
     monkeypatch.setattr(supervisor_module, "time", clock)
@@ -275,7 +267,7 @@ def test_only_ranks_without_recent_output_are_polled(monkeypatch: pytest.MonkeyP
             clock.now += supervisor_module.STATS_POLL_S * 1.5  # rank 1 is due, rank 0 reported just now
             server.take_stats(0, 1, {"running": 8, "waiting": 0})
             # Polled, and its answer taken at this clock time (before the clock moves on).
-            await _until(
+            await until(
                 lambda polled=polled: ranks[1].get_stats.calls > polled and server.stats_at[1] == clock.now
             )
         poller.cancel()
@@ -298,7 +290,7 @@ def test_ranks_with_nothing_in_flight_are_polled_less_often(monkeypatch: pytest.
         poller = asyncio.create_task(server.poll_stats())
         periods = int(2.5 * idle_s / busy_s)  # 2.5 idle poll periods
         for i in range(1, periods + 1):
-            await _until(lambda i=i: ranks[0].get_stats.calls >= i and server.stats_at[0] == clock.now)
+            await until(lambda i=i: ranks[0].get_stats.calls >= i and server.stats_at[0] == clock.now)
             clock.now += busy_s * 1.05  # a little over STATS_POLL_S: exactly one busy poll falls due
         poller.cancel()
         busy, idle = ranks[0].get_stats.calls, ranks[1].get_stats.calls
@@ -319,7 +311,7 @@ def test_a_rank_that_stops_answering_is_given_up_after_missed_polls(monkeypatch:
         ranks[0].get_stats = _Method(hung)
         server = _server(ranks)
         poller = asyncio.create_task(server.poll_stats())
-        await _until(lambda: server.recoveries_started)
+        await until(lambda: server.recoveries_started)
         poller.cancel()
         assert server.recoveries_started == [
             f"rank 0 stopped answering for {supervisor_module.DEAD_AFTER_MISSED_POLLS} polls"
@@ -339,7 +331,7 @@ def _pump_until(
             server.channel.inboxes[request_id] = (0, 1, inbox)
         pump = asyncio.create_task(server.channel.pump(0, rank, 1))
         try:
-            await _until(cond, timeout_s)
+            await until(cond, timeout_s)
         finally:
             pump.cancel()
 
@@ -400,7 +392,7 @@ def test_a_request_past_its_deadline_gets_a_504_and_is_aborted_on_its_rank() -> 
         server.channel.close("done")  # finished in time: its deadline is cancelled
         err = await asyncio.wait_for(slow.get(), 10)
         assert err["status"] == 504 and "request_timeout_s (0.2 s)" in err["error"]
-        await _until(lambda: rank.aborted)  # the abort is a call to the rank after the error
+        await until(lambda: rank.aborted)  # the abort is a call to the rank after the error
         await asyncio.sleep(0.3)  # past the closed request's deadline too
         assert done.empty() and rank.aborted == ["slow"] and server.channel.timed_out == 1
         server.channel.stop()
@@ -541,12 +533,12 @@ def test_batches_over_the_frame_bound_arrive_whole_and_a_strangers_oversized_mes
         pump = asyncio.create_task(channel.pump(0, rank, 1))
         ctx = zmq.Context()
         try:
-            await _until(lambda: 0 in channel.addresses, 10)
+            await until(lambda: 0 in channel.addresses, 10)
             stranger = ctx.socket(zmq.PUSH)
             stranger.connect(channel.addresses[0])
             stranger.send(b"small junk")
             stranger.send(b"\0" * (2 * bound))
-            await _until(lambda: channel.dropped.get(0), 10)
+            await until(lambda: channel.dropped.get(0), 10)
             await asyncio.sleep(0.2)  # the oversized message has reached the socket too
             rank.outbox.queue.put_nowait(("req-1", {"text": text, "token_ids": ids, "finish_reason": "stop"}))
             chunks = [await asyncio.wait_for(inbox.get(), 10)]

@@ -18,6 +18,7 @@ import zmq
 from deployments.frame_sequence import SEQ
 from deployments.request_channel import RequestReceiver, RequestSender, request_key
 from scheduler.frame_auth import FrameAuth, new_key
+from tests.helpers import until
 
 MAX_FRAME = 1 << 16
 
@@ -31,13 +32,6 @@ class _Sink:
 
     def abort(self, request_id: str) -> None:
         self.events.append(("abort", request_id))
-
-
-async def _until(cond, timeout_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
 
 
 async def _send_until_taken(sender: RequestSender, send) -> None:
@@ -59,7 +53,7 @@ def test_submits_and_aborts_arrive_in_order_and_intact() -> None:
             await _send_until_taken(sender, lambda: sender.submit("r1", "a prompt", sampling, None, 0))
             assert sender.submit("r2", [1, 2, 3], {}, chat, 50.0)
             assert sender.abort("r1")
-            await _until(lambda: len(sink.events) == 3)
+            await until(lambda: len(sink.events) == 3)
             assert sink.events == [
                 ("submit", "r1", "a prompt", sampling, None, 0.0),
                 ("submit", "r2", [1, 2, 3], {}, chat, 50.0),
@@ -102,7 +96,7 @@ def test_forged_malformed_replayed_and_lost_frames() -> None:
         try:
             for frame in frames:
                 sock.send(frame)
-            await _until(lambda: len(sink.events) == 2)
+            await until(lambda: len(sink.events) == 2)
             await asyncio.sleep(0.1)  # nothing else may arrive
             assert sink.events == [("abort", "a"), ("abort", "b")]
             assert receiver.dropped == {"unauthenticated": 3, "malformed": 4, "replayed": 1}
@@ -146,7 +140,7 @@ def test_oversized_frames_are_refused_by_the_sender_and_cut_by_the_receiver() ->
             await asyncio.sleep(0.2)
             ctx.destroy(linger=0)
             assert sender.abort("after")
-            await _until(lambda: len(sink.events) == 2)
+            await until(lambda: len(sink.events) == 2)
             assert sink.events == [("abort", "first"), ("abort", "after")]
             assert receiver.dropped == {} and receiver.lost == 0  # the big message never reached the rank
         finally:
@@ -246,7 +240,7 @@ def test_the_ranks_dropped_request_frames_are_exported_as_a_metric(monkeypatch) 
             stranger.connect(address)
             stranger.send(b"garbage")
             stranger.send(FrameAuth(new_key()).seal(SEQ.pack(0) + b"forged"))
-            await _until(lambda: len(counter.incs) == 2)
+            await until(lambda: len(counter.incs) == 2)
         finally:
             ctx.destroy(linger=0)
 
