@@ -444,7 +444,8 @@ def analyse(rounds: list[dict], logs: list[list[list[float]]], waves: list[dict]
     return {"per_round": per_round, "summary": summary}
 
 
-def _md(res: dict) -> str:
+def _md(res: dict, name: str) -> str:
+    """The report of `res`; `name` (the result file's stem) picks its written reading, if any."""
     s = res["summary"]
     pr = res["per_round"]
     p = res["probe"]
@@ -557,11 +558,8 @@ def _md(res: dict) -> str:
             lines.append(
                 f"| {x['round']} | {rank} | {t:.1f} | {step:.1f} | {tok} | {reqs} | {state} | {stall:.2f} |"
             )
-    # Runs before the router's replica choice was recorded chose by the token's batch position.
-    choice = res.get("replica_choice", "position") if res["num_redundant"] else None
-    params = tuple(sorted((res.get("params") or {}).items()))
-    if not res.get("transfer"):  # the readings are of runs with the default staging
-        lines += ["", *READINGS.get((res["num_redundant"], choice, params), [])]
+    if name in READINGS:
+        lines += ["", *READINGS[name]]
     return "\n".join(lines) + "\n"
 
 
@@ -664,11 +662,11 @@ READING_R4_MPM4 = [
     "and 1.32x the steady median; 59 % of random steady windows of the same length are as bad; EPLB work "
     "inside a step 0.23 ms median, 4.4 ms at most.",
 ]  # fmt: skip
-READINGS = {  # (redundant slots, replica choice, the policy's parameters set on the command line)
-    (0, None, ()): READING,
-    (4, "position", ()): READING_R4_BY_POSITION,
-    (4, "occurrence", ()): READING_R4,
-    (4, "occurrence", (("max_pair_moves", 4), ("reassign", False))): READING_R4_MPM4,
+READINGS = {  # by result file (its name without suffix): each reading is of that run only
+    "eplb_cluster": READING,
+    "eplb_cluster_r4_by_position": READING_R4_BY_POSITION,
+    "eplb_cluster_r4": READING_R4,
+    "eplb_cluster_r4_swift_mpm4": READING_R4_MPM4,
 }
 
 
@@ -704,10 +702,10 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     if args.render:
-        out.with_suffix(".md").write_text(_md(json.loads(Path(args.render).read_text())))
+        out.with_suffix(".md").write_text(_md(json.loads(Path(args.render).read_text()), out.name))
         return
     res = run_on_local_ray(lambda: run(args))
-    write_results(out, res, _md(res))
+    write_results(out, res, _md(res, out.name))
 
 
 if __name__ == "__main__":
