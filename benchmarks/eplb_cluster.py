@@ -662,11 +662,33 @@ READING_R4_MPM4 = [
     "and 1.32x the steady median; 59 % of random steady windows of the same length are as bad; EPLB work "
     "inside a step 0.23 ms median, 4.4 ms at most.",
 ]  # fmt: skip
+READING_FIT_STEP = [
+    "## Reading", "",
+    "- Staging with `fit_step` (whole layers as pieces, as many per step as the ranks' mean step time covers "
+    "at the default 1 GB/s), run right before `eplb_cluster_fit_step_baseline.md` (the default staging: one "
+    "slot per rank pair per step) on the same quiet box, helpers' simulations stopped during both.",
+    "- Landing: staging took 31 ms (median over rounds of the slower rank; 28-41) over 3 steps per rank, and "
+    "every plan ended 4 steps after its receipt; with the default staging 179 ms (168-311) over 8-9 steps, "
+    "9-10 steps after receipt. The same 12-14 slots moved per plan.",
+    "- Balance (met): 1.539 -> 1.016, 34.0 % less max/mean (baseline run: 1.533 -> 1.017, 33.8 %).",
+    "- Outputs (met): 62/62 waves token-identical, 7 overlapping a plan (baseline 52/52, 7).",
+    "- Worst step during apply: 1.13x the same-length steady max (per round 0.97-1.27x), against 1.14x "
+    "(0.57-1.48x) with the default staging; 29 % of random steady windows of the same length are as bad (16 % "
+    "in the baseline): on this box the worst step of a 3-14-step window is not separable from the steady "
+    "tail in either run, and posting several layers per step did not make it worse.",
+]  # fmt: skip
+READING_FIT_STEP_BASELINE = [
+    "## Reading", "",
+    "- The default staging, run right after `eplb_cluster_fit_step.md` as its baseline; the comparison is "
+    "read there.",
+]  # fmt: skip
 READINGS = {  # by result file (its name without suffix): each reading is of that run only
     "eplb_cluster": READING,
     "eplb_cluster_r4_by_position": READING_R4_BY_POSITION,
     "eplb_cluster_r4": READING_R4,
     "eplb_cluster_r4_swift_mpm4": READING_R4_MPM4,
+    "eplb_cluster_fit_step": READING_FIT_STEP,
+    "eplb_cluster_fit_step_baseline": READING_FIT_STEP_BASELINE,
 }
 
 
