@@ -148,10 +148,13 @@ def plan_landings(r: SimResult) -> list[dict[str, float]]:
     """Per plan: the step and time it is made, and seconds until its last layer has moved."""
     out = []
     moving = r.transfer_s > 0
-    for p in r.eplb_plans:
-        s = int(p["step"])
+    starts = [int(p["step"]) for p in r.eplb_plans]
+    for i, s in enumerate(starts):
+        # A plan can be made on the step its predecessor lands (the load window already covers the
+        # interval), so the moving steps run on: this plan's transfer ends where the next plan starts.
+        stop = min(starts[i + 1] if i + 1 < len(starts) else r.steps, r.steps)
         e = s
-        while e < r.steps and moving[e]:
+        while e < stop and moving[e]:
             e += 1
         t0 = float(r.step_start[s]) if s < r.steps else float("nan")
         t1 = float(r.step_start[e - 1] + r.step_time[e - 1]) if e > s else t0

@@ -62,3 +62,41 @@ def test_shutdown_timeouts_are_set(path):
     drain = DPServeConfig.from_args(app["args"]).serving.drain_timeout_s
     assert "drain_timeout_s" in app["args"]["serving"] and ingress["graceful_shutdown_wait_loop_s"] <= 2
     assert ingress["graceful_shutdown_timeout_s"] >= drain
+
+
+def commented_block(text: str, key: str) -> dict:
+    """The YAML mapping commented out under a `# key:` line (its lines: the same `#` column, indented
+    further after it), parsed."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == f"# {key}:")
+    prefix = lines[start][: lines[start].index("#") + 2]
+    block = [lines[start][len(prefix) :]]
+    for line in lines[start + 1 :]:
+        if not line.startswith(prefix + " "):
+            break
+        block.append(line[len(prefix) :])
+    return yaml.safe_load("\n".join(block))
+
+
+@pytest.mark.parametrize("name", ["serve-gpu.yaml", "serve-ascend.yaml"])
+def test_recommended_eplb_block_is_the_studys_paced_cell(name):
+    """The commented EPLB block of the GPU/Ascend configs validates, takes one redundant slot per rank,
+    and states the settings the simulator's paced cell ran (benchmarks/results/sim_eplb_scaling.md)."""
+    from benchmarks.sim_eplb_scaling import PACED_FIRST_PLAN_STEPS
+    from cluster.sim.config import TransferConfig
+    from eplb.messages import transfer_options
+
+    text = (CONFIGS[0].parent / name).read_text()
+    raw = yaml.safe_load(text)
+    eplb = commented_block(text, "eplb")["eplb"]
+    args = {**raw["applications"][0]["args"], "eplb": eplb}
+    config = DPServeConfig.from_args(args)
+    assert config.eplb.policy == "swift"
+    assert config.eplb.num_redundant == config.engine.data_parallel_size
+    assert config.eplb.window_steps == 25
+    assert config.eplb.first_window_steps == PACED_FIRST_PLAN_STEPS
+    staging = transfer_options(config.eplb.transfer)
+    assert staging["fit_step"] and staging["slots_per_step"] == 0
+    sim = TransferConfig()
+    assert staging["link_gb_per_s"] * 1e9 == sim.inter_node_bw_Bps
+    assert staging["piece_latency_ms"] == pytest.approx(sim.p2p_op_latency_s * 1e3)
