@@ -69,6 +69,21 @@ queue episodes too, so the gate keeps merging admissions instead of reopening fo
 and letting the queue form again. With no history (``load`` omitted or ``steps == 0``) the group is
 loaded only while it queues now.
 
+Busy (opt-in, off by default)
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Two more signals of the recent load, both built by `LoadWindow` from the changes between successive
+snapshots (the ranks report no admission or arrival counts, so they are derived from the counts):
+``GroupLoad.admitted_share``, the share of recent steps whose snapshot shows an admission since the
+previous one (some rank's waiting fell or its running rose: the nearest thing to the share of prefill
+steps that the counts give; steps that only continue a chunked prefill do not show), and
+``GroupLoad.arrival_rate``, the requests per step that joined a waiting queue (the sum over ranks of
+each rank's rise in waiting: exact while the rank admits nothing in between, a lower bound otherwise;
+preempted requests count too). The group is *busy* when ``admitted_share >= load_prefill_share`` or
+``arrival_rate >= load_arrival_rate * L`` (each test only while its parameter is above 0 and the window
+has seen a change). A busy group takes the loaded row (``H = max_hold_steps * queue_hold_factor``,
+``Q = L``) and skips the saturation guard (rule 4): under load the guard reopens the gate for each
+arrival while occupancy sits below ``min_occupancy``, which is what lets the queue form again.
+
 Parameters: ``max_hold_steps`` (int >= 1, default 8) is the operator's TTFT budget in steps: with a
 decode step of ``d`` ms a held request waits at most ``(max_hold_steps - 1) * d`` ms once the snapshot
 shows its rank ready (``(H - 1) * d`` while the group is loaded), and larger values move the policy along
@@ -86,6 +101,10 @@ the extension off (the not-loaded row then applies throughout, the rule before i
 ``load_queue_share`` (0 <= s <= 1, default 0.05) is the share of recent queued steps from which the
 group counts as loaded without a queue in the snapshot; 0 turns the load signal off (loaded only
 while queued now).
+``load_prefill_share`` (0 <= p <= 1, default 0: off) is the share of recent steps with an admission
+from which the group is busy. ``load_arrival_rate`` (>= 0, default 0: off) is the arrivals per step per
+live rank from which the group is busy; it depends on the workload's output length (a request holds
+its slot for about that many steps), so it is a per-deployment setting.
 ``min_occupancy`` (0 <= m <= 1, default 0.9) is the saturation guard's threshold; 0 disables it.
 Below about 90 % of the slots running, requests do not queue for slots, so the group serves what
 arrives whether or not it holds. The rule reads only the snapshot, the step number and the load
@@ -140,10 +159,17 @@ class GroupLoad:
     ``queued_share`` is the share of recent steps at which the group queued for slots (more requests
     waiting than free slots on all live ranks together), an exponential moving average over about
     ``LoadWindow.window_steps`` steps; ``steps`` is how many snapshots it has seen (0: no history).
+    ``admitted_share`` (the share of recent steps whose snapshot shows an admission since the one
+    before) and ``arrival_rate`` (requests that joined a waiting queue per step, all ranks together)
+    are averaged over the same window from the changes between successive snapshots; ``changes`` is
+    how many such changes it has seen (0: those two say nothing yet). Module docstring, "Busy".
     """
 
     queued_share: float = 0.0
     steps: int = 0
+    admitted_share: float = 0.0
+    arrival_rate: float = 0.0
+    changes: int = 0
 
 
 def queued(counts: Sequence[RankCounts]) -> tuple[bool, int, int]:
@@ -162,6 +188,11 @@ class LoadWindow:
     decays with the steps since (``exp(-gap / window_steps)``), so a decision frozen for several steps
     from one snapshot (``horizon``) or a skipped step count by their step numbers, not by calls.
     ``reset`` forgets the history (a new wave starts from an idle group).
+
+    The busy signals (``admitted_share``, ``arrival_rate``) compare each rank's counts with the same
+    rank's counts in the previous snapshot whose counts were taken at an earlier step (the counts'
+    own ``step``), so a snapshot fed again for a horizon's later steps adds no change, and the change
+    over a gap of ``g`` steps counts as ``g`` steps at its rate.
     """
 
     def __init__(self, window_steps: int = 256) -> None:
@@ -175,11 +206,22 @@ class LoadWindow:
         self._share = 0.0
         self._steps = 0
         self._last: int | None = None
+        self._admitted = 0.0
+        self._arrivals = 0.0
+        self._changes = 0
+        self._prev: dict[int, RankCounts] = {}
+        self._prev_at: int | None = None
 
     @property
     def load(self) -> GroupLoad:
         """The load as of the last snapshot observed."""
-        return GroupLoad(queued_share=self._share, steps=self._steps)
+        return GroupLoad(
+            queued_share=self._share,
+            steps=self._steps,
+            admitted_share=self._admitted,
+            arrival_rate=self._arrivals,
+            changes=self._changes,
+        )
 
     def observe(self, counts: Sequence[RankCounts], step: int) -> GroupLoad:
         """Add the snapshot taken for ``step`` and return the load including it. A step not after the
@@ -193,7 +235,38 @@ class LoadWindow:
             self._share += (1.0 - math.exp(-(step - self._last) / self.window_steps)) * (now - self._share)
         self._last = step if self._last is None else max(self._last, step)
         self._steps += 1
+        self._observe_changes(counts)
         return self.load
+
+    def _observe_changes(self, counts: Sequence[RankCounts]) -> None:
+        # Waiting only grows by arrivals (and preemptions) and only shrinks by admissions, and
+        # running only grows by admissions, so per rank a drop in waiting or a rise in running is an
+        # admission and a rise in waiting is at least that many arrivals (a rank that admitted and
+        # received requests between the two snapshots shows only the net change: a lower bound).
+        at = max(c.step for c in counts)
+        if self._prev_at is not None and at <= self._prev_at:
+            return
+        prev, prev_at = self._prev, self._prev_at
+        self._prev, self._prev_at = {c.rank: c for c in counts}, at
+        if prev_at is None:
+            return
+        gap = at - prev_at
+        arrivals = 0
+        admitted = False
+        for c in counts:
+            p = prev.get(c.rank)
+            if p is None:
+                continue  # a rank that joins: its queue is not an arrival the group saw
+            arrivals += max(0, c.waiting - p.waiting)
+            admitted = admitted or c.waiting < p.waiting or c.running > p.running
+        rate = arrivals / gap
+        if self._changes == 0:
+            self._admitted, self._arrivals = float(admitted), rate
+        else:
+            a = 1.0 - math.exp(-gap / self.window_steps)
+            self._admitted += a * (float(admitted) - self._admitted)
+            self._arrivals += a * (rate - self._arrivals)
+        self._changes += 1
 
 
 @dataclass(frozen=True)
@@ -318,6 +391,8 @@ class BoundedHold:
     min_occupancy: float = 0.9
     queue_hold_factor: int = 4
     load_queue_share: float = 0.05
+    load_prefill_share: float = 0.0
+    load_arrival_rate: float = 0.0
     name: ClassVar[str] = "bounded_hold"
 
     def __post_init__(self) -> None:
@@ -339,6 +414,22 @@ class BoundedHold:
         q = self.load_queue_share
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= 1:
             raise ValueError(f"bounded_hold: load_queue_share must be a number in [0, 1], got {q!r}")
+        p = self.load_prefill_share
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ValueError(f"bounded_hold: load_prefill_share must be a number in [0, 1], got {p!r}")
+        r = self.load_arrival_rate
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < math.inf:
+            raise ValueError(f"bounded_hold: load_arrival_rate must be a finite number >= 0, got {r!r}")
+
+    def _busy(self, load: GroupLoad | None, ranks: int) -> str:
+        """Why the group is busy (module docstring, "Busy"), or "" when it is not."""
+        if load is None or load.changes == 0:
+            return ""
+        if self.load_prefill_share > 0 and load.admitted_share >= self.load_prefill_share:
+            return f"; busy: admitted at {load.admitted_share:.0%} of recent steps"
+        if self.load_arrival_rate > 0 and load.arrival_rate >= self.load_arrival_rate * ranks:
+            return f"; busy: {load.arrival_rate / ranks:.3g} arrivals per step per rank"
+        return ""
 
     def decide(self, counts: Sequence[RankCounts], step: int, load: GroupLoad | None = None) -> GateDecision:
         """Apply rules 1-5 of the module docstring to one snapshot and the group's recent load."""
@@ -356,10 +447,13 @@ class BoundedHold:
             and self.load_queue_share > 0
             and load.queued_share >= self.load_queue_share
         )
-        if self.queue_hold_factor > 1 and (now_queued or recent):
+        busy = self._busy(load, len(counts))
+        if busy or (self.queue_hold_factor > 1 and (now_queued or recent)):
             hold = self.max_hold_steps * self.queue_hold_factor
             need = len(counts)
-            if now_queued:
+            if busy:
+                mode = busy
+            elif now_queued:
                 mode = f"; queue: {waiting} waiting > {free} free slots"
             else:
                 mode = f"; loaded: queued at {load.queued_share:.0%} of recent steps"  # type: ignore[union-attr]
@@ -379,7 +473,7 @@ class BoundedHold:
             )
         running = sum(c.running for c in counts)
         slots = sum(c.max_num_seqs for c in counts)
-        if running < self.min_occupancy * slots:
+        if not busy and running < self.min_occupancy * slots:
             return GateDecision(
                 step=step,
                 admit=True,
@@ -410,7 +504,15 @@ _PARAMS: dict[str, frozenset[str]] = {
     "max_minus_one": frozenset(),
     "cadence": frozenset({"interval"}),
     "bounded_hold": frozenset(
-        {"max_hold_steps", "quorum", "min_occupancy", "queue_hold_factor", "load_queue_share"}
+        {
+            "max_hold_steps",
+            "quorum",
+            "min_occupancy",
+            "queue_hold_factor",
+            "load_queue_share",
+            "load_prefill_share",
+            "load_arrival_rate",
+        }
     ),
 }
 

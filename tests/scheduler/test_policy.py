@@ -360,6 +360,13 @@ def test_bounded_hold_uses_each_ranks_own_cap() -> None:
         {"load_queue_share": -0.1},
         {"load_queue_share": 1.5},
         {"load_queue_share": True},
+        {"load_prefill_share": -0.1},
+        {"load_prefill_share": 1.5},
+        {"load_prefill_share": True},
+        {"load_arrival_rate": -0.01},
+        {"load_arrival_rate": math.inf},
+        {"load_arrival_rate": True},
+        {"load_arrival_rate": "fast"},
     ],
 )
 def test_bounded_hold_rejects_bad_params(params: dict) -> None:
@@ -370,6 +377,147 @@ def test_bounded_hold_rejects_bad_params(params: dict) -> None:
 def test_bounded_hold_rejects_unknown_param() -> None:
     with pytest.raises(
         ValueError,
-        match="accepted: load_queue_share, max_hold_steps, min_occupancy, queue_hold_factor, quorum",
+        match=(
+            "accepted: load_arrival_rate, load_prefill_share, load_queue_share, max_hold_steps, min_occupancy,"
+            " queue_hold_factor, quorum"
+        ),
     ):
         make_policy("bounded_hold", interval=4)
+
+
+def _at(step: int, *ranks: tuple[int, int], cap: int = 4) -> list[RankCounts]:
+    """Ranks as (running, waiting) pairs with a shared cap, counted at ``step``."""
+    return [RankCounts(i, r, w, cap, step) for i, (r, w) in enumerate(ranks)]
+
+
+# The busy signals from one change between two snapshots: (before, after, step gap, admitted, arrivals per step).
+CHANGE_CASES = [
+    (((2, 0), (2, 0)), ((2, 2), (2, 0)), 1, False, 2.0),  # two requests join rank 0's queue
+    (((2, 2), (2, 0)), ((4, 0), (2, 0)), 1, True, 0.0),  # rank 0 admits both
+    (((2, 1), (2, 0)), ((3, 1), (2, 0)), 1, True, 0.0),  # admits one, one arrives: net 0, a lower bound
+    (((2, 1), (2, 0)), ((1, 1), (2, 0)), 1, False, 0.0),  # a finish is no admission
+    (((2, 1), (2, 0)), ((3, 0), (2, 1)), 1, True, 1.0),  # one rank admits while another receives
+    (((2, 0), (2, 0)), ((2, 2), (2, 0)), 4, False, 0.5),  # two arrivals over four steps
+    (((2, 0),), ((2, 1), (0, 3)), 1, False, 1.0),  # a rank that joins brings no arrivals
+]
+
+
+@pytest.mark.parametrize(("before", "after", "gap", "admitted", "rate"), CHANGE_CASES)
+def test_load_window_busy_signals_from_one_change(
+    before: tuple[tuple[int, int], ...],
+    after: tuple[tuple[int, int], ...],
+    gap: int,
+    admitted: bool,
+    rate: float,
+) -> None:
+    w = LoadWindow()
+    first = w.observe(_at(10, *before), 10)
+    assert (first.admitted_share, first.arrival_rate, first.changes) == (0.0, 0.0, 0)  # no change yet
+    load = w.observe(_at(10 + gap, *after), 10 + gap)
+    assert load.changes == 1
+    assert load.admitted_share == float(admitted)
+    assert load.arrival_rate == pytest.approx(rate)
+
+
+def test_load_window_same_counts_fed_again_add_no_change() -> None:
+    # A horizon freezes several decisions from one snapshot: the counts' own step does not move.
+    w = LoadWindow()
+    w.observe(_at(0, (2, 0)), 0)
+    w.observe(_at(1, (2, 3)), 1)
+    for s in (2, 3, 4):
+        assert w.observe(_at(1, (2, 3)), s).changes == 1
+    assert w.load.arrival_rate == 3.0
+    assert w.load.steps == 5  # the queued share still counts every decided step
+
+
+def test_load_window_busy_signals_average() -> None:
+    # An admission every other step and one arrival every step, for many windows.
+    w = LoadWindow(window_steps=64)
+    running, waiting = 0, 0
+    for s in range(2000):
+        if s % 2:
+            running, waiting = running + waiting, 0  # admit all that waits
+        else:
+            waiting += 2  # two arrivals over the two steps, seen at once
+        w.observe(_at(s, (running, waiting), cap=10**6), s)
+    assert w.load.admitted_share == pytest.approx(0.5, abs=0.05)
+    assert w.load.arrival_rate == pytest.approx(1.0, abs=0.1)
+    w.reset()
+    assert w.load == GroupLoad()
+    w.observe(_at(5, (0, 1)), 5)
+    assert w.load.changes == 0  # the first snapshot after a reset has nothing to compare with
+
+
+BUSY = GroupLoad(admitted_share=0.2, arrival_rate=0.2, changes=10, steps=10)
+GUARDED = ((3, 1), (4, 0), (4, 0), (3, 0))  # 14 of 16 slots running: the saturation guard opens
+
+# The busy rule: (params, load, ranks as (running, waiting), step, expected admit, reason prefix).
+BUSY_CASES = [
+    # Off by default: the guard opens as before whatever the signals say.
+    ({}, BUSY, GUARDED, 1, True, "saturation guard"),
+    # Busy on the admitted share: no guard, the loaded row's bound (32) and quorum (every rank).
+    ({"load_prefill_share": 0.2}, BUSY, GUARDED, 1, False, "holding"),
+    ({"load_prefill_share": 0.2}, BUSY, GUARDED, 8, False, "holding"),
+    ({"load_prefill_share": 0.2}, BUSY, GUARDED, 32, True, "hold bound"),
+    ({"load_prefill_share": 0.2}, BUSY, ((3, 1), (3, 1), (3, 1), (3, 1)), 1, True, "quorum"),
+    ({"load_prefill_share": 0.2}, BUSY, ((3, 1), (3, 1), (3, 1), (4, 0)), 1, False, "holding"),
+    ({"load_prefill_share": 0.21}, BUSY, GUARDED, 1, True, "saturation guard"),
+    # Busy on arrivals: 0.2 per step over 4 ranks is 0.05 per rank.
+    ({"load_arrival_rate": 0.05}, BUSY, GUARDED, 1, False, "holding"),
+    ({"load_arrival_rate": 0.051}, BUSY, GUARDED, 1, True, "saturation guard"),
+    # No change seen yet, or no history at all: not busy.
+    (
+        {"load_prefill_share": 0.2},
+        GroupLoad(admitted_share=1.0, steps=10),
+        GUARDED,
+        1,
+        True,
+        "saturation guard",
+    ),
+    ({"load_prefill_share": 0.2}, None, GUARDED, 1, True, "saturation guard"),
+    # Without the queue extension a busy group keeps the plain bound but still skips the guard.
+    ({"load_prefill_share": 0.2, "queue_hold_factor": 1}, BUSY, GUARDED, 1, False, "holding"),
+    ({"load_prefill_share": 0.2, "queue_hold_factor": 1}, BUSY, GUARDED, 8, True, "hold bound"),
+    # Rule 1 still comes first; an idle group that is busy waits for the bound too.
+    ({"load_prefill_share": 0.2}, BUSY, (FULL, FULL, BLOCKED, FULL), 32, False, "no rank"),
+    ({"load_prefill_share": 0.2}, BUSY, ((0, 1), (0, 0), (0, 0), (0, 0)), 1, False, "holding"),
+]
+
+
+@pytest.mark.parametrize(("params", "load", "ranks", "step", "admit", "reason"), BUSY_CASES)
+def test_bounded_hold_busy_table(
+    params: dict,
+    load: GroupLoad | None,
+    ranks: tuple[tuple[int, int], ...],
+    step: int,
+    admit: bool,
+    reason: str,
+) -> None:
+    decision = make_policy("bounded_hold", **params).decide(_counts(*ranks), step, load)
+    assert decision.admit is admit, decision.reason
+    assert decision.reason.startswith(reason), decision.reason
+
+
+def test_bounded_hold_busy_reason_names_the_signal() -> None:
+    snap = _counts(*GUARDED)
+    by_share = make_policy("bounded_hold", load_prefill_share=0.1).decide(snap, 5, BUSY)
+    assert by_share.reason == (
+        "holding: 1/4 ranks ready (need 4), 14/16 slots running; busy: admitted at 20% of recent steps"
+    )
+    by_rate = make_policy("bounded_hold", load_arrival_rate=0.01).decide(snap, 5, BUSY)
+    assert by_rate.reason.endswith("; busy: 0.05 arrivals per step per rank")
+
+
+def test_default_bounded_hold_ignores_the_busy_signals() -> None:
+    # The default reads only the queued share: any busy signal values give the same decisions.
+    policy = make_policy("bounded_hold")
+    for ranks in (GUARDED, (READY, FULL, FULL, FULL), ((3, 2), FULL, FULL, FULL), ((0, 3), FULL, FULL, FULL)):
+        for step in range(40):
+            for share in (0.0, 0.05):
+                plain = GroupLoad(queued_share=share, steps=50)
+                signalled = GroupLoad(
+                    queued_share=share, steps=50, admitted_share=1.0, arrival_rate=9.0, changes=50
+                )
+                assert policy.decide(_counts(*ranks), step, signalled) == policy.decide(
+                    _counts(*ranks), step, plain
+                )
