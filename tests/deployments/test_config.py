@@ -130,7 +130,7 @@ def test_each_shipped_serve_config_validates(path: Path) -> None:
 
 def test_the_kuberay_app_args_validate() -> None:
     config = DPServeConfig.from_args(_kuberay_args())
-    assert config.eplb is not None and config.balance is not None
+    assert config.balance is not None and config.eplb is None  # EPLB off, as in serve-ascend.yaml
 
 
 def test_config_check_prints_the_effective_settings(capsys: pytest.CaptureFixture[str]) -> None:
