@@ -78,11 +78,15 @@ previous one (some rank's waiting fell or its running rose: the nearest thing to
 steps that the counts give; steps that only continue a chunked prefill do not show), and
 ``GroupLoad.arrival_rate``, the requests per step that joined a waiting queue (the sum over ranks of
 each rank's rise in waiting: exact while the rank admits nothing in between, a lower bound otherwise;
-preempted requests count too). The group is *busy* when ``admitted_share >= load_prefill_share`` or
-``arrival_rate >= load_arrival_rate * L`` (each test only while its parameter is above 0 and the window
-has seen a change). A busy group takes the loaded row (``H = max_hold_steps * queue_hold_factor``,
-``Q = L``) and skips the saturation guard (rule 4): under load the guard reopens the gate for each
-arrival while occupancy sits below ``min_occupancy``, which is what lets the queue form again.
+preempted requests count too). The group is *busy* when ``admitted_share >= load_prefill_share`` and
+``arrival_rate >= load_arrival_rate * L``, each test only while its parameter is above 0 (so with one
+parameter set, that test alone) and only once the window has seen a change. A busy group skips the
+saturation guard (rule 4); its row is chosen as before. Under load the guard reopens the gate for
+each arrival while occupancy sits below ``min_occupancy``, which lets the queue form again; a group
+that runs nearly full (closed-loop clients) seldom reaches the guard, so being busy changes little
+there. Both signals are counted in steps, so they follow occupancy as much as load: a request holds
+its slot for about its output length in steps, and a nearly full closed-loop group sees about as many
+arrivals per step as an overloaded one. ``benchmarks/results/sim_gate_load_signal.md`` measures them.
 
 Parameters: ``max_hold_steps`` (int >= 1, default 8) is the operator's TTFT budget in steps: with a
 decode step of ``d`` ms a held request waits at most ``(max_hold_steps - 1) * d`` ms once the snapshot
@@ -208,6 +212,7 @@ class LoadWindow:
         self._last: int | None = None
         self._admitted = 0.0
         self._arrivals = 0.0
+        self._weight = 0.0
         self._changes = 0
         self._prev: dict[int, RankCounts] = {}
         self._prev_at: int | None = None
@@ -218,8 +223,8 @@ class LoadWindow:
         return GroupLoad(
             queued_share=self._share,
             steps=self._steps,
-            admitted_share=self._admitted,
-            arrival_rate=self._arrivals,
+            admitted_share=self._admitted / self._weight if self._weight else 0.0,
+            arrival_rate=self._arrivals / self._weight if self._weight else 0.0,
             changes=self._changes,
         )
 
@@ -259,13 +264,13 @@ class LoadWindow:
                 continue  # a rank that joins: its queue is not an arrival the group saw
             arrivals += max(0, c.waiting - p.waiting)
             admitted = admitted or c.waiting < p.waiting or c.running > p.running
-        rate = arrivals / gap
-        if self._changes == 0:
-            self._admitted, self._arrivals = float(admitted), rate
-        else:
-            a = 1.0 - math.exp(-gap / self.window_steps)
-            self._admitted += a * (float(admitted) - self._admitted)
-            self._arrivals += a * (rate - self._arrivals)
+        # A weighted mean with the same decay, normalized by the weight so far: the first changes
+        # (one step's arrivals at a wave's start) weigh as much as the steps after them, not the
+        # whole window.
+        keep = math.exp(-gap / self.window_steps)
+        self._admitted = keep * self._admitted + (1.0 - keep) * float(admitted)
+        self._arrivals = keep * self._arrivals + (1.0 - keep) * arrivals / gap
+        self._weight = keep * self._weight + (1.0 - keep)
         self._changes += 1
 
 
@@ -423,13 +428,22 @@ class BoundedHold:
 
     def _busy(self, load: GroupLoad | None, ranks: int) -> str:
         """Why the group is busy (module docstring, "Busy"), or "" when it is not."""
-        if load is None or load.changes == 0:
+        if (
+            load is None
+            or load.changes == 0
+            or not (self.load_prefill_share > 0 or self.load_arrival_rate > 0)
+        ):
             return ""
-        if self.load_prefill_share > 0 and load.admitted_share >= self.load_prefill_share:
-            return f"; busy: admitted at {load.admitted_share:.0%} of recent steps"
-        if self.load_arrival_rate > 0 and load.arrival_rate >= self.load_arrival_rate * ranks:
-            return f"; busy: {load.arrival_rate / ranks:.3g} arrivals per step per rank"
-        return ""
+        why = []
+        if self.load_prefill_share > 0:
+            if load.admitted_share < self.load_prefill_share:
+                return ""
+            why.append(f"admitted at {load.admitted_share:.0%} of recent steps")
+        if self.load_arrival_rate > 0:
+            if load.arrival_rate < self.load_arrival_rate * ranks:
+                return ""
+            why.append(f"{load.arrival_rate / ranks:.3g} arrivals per step per rank")
+        return "; busy: " + ", ".join(why)
 
     def decide(self, counts: Sequence[RankCounts], step: int, load: GroupLoad | None = None) -> GateDecision:
         """Apply rules 1-5 of the module docstring to one snapshot and the group's recent load."""
@@ -447,13 +461,10 @@ class BoundedHold:
             and self.load_queue_share > 0
             and load.queued_share >= self.load_queue_share
         )
-        busy = self._busy(load, len(counts))
-        if busy or (self.queue_hold_factor > 1 and (now_queued or recent)):
+        if self.queue_hold_factor > 1 and (now_queued or recent):
             hold = self.max_hold_steps * self.queue_hold_factor
             need = len(counts)
-            if busy:
-                mode = busy
-            elif now_queued:
+            if now_queued:
                 mode = f"; queue: {waiting} waiting > {free} free slots"
             else:
                 mode = f"; loaded: queued at {load.queued_share:.0%} of recent steps"  # type: ignore[union-attr]
@@ -461,6 +472,8 @@ class BoundedHold:
             hold = self.max_hold_steps
             need = min(len(counts), max(2, math.ceil(self.quorum * len(counts))))
             mode = ""
+        busy = self._busy(load, len(counts))
+        mode += busy
         if step % hold == 0:
             return GateDecision(
                 step=step, admit=True, reason=f"hold bound: step {step} on {hold}-step deadline{mode}"

@@ -449,22 +449,31 @@ def test_load_window_busy_signals_average() -> None:
 
 
 BUSY = GroupLoad(admitted_share=0.2, arrival_rate=0.2, changes=10, steps=10)
+BUSY_LOADED = GroupLoad(queued_share=0.05, steps=10, admitted_share=0.2, arrival_rate=0.2, changes=10)
 GUARDED = ((3, 1), (4, 0), (4, 0), (3, 0))  # 14 of 16 slots running: the saturation guard opens
 
 # The busy rule: (params, load, ranks as (running, waiting), step, expected admit, reason prefix).
 BUSY_CASES = [
     # Off by default: the guard opens as before whatever the signals say.
     ({}, BUSY, GUARDED, 1, True, "saturation guard"),
-    # Busy on the admitted share: no guard, the loaded row's bound (32) and quorum (every rank).
+    # Busy on the admitted share: no guard; the plain row's bound (8) and quorum (2 of 4) still open.
     ({"load_prefill_share": 0.2}, BUSY, GUARDED, 1, False, "holding"),
-    ({"load_prefill_share": 0.2}, BUSY, GUARDED, 8, False, "holding"),
-    ({"load_prefill_share": 0.2}, BUSY, GUARDED, 32, True, "hold bound"),
-    ({"load_prefill_share": 0.2}, BUSY, ((3, 1), (3, 1), (3, 1), (3, 1)), 1, True, "quorum"),
-    ({"load_prefill_share": 0.2}, BUSY, ((3, 1), (3, 1), (3, 1), (4, 0)), 1, False, "holding"),
+    ({"load_prefill_share": 0.2}, BUSY, GUARDED, 7, False, "holding"),
+    ({"load_prefill_share": 0.2}, BUSY, GUARDED, 8, True, "hold bound"),
+    ({"load_prefill_share": 0.2}, BUSY, ((3, 1), (3, 1), FULL, FULL), 1, True, "quorum"),
     ({"load_prefill_share": 0.21}, BUSY, GUARDED, 1, True, "saturation guard"),
+    # Busy and loaded: the loaded row (bound 32, every rank ready) without the guard.
+    ({"load_prefill_share": 0.2}, BUSY_LOADED, GUARDED, 8, False, "holding"),
+    ({"load_prefill_share": 0.2}, BUSY_LOADED, GUARDED, 32, True, "hold bound"),
+    ({"load_prefill_share": 0.2}, BUSY_LOADED, ((3, 1), (3, 1), (3, 1), FULL), 1, False, "holding"),
+    ({"load_prefill_share": 0.2}, BUSY_LOADED, ((3, 1), (3, 1), (3, 1), (3, 1)), 1, True, "quorum"),
     # Busy on arrivals: 0.2 per step over 4 ranks is 0.05 per rank.
     ({"load_arrival_rate": 0.05}, BUSY, GUARDED, 1, False, "holding"),
     ({"load_arrival_rate": 0.051}, BUSY, GUARDED, 1, True, "saturation guard"),
+    # With both set, both must be reached.
+    ({"load_prefill_share": 0.2, "load_arrival_rate": 0.05}, BUSY, GUARDED, 1, False, "holding"),
+    ({"load_prefill_share": 0.21, "load_arrival_rate": 0.05}, BUSY, GUARDED, 1, True, "saturation guard"),
+    ({"load_prefill_share": 0.2, "load_arrival_rate": 0.051}, BUSY, GUARDED, 1, True, "saturation guard"),
     # No change seen yet, or no history at all: not busy.
     (
         {"load_prefill_share": 0.2},
@@ -475,10 +484,7 @@ BUSY_CASES = [
         "saturation guard",
     ),
     ({"load_prefill_share": 0.2}, None, GUARDED, 1, True, "saturation guard"),
-    # Without the queue extension a busy group keeps the plain bound but still skips the guard.
-    ({"load_prefill_share": 0.2, "queue_hold_factor": 1}, BUSY, GUARDED, 1, False, "holding"),
-    ({"load_prefill_share": 0.2, "queue_hold_factor": 1}, BUSY, GUARDED, 8, True, "hold bound"),
-    # Rule 1 still comes first; an idle group that is busy waits for the bound too.
+    # Rule 1 still comes first; an idle group that is busy waits for a quorum or the bound too.
     ({"load_prefill_share": 0.2}, BUSY, (FULL, FULL, BLOCKED, FULL), 32, False, "no rank"),
     ({"load_prefill_share": 0.2}, BUSY, ((0, 1), (0, 0), (0, 0), (0, 0)), 1, False, "holding"),
 ]
@@ -502,10 +508,12 @@ def test_bounded_hold_busy_reason_names_the_signal() -> None:
     snap = _counts(*GUARDED)
     by_share = make_policy("bounded_hold", load_prefill_share=0.1).decide(snap, 5, BUSY)
     assert by_share.reason == (
-        "holding: 1/4 ranks ready (need 4), 14/16 slots running; busy: admitted at 20% of recent steps"
+        "holding: 1/4 ranks ready (need 2), 14/16 slots running; busy: admitted at 20% of recent steps"
     )
     by_rate = make_policy("bounded_hold", load_arrival_rate=0.01).decide(snap, 5, BUSY)
     assert by_rate.reason.endswith("; busy: 0.05 arrivals per step per rank")
+    both = make_policy("bounded_hold", load_prefill_share=0.1, load_arrival_rate=0.01).decide(snap, 5, BUSY)
+    assert both.reason.endswith("; busy: admitted at 20% of recent steps, 0.05 arrivals per step per rank")
 
 
 def test_default_bounded_hold_ignores_the_busy_signals() -> None:
@@ -521,3 +529,14 @@ def test_default_bounded_hold_ignores_the_busy_signals() -> None:
                 assert policy.decide(_counts(*ranks), step, signalled) == policy.decide(
                     _counts(*ranks), step, plain
                 )
+
+
+def test_load_window_first_changes_weigh_as_the_steps_after() -> None:
+    # Ten arrivals at a wave's first step, then none for 99 steps: about ten in a hundred steps, not the
+    # first step's rate decayed over 99 steps.
+    w = LoadWindow(window_steps=256)
+    w.observe(_at(0, (0, 0)), 0)
+    w.observe(_at(1, (0, 10)), 1)
+    for s in range(2, 101):
+        w.observe(_at(s, (0, 10)), s)
+    assert w.load.arrival_rate == pytest.approx(0.1, rel=0.25)
