@@ -69,6 +69,20 @@ HEAD_SYSTEM_CONFIG = {
 }
 
 
+def json_result(stdout: str) -> Any:
+    """The last line of a driver's stdout that is a JSON list or object: what the driver printed. Ray
+    streams its processes' logs to the driver's stdout, so lines can follow it (e.g. the backtrace a
+    raylet prints when it exits after its node was declared dead)."""
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, (list, dict)):
+            return value
+    raise ValueError(f"no JSON list or object in the driver's output: {stdout[-2000:]!r}")
+
+
 def _sh(
     args: Sequence[str], check: bool = True, timeout: float = 30.0, **kw: Any
 ) -> subprocess.CompletedProcess:
@@ -254,7 +268,7 @@ class NetnsCluster:
         while time.monotonic() < deadline:
             res = self.run_python(0, code, timeout_s=60, check=False)
             if res.returncode == 0:
-                nodes = json.loads(res.stdout.strip().splitlines()[-1])
+                nodes = json_result(res.stdout)
                 if len(nodes) >= count:
                     return nodes
             time.sleep(1)

@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from tests.cluster.netns import HEAD_RESOURCE, HOST_RESOURCE
+from tests.cluster.netns import HEAD_RESOURCE, HOST_RESOURCE, json_result
 from tests.helpers import app_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -30,10 +30,6 @@ HTTP_PORT = 8000  # inside the head's namespace: its own port space
 PROMPTS = [f"multi-host request {i}: the quick brown fox" for i in range(8)]
 MAX_TOKENS = 12
 CUT_OFF_BOUND_S = 120  # a request during the cut-off must be answered (with an error) by then
-
-
-def _json_line(stdout: str) -> object:
-    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def test_ranks_spread_over_hosts_with_own_network_identity(netns_ray_cluster):
@@ -58,7 +54,7 @@ refs = [where.options(num_cpus=b["CPU"], resources={{"{HOST_RESOURCE}": b["{HOST
         for i in range(2)]
 print(json.dumps({{"bundle": b, "envs": ray.get(refs)}}))
 """
-    out = _json_line(cluster.run_python(0, code, timeout_s=180).stdout)
+    out = json_result(cluster.run_python(0, code, timeout_s=180).stdout)
     assert out["bundle"] == {"CPU": 0.25, HOST_RESOURCE: 1.0}
     envs = out["envs"]
     # STRICT_SPREAD puts each bundle on its own host; which bundle lands where is Ray's choice.
@@ -93,7 +89,7 @@ if __name__ == "__main__":
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
-    return _json_line(res.stdout)
+    return json_result(res.stdout)
 
 
 def _deploy(cluster, model_dir: str) -> None:
@@ -127,7 +123,7 @@ ray.init(namespace="dpserve")
 actors = named_rank_actors({generation})
 print(json.dumps(ray.get([a.network_info.remote() for a in actors])))
 """
-    return _json_line(cluster.run_python(0, code, timeout_s=120).stdout)
+    return json_result(cluster.run_python(0, code, timeout_s=120).stdout)
 
 
 def _assert_one_rank_per_host(cluster, nets: list[dict[str, str]]) -> None:
@@ -196,7 +192,7 @@ def _wait_group(url: str, generation: int, timeout_s: float) -> dict:
 
 def _alive_ips(cluster) -> list[str]:
     code = "import json, ray; ray.init(); print(json.dumps(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))"
-    return _json_line(cluster.run_python(0, code, timeout_s=60).stdout)
+    return json_result(cluster.run_python(0, code, timeout_s=60).stdout)
 
 
 def test_dp_ep_serves_across_hosts_and_survives_a_cut_link(netns_ray_cluster, tiny_model_dir):

@@ -14,6 +14,8 @@ import json
 
 import pytest
 
+from tests.cluster.netns import json_result
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 # Runs on the head. Prints, per case, the platform and its source, the bundles asked for, the
@@ -54,7 +56,7 @@ print(json.dumps(out))
 def _drive(cluster, env_vars: dict[str, str], cases: dict[str, dict]) -> dict:
     code = f"import sys; sys.argv[1:] = {[json.dumps(env_vars), json.dumps(cases)]!r}\n" + DRIVER
     res = cluster.run_python(0, code, timeout_s=300)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return json_result(res.stdout)
 
 
 def test_npu_ranks_land_on_npu_hosts_and_the_config_decides(netns_npu_cluster):
