@@ -227,20 +227,6 @@ LOAD_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("params", "load", "ranks", "step", "admit", "reason"), LOAD_CASES)
-def test_bounded_hold_load_table(
-    params: dict,
-    load: GroupLoad | None,
-    ranks: tuple[tuple[int, int], ...],
-    step: int,
-    admit: bool,
-    reason: str,
-) -> None:
-    decision = make_policy("bounded_hold", **params).decide(_counts(*ranks), step, load)
-    assert decision.admit is admit, decision.reason
-    assert decision.reason.startswith(reason), decision.reason
-
-
 def test_bounded_hold_loaded_reason_shows_the_share() -> None:
     held = make_policy("bounded_hold").decide(_counts(READY, FULL, FULL, FULL), 5, LOADED)
     assert (
@@ -490,8 +476,8 @@ BUSY_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("params", "load", "ranks", "step", "admit", "reason"), BUSY_CASES)
-def test_bounded_hold_busy_table(
+@pytest.mark.parametrize(("params", "load", "ranks", "step", "admit", "reason"), [*LOAD_CASES, *BUSY_CASES])
+def test_bounded_hold_load_table(
     params: dict,
     load: GroupLoad | None,
     ranks: tuple[tuple[int, int], ...],
