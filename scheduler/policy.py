@@ -119,7 +119,7 @@ counts.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -176,6 +176,19 @@ class GroupLoad:
     changes: int = 0
 
 
+# A setting's rule: the types it may have (never a bool), the range it must be in, and how to say it.
+_Rule = tuple[tuple[type, ...], Callable[[Any], bool], str]
+_INT_AT_LEAST_1: _Rule = ((int,), lambda v: v >= 1, "an integer >= 1")
+_SHARE: _Rule = ((int, float), lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def _check(where: str, name: str, value: Any, rule: _Rule) -> None:
+    """ValueError naming the setting unless ``value`` follows ``rule``."""
+    kinds, ok, what = rule
+    if isinstance(value, bool) or not isinstance(value, kinds) or not ok(value):
+        raise ValueError(f"{where}: {name} must be {what}, got {value!r}")
+
+
 def queued(counts: Sequence[RankCounts]) -> tuple[bool, int, int]:
     """Whether the group queues for slots in ``counts``, with its waiting and free-slot totals. A rank
     over its cap frees no slot for the others."""
@@ -200,8 +213,7 @@ class LoadWindow:
     """
 
     def __init__(self, window_steps: int = 256) -> None:
-        if isinstance(window_steps, bool) or not isinstance(window_steps, int) or window_steps < 1:
-            raise ValueError(f"load window: window_steps must be an integer >= 1, got {window_steps!r}")
+        _check("load window", "window_steps", window_steps, _INT_AT_LEAST_1)
         self.window_steps = window_steps
         self.reset()
 
@@ -369,8 +381,7 @@ class Cadence:
     name: ClassVar[str] = "cadence"
 
     def __post_init__(self) -> None:
-        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"cadence: interval must be an integer >= 1, got {self.interval!r}")
+        _check("cadence", "interval", self.interval, _INT_AT_LEAST_1)
 
     def decide(self, counts: Sequence[RankCounts], step: int, load: GroupLoad | None = None) -> GateDecision:
         """Admit on steps that are a multiple of ``interval`` (step 0 admits)."""
@@ -401,30 +412,15 @@ class BoundedHold:
     name: ClassVar[str] = "bounded_hold"
 
     def __post_init__(self) -> None:
-        h = self.max_hold_steps
-        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
-            raise ValueError(f"bounded_hold: max_hold_steps must be an integer >= 1, got {h!r}")
-        if (
-            isinstance(self.quorum, bool)
-            or not isinstance(self.quorum, (int, float))
-            or not 0 < self.quorum <= 1
-        ):
-            raise ValueError(f"bounded_hold: quorum must be a number in (0, 1], got {self.quorum!r}")
-        m = self.min_occupancy
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1:
-            raise ValueError(f"bounded_hold: min_occupancy must be a number in [0, 1], got {m!r}")
-        f = self.queue_hold_factor
-        if isinstance(f, bool) or not isinstance(f, int) or f < 1:
-            raise ValueError(f"bounded_hold: queue_hold_factor must be an integer >= 1, got {f!r}")
-        q = self.load_queue_share
-        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= 1:
-            raise ValueError(f"bounded_hold: load_queue_share must be a number in [0, 1], got {q!r}")
-        p = self.load_prefill_share
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
-            raise ValueError(f"bounded_hold: load_prefill_share must be a number in [0, 1], got {p!r}")
-        r = self.load_arrival_rate
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < math.inf:
-            raise ValueError(f"bounded_hold: load_arrival_rate must be a finite number >= 0, got {r!r}")
+        where = "bounded_hold"
+        _check(where, "max_hold_steps", self.max_hold_steps, _INT_AT_LEAST_1)
+        _check(where, "quorum", self.quorum, ((int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"))
+        _check(where, "min_occupancy", self.min_occupancy, _SHARE)
+        _check(where, "queue_hold_factor", self.queue_hold_factor, _INT_AT_LEAST_1)
+        _check(where, "load_queue_share", self.load_queue_share, _SHARE)
+        _check(where, "load_prefill_share", self.load_prefill_share, _SHARE)
+        _check(where, "load_arrival_rate", self.load_arrival_rate,
+               ((int, float), lambda v: 0 <= v < math.inf, "a finite number >= 0"))  # fmt: skip
 
     def _busy(self, load: GroupLoad | None, ranks: int) -> str:
         """Why the group is busy (module docstring, "Busy"), or "" when it is not."""
