@@ -32,7 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from sim_gate_matrix import CONFIG, DEFAULT, FRONTIER, OUT, POLICIES, _beats, _cell_config, _rel  # noqa: E402
+from sim_gate_matrix import (  # noqa: E402
+    CONFIG,
+    DEFAULT,
+    FRONTIER,
+    OUT,
+    POLICIES,
+    _beats,
+    _cell_config,
+    _rel,
+    capacity_req_s,
+    target_met,
+)
 
 from cluster.sim import load_config, simulate  # noqa: E402
 from cluster.sim.config import apply_overrides  # noqa: E402
@@ -107,13 +118,7 @@ def main() -> int:
             key = f"{ranks}x{wl}"
             old = committed.get(key)
             if ranks not in capacity:
-                capacity[ranks] = (
-                    old["capacity_req_s"]
-                    if old
-                    else simulate(
-                        _cell_config(base, ranks, "len20", None), "off", record_rank_time=False
-                    ).metrics()["request_s"]
-                )
+                capacity[ranks] = old["capacity_req_s"] if old else capacity_req_s(base, ranks)
             cfg = _cell_config(base, ranks, wl, capacity[ranks])
             raw: dict[str, dict[str, float]] = {}
             signals: dict[str, dict[str, float]] = {}
@@ -218,7 +223,7 @@ def render(data: dict[str, Any]) -> str:
             tgt = [c["vs_off"][lab] for c in rows if c["ranks"] == 16 and c["workload"] == "len20"]
             target = (
                 f"target cell {100 * tgt[0]['thpt']:+.1f} / {100 * tgt[0]['ttft']:+.1f} % "
-                f"({'met' if tgt[0]['thpt'] >= 0.30 and tgt[0]['ttft'] <= 0.10 else 'NOT met'})"
+                f"({'met' if target_met(tgt[0]) else 'NOT met'})"
                 if tgt
                 else "target cell not run"
             )
@@ -238,7 +243,7 @@ def render(data: dict[str, Any]) -> str:
         more = all(won(lab, s) > won(DEFAULT, s) for s in seeds)
         floor = all(c["vs_off"][lab]["thpt"] >= -0.02 for c in cells.values())
         keep = all(
-            c["vs_off"][lab]["thpt"] >= 0.30 and c["vs_off"][lab]["ttft"] <= 0.10
+            target_met(c["vs_off"][lab])
             for c in cells.values()
             if c["ranks"] == 16 and c["workload"] == "len20"
         )
