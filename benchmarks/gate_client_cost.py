@@ -56,9 +56,9 @@ def _serve(queue: Any, nice: int = 0) -> None:
 def _serve_udp(queue: Any, nice: int = 0) -> None:
     import socket
 
-    os.nice(nice)
     from scheduler.frame_auth import FrameAuth
 
+    os.nice(nice)
     auth = FrameAuth(KEY)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
